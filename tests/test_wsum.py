@@ -290,3 +290,34 @@ def test_tensor_ref_sources_match_numpy(isa, tmp_path, rng):
     np_save_file({"x": x}, p)
     ref = SafetensorsFile(p).tensor("x")
     np.testing.assert_array_equal(weighted_sum([ref], [1.5]), weighted_sum([x], [1.5]))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kernel", ["gram", "weighted_sum"])
+def test_long_calls_are_interruptible(kernel):
+    """A signal handler that raises stops a long kernel within a few chunks."""
+    import signal
+    import time
+
+    x = np.ones(2_000_000, np.float32)
+    srcs = [x] * 2000  # full run: ~8e12 FLOP for gram, 5e11 FLOP for the Q=64 mix
+
+    def handler(signum, frame):
+        raise _Stop()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        t0 = time.perf_counter()
+        with pytest.raises(_Stop):
+            if kernel == "gram":
+                gram(srcs)
+            else:
+                weighted_sum(srcs, np.ones((64, 2000), np.float32))
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
