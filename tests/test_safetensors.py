@@ -26,6 +26,7 @@ HOSTILE_EXPECT = {
     "non_utf8_header": "not valid UTF-8",
     "non_json_header": "not a JSON object",
     "not_an_object": "not a JSON object",
+    "leading_whitespace": "must start with '{'",
     "truncated_json": "unterminated string",
     "trailing_junk_in_header": "unexpected data after",
     "duplicate_keys": "duplicate key 'a'",

@@ -14,6 +14,8 @@
 
 namespace loramix {
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data are little-endian");
+
 constexpr uint64_t kMaxHeader = 100000000ull;  // the reference's MAX_HEADER_SIZE
 
 Mapping::~Mapping() {
@@ -98,7 +100,6 @@ class HeaderParser {
       : b_(p), p_(p), e_(p + n), path_(path) {}
 
   void parse(std::vector<TensorInfo>* tensors, Metadata* md, bool* has_md) {
-    ws();
     if (p_ >= e_ || *p_ != '{') fail(path_, "header is not a JSON object (it must start with '{')");
     ++p_;
     std::unordered_set<std::string> seen;
