@@ -161,6 +161,7 @@ def test_weighted_sum_errors(rng):
         weighted_sum([], np.zeros(0))
     with pytest.raises(TypeError):
         weighted_sum([a], np.array([1], np.int64))
+    np.testing.assert_array_equal(weighted_sum([a, a], [1, 2]), 3 * a)  # a list of ints is fine
 
 
 @pytest.mark.parametrize("src_dtypes", [["F32"], ["BF16"], ["F16", "BF16", "F32"]])
