@@ -137,7 +137,8 @@ void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threa
   const WsumKernels& kr = kernels();
   threads = resolve_threads(threads);
   const std::size_t Kp = round_up(std::max<std::size_t>(K, 1), 4);
-  const std::size_t C = std::max<std::size_t>(kr.tile, 256 / kr.tile * kr.tile);
+  // Wide chunks amortize the horizontal reductions; narrower ones keep a large panel in L2.
+  const std::size_t C = std::min(kr.gram_cols, std::max(kr.tile, 131072 / Kp / kr.tile * kr.tile));
   const std::size_t nchunks = (n + C - 1) / C;
   // Static partition into contiguous parts: deterministic summation order per thread count.
   const std::size_t parts = std::max<std::size_t>(1, std::min<std::size_t>(threads, nchunks));
