@@ -11,8 +11,9 @@
 //    overflow -> inf), see halfconv.h.
 //  - A term with W[q][k] == 0 contributes nothing, even if T_k holds inf or NaN, and a
 //    source whose weights are all zero is never read.
-//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats (C about
-//    8192 for Q < 4, else ~65536/Q; Kc ~65536/C), whatever K and P. Sources are read chunk by
+//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats (C = 8192
+//    for Q = 1, else ~min(65536/Q, 131072/active sources) within [4 tiles, 8192]; Kc ~65536/C),
+//    whatever K and P. Sources are read chunk by
 //    chunk straight from their (mapped) memory; nothing of size K x P is ever allocated.
 //  - Paths: Q < 4 (or sources with some zero weights): per row, fused widen+FMA over groups of
 //    up to 4 sources. Q >= 4: sources with no zero weight are widened into an f32 panel of
