@@ -184,7 +184,7 @@ def test_gram_threads_deterministic(isa, rng):
     np.testing.assert_allclose(gram(xs, threads=1), gram(xs, threads=2), rtol=1e-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtypes", [("F32", "F16", "BF16")])
+@pytest.mark.parametrize("dtypes", [("F32", "F16", "BF16"), ("BF16", "F32", "F16", "F32", "BF16")])
 def test_mix_into_and_write_weighted_sum(isa, tmp_path, rng, dtypes):
     n, k = 10_007, 7
     bank = Bank(tmp_path, rng, n, k, ["BF16", "F16", "F32"])
