@@ -164,8 +164,6 @@ def _padded(member, key, r_out, axis):
 
 
 def _mix_factors(bank, W, name, holders, infos, writers, threads):
-    from . import tensors
-
     groups: dict[int, list[int]] = {}   # targets grouped by their output rank (usually one group)
     for q in range(W.shape[0]):
         if name in infos[q].ranks:
