@@ -157,6 +157,10 @@ def _run(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"loramix: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.debug:
@@ -164,6 +168,7 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
             return _run(args)
     except KeyboardInterrupt:
         print("loramix: error: interrupted", file=sys.stderr)

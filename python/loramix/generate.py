@@ -253,14 +253,23 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     for o in outs:   # refuse early: before any tokenizing
         check_output(o, bank, overwrite)
     fields = tuple(fields) if fields else bank.fields
-    queries = [_profile_query(d, bank, fields, split, progress, profile_cache) for d in items]
-    v = max([bank.vocab_size] + [q.vocab_size for q in queries])
-    qm = prof.stack(queries, v)
-    bm = bank.profiles()
-    if bm.shape[1] != v:
-        import scipy.sparse as sp
-        bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
-    D = wts.distances(qm, bm, metric)
+    if metric not in wts.METRICS:
+        raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
+    if pipeline not in wts.PIPELINES:
+        raise wts.WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(wts.PIPELINES))}")
+    if metric in wts.METRICS and wts.METRICS[metric][1] != "histogram":
+        # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
+        fn = wts.METRICS[metric][0]
+        D = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split), dtype=np.float64))
+    else:
+        queries = [_profile_query(d, bank, fields, split, progress, profile_cache) for d in items]
+        v = max([bank.vocab_size] + [q.vocab_size for q in queries])
+        qm = prof.stack(queries, v)
+        bm = bank.profiles()
+        if bm.shape[1] != v:
+            import scipy.sparse as sp
+            bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
+        D = wts.distances(qm, bm, metric)
     excl = np.zeros(len(bank.members), bool)
     for name in exclude or ():
         excl[bank.index(name)] = True

@@ -71,25 +71,26 @@ def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInf
     """Per target, the output modules with their ranks (no tensor is read)."""
     if mode not in MODES:
         raise MixError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if rank is not None and int(rank) < 1:
+        raise MixError(f"rank must be >= 1, got {rank}")
     W = np.atleast_2d(W)
     mem = bank.members
     modules = _module_index(bank)
     infos = [MixInfo(members=[int(i) for i in np.flatnonzero(W[q])]) for q in range(W.shape[0])]
     for name, holders in modules.items():
-        for q in range(W.shape[0]):
-            j = [i for i in holders if W[q, i] != 0]
-            if not j:
-                continue
+        h = np.asarray(holders)
+        ranks = np.array([mem[i].modules[name].rank for i in holders])
+        nz = W[:, h] != 0                                    # (Q, holders)
+        ms = mem[holders[0]].modules[name]
+        for q in np.flatnonzero(nz.any(axis=1)):
+            used = ranks[nz[q]]
             if mode == "factors":
-                infos[q].ranks[name] = max(mem[i].modules[name].rank for i in j)
+                r = int(used.max())
+            elif mode == "concat":
+                r = int(used.sum())
             else:
-                total = sum(mem[i].modules[name].rank for i in j)
-                if mode == "concat":
-                    infos[q].ranks[name] = total
-                else:
-                    ms = mem[j[0]].modules[name]
-                    avail = min(total, ms.in_features, ms.out_features)
-                    infos[q].ranks[name] = min(int(rank or bank.rank), avail)
+                r = min(int(rank or bank.rank), int(used.sum()), ms.in_features, ms.out_features)
+            infos[q].ranks[name] = r
     for q, info in enumerate(infos):
         if not info.ranks:
             raise MixError(f"target {q}: the members with non-zero weight hold no LoRA modules")

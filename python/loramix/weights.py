@@ -42,7 +42,14 @@ def register_pipeline(name: str):
 
 
 def register_metric(name: str, fn: Callable, kind: str = "histogram") -> Callable:
-    """``kind``: ``"histogram"`` (fn takes token-count matrices) or ``"embedding"`` (features)."""
+    """Register a distance.
+
+    ``kind="histogram"``: ``fn(query_counts (Q, V), bank_counts (N, V)) -> (Q, N)`` on token
+    profiles (dense or CSR). Any other kind (e.g. ``"embedding"`` for a cosine metric on
+    sentence embeddings): ``fn(datasets, bank, *, fields, split) -> (Q, N)``, given the query
+    datasets as passed to :func:`loramix.generate.generate` and the opened bank, so it can
+    compute and cache its own features.
+    """
     METRICS[name] = (fn, kind)
     return fn
 
