@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import _tiny  # noqa: F401  (stand-in core when the compiled one has not landed)
+
 from loramix import weights as W
 
 
