@@ -53,6 +53,7 @@ def test_other_metrics(w, tmp_path, metric):
     res = generate(w.queries["music_q"], w.bank, tmp_path / "o", metric=metric, pipeline="attentional",
                    mode="svd", rank=2, dtype="bf16")
     assert np.isclose(res.weights.sum(), 1.0) and np.all(res.weights > 0)
+    assert _tiny.load_report(w.model, tmp_path / "o") == ([], [])
 
 
 def test_many_datasets_one_pass(w, tmp_path):
