@@ -16,6 +16,9 @@
 #include "loramix/divergence.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -52,6 +55,7 @@ const DivergenceKernels& divergence_kernels(Isa isa) {
 }
 
 namespace {
+struct PhaseTimer { const char* n; std::chrono::steady_clock::time_point t0=std::chrono::steady_clock::now(); ~PhaseTimer(){ if(std::getenv("LMXPROF")) std::fprintf(stderr,"%s %.4f\n",n,std::chrono::duration<double>(std::chrono::steady_clock::now()-t0).count());}};
 
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -251,7 +255,8 @@ struct Postings {
   std::vector<double> x1, x2;
 };
 
-Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, bool need_x2) {
+Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, bool need_x2, int threads,
+                        Cancel* cancel) {
   Postings P;
   P.j0 = j0;
   P.j1 = j1;
@@ -262,14 +267,33 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, bool need_x2) {
   P.row.resize(n);
   P.x1.resize(n);
   if (need_x2) P.x2.resize(n);
-  std::vector<int64_t> fill(P.voff.begin(), P.voff.end() - 1);
-  for (int64_t j = j0; j < j1; ++j)
-    for (int64_t k = R.ptr[j]; k < R.ptr[j + 1]; ++k) {
-      const int64_t at = fill[R.idx[k]]++;
-      P.row[at] = static_cast<int32_t>(j);
-      P.x1[at] = R.v1[k];
-      if (need_x2) P.x2[at] = R.v2[k];
+  // The transposition writes all over the arrays: split it by ranges of bins of about equal
+  // size, one range per task, each task taking its slice of every row (rows are sorted).
+  const int64_t nranges = std::max<int64_t>(1, std::min<int64_t>(4 * threads, R.cols));
+  std::vector<int64_t> vcut(nranges + 1, R.cols);
+  vcut[0] = 0;
+  for (int64_t c = 1, v = 0; c < nranges; ++c) {
+    while (v < R.cols && P.voff[v] < n * c / nranges) ++v;
+    vcut[c] = v;
+  }
+  parallel_for(nranges, 1, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t c = b; c < e; ++c) {
+      const int32_t va = static_cast<int32_t>(vcut[c]), vb = static_cast<int32_t>(vcut[c + 1]);
+      if (va >= vb) continue;
+      std::vector<int64_t> fill(P.voff.begin() + va, P.voff.begin() + vb);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int32_t* first = R.idx.data() + R.ptr[j];
+        const int32_t* last = R.idx.data() + R.ptr[j + 1];
+        for (const int32_t* q = std::lower_bound(first, last, va); q != last && *q < vb; ++q) {
+          const int64_t k = q - R.idx.data();
+          const int64_t at = fill[*q - va]++;
+          P.row[at] = static_cast<int32_t>(j);
+          P.x1[at] = R.v1[k];
+          if (need_x2) P.x2[at] = R.v2[k];
+        }
+      }
     }
+  });
   return P;
 }
 
@@ -289,54 +313,111 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   const auto tiles = make_tiles(Q, N, threads);
   const bool js = metric == Metric::js;
   std::vector<Postings> post(tiles.size());
-  parallel_for(tiles.size(), 1, threads, cancel, [&](std::size_t b, std::size_t e, int) {
-    for (std::size_t t = b; t < e; ++t) post[t] = build_postings(R, tiles[t].first, tiles[t].second, js);
-  });
+  { PhaseTimer pt{"postings"};
+  for (std::size_t t = 0; t < tiles.size(); ++t)
+    post[t] = build_postings(R, tiles[t].first, tiles[t].second, js, threads, cancel);
+  }
+  PhaseTimer pt2{"pairs"};
+  // Rows of P are taken in blocks of kBlockRows and, within a block, bin by bin: the index run
+  // of a bin (up to N entries) is loaded once and reused from L1 by every row of the block that
+  // holds the bin, instead of being streamed from memory once per row. Each pair still gets its
+  // shared bins in increasing bin order, so blocking and threads never change a result.
+  constexpr int64_t kBlockRows = 32;
+  const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int nt = std::max(1, threads);
-  std::vector<std::vector<double>> acc(nt, std::vector<double>(N)), cnt(nt);
   const bool count_shared = !js && eps == 0.0;
-  if (count_shared)
-    for (auto& c : cnt) c.assign(N, 0.0);
-  const int64_t items = Q * static_cast<int64_t>(tiles.size());
-  parallel_for(items, 1, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
-    double* A = acc[w].data();
-    double* C = count_shared ? cnt[w].data() : nullptr;
+  struct Scratch {
+    std::vector<double> acc, cnt;
+    std::vector<int32_t> boff;   // cols + 1: block inverted index offsets
+    struct Ent {
+      double x1, x2;  // js: p, w.  kl: c, a
+      int64_t il;     // row in block
+    };
+    std::vector<Ent> bent;  // the block's entries by bin, values copied in for sequential reads
+  };
+  std::vector<Scratch> scr(nt);
+  parallel_for(nblocks * ntiles, 1, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
+    Scratch& S = scr[w];
+    if (S.acc.empty()) {
+      S.acc.resize(kBlockRows * N);
+      if (count_shared) S.cnt.resize(kBlockRows * N);
+      S.boff.resize(P.cols + 1);
+    }
     for (std::size_t it = b; it < e; ++it) {
-      const int64_t i = static_cast<int64_t>(it) / static_cast<int64_t>(tiles.size());
-      const Postings& T = post[it % tiles.size()];
-      const int64_t j0 = symmetric ? std::max(T.j0, i + 1) : T.j0;
-      if (j0 >= T.j1) continue;
-      std::fill(A + j0, A + T.j1, 0.0);
-      if (C) std::fill(C + j0, C + T.j1, 0.0);
-      for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) {
-        const int64_t v = P.idx[k];
-        int64_t s = T.voff[v];
-        const int64_t f = T.voff[v + 1];
-        if (s == f) continue;
-        if (j0 > T.j0)  // skip rows <= i (symmetric: each pair once)
-          s = std::upper_bound(T.row.begin() + s, T.row.begin() + f, static_cast<int32_t>(i)) - T.row.begin();
-        const std::size_t len = static_cast<std::size_t>(f - s);
-        if (len == 0) continue;
-        if (js) {
-          K.js_posting_f64(P.v1[k], P.v2[k], T.x1.data() + s, T.x2.data() + s, T.row.data() + s, len, A);
-        } else {
-          K.kl_posting_f64(P.v2[k], P.a[k], T.x1.data() + s, T.row.data() + s, len, A);
-          if (C)
-            for (int64_t z = s; z < f; ++z) C[T.row[z]] += 1.0;
+      const int64_t i0 = static_cast<int64_t>(it) / ntiles * kBlockRows;
+      const int64_t i1 = std::min(Q, i0 + kBlockRows);
+      const Postings& T = post[static_cast<int64_t>(it) % ntiles];
+      if (symmetric && T.j1 <= i0 + 1) continue;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j0 = symmetric ? std::max(T.j0, i + 1) : T.j0;
+        if (j0 < T.j1) {
+          std::fill(S.acc.begin() + (i - i0) * N + j0, S.acc.begin() + (i - i0) * N + T.j1, 0.0);
+          if (count_shared) std::fill(S.cnt.begin() + (i - i0) * N + j0, S.cnt.begin() + (i - i0) * N + T.j1, 0.0);
         }
       }
-      double* o = out + i * N;
-      if (js) {
-        for (int64_t j = j0; j < T.j1; ++j) {
-          const double d = (P.c1[i] + R.c1[j]) + A[j];
-          o[j] = d;
-          if (symmetric) out[j * N + i] = d;
+      // Inverted index of the block (counting sort by bin; rows stay in increasing order).
+      std::fill(S.boff.begin(), S.boff.end(), 0);
+      for (int64_t k = P.ptr[i0]; k < P.ptr[i1]; ++k) ++S.boff[P.idx[k] + 1];
+      for (int64_t v = 0; v < P.cols; ++v) S.boff[v + 1] += S.boff[v];
+      S.bent.resize(static_cast<std::size_t>(P.ptr[i1] - P.ptr[i0]));
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) {
+          const int32_t at = S.boff[P.idx[k]]++;
+          S.bent[at] = js ? Scratch::Ent{P.v1[k], P.v2[k], i - i0} : Scratch::Ent{P.v2[k], P.a[k], i - i0};
         }
-      } else if (eps > 0.0) {
-        for (int64_t j = j0; j < T.j1; ++j) o[j] = (P.c1[i] + R.c2[j]) + A[j];
-      } else {
-        const double need = static_cast<double>(P.nnz(i));
-        for (int64_t j = j0; j < T.j1; ++j) o[j] = C[j] == need ? A[j] : kInf;
+      // boff[v] now holds the end of bin v's list; its start is boff[v - 1] (0 for v = 0).
+      int32_t lo = 0;
+      for (int64_t v = 0; v < P.cols; ++v) {
+        const int32_t hi = S.boff[v];
+        if (hi == lo) continue;
+        const int64_t s0 = T.voff[v], f = T.voff[v + 1];
+        if (s0 < f) {
+          int64_t s = s0;
+          for (int32_t z = lo; z < hi; ++z) {
+            const Scratch::Ent& en = S.bent[z];
+            const int64_t il = en.il;
+            if (symmetric) {  // only rows j > i: runs are sorted by row, block rows increase
+              if (z == lo)
+                s = std::upper_bound(T.row.begin() + s, T.row.begin() + f, static_cast<int32_t>(i0 + il)) -
+                    T.row.begin();
+              else
+                while (s < f && T.row[s] <= i0 + il) ++s;
+            }
+            if (s == f) break;
+            const std::size_t len = static_cast<std::size_t>(f - s);
+            double* A = S.acc.data() + il * N;
+            if (js) {
+              K.js_posting_f64(en.x1, en.x2, T.x1.data() + s, T.x2.data() + s, T.row.data() + s, len, A);
+            } else {
+              K.kl_posting_f64(en.x1, en.x2, T.x1.data() + s, T.row.data() + s, len, A);
+              if (count_shared) {
+                double* C = S.cnt.data() + il * N;
+                for (int64_t y = s; y < f; ++y) C[T.row[y]] += 1.0;
+              }
+            }
+          }
+        }
+        lo = hi;
+      }
+      if (cancel && cancel->requested()) return;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j0 = symmetric ? std::max(T.j0, i + 1) : T.j0;
+        const double* A = S.acc.data() + (i - i0) * N;
+        double* o = out + i * N;
+        if (js) {
+          for (int64_t j = j0; j < T.j1; ++j) {
+            const double d = (P.c1[i] + R.c1[j]) + A[j];
+            o[j] = d;
+            if (symmetric) out[j * N + i] = d;
+          }
+        } else if (eps > 0.0) {
+          for (int64_t j = j0; j < T.j1; ++j) o[j] = (P.c1[i] + R.c2[j]) + A[j];
+        } else {
+          const double* C = S.cnt.data() + (i - i0) * N;
+          const double need = static_cast<double>(P.nnz(i));
+          for (int64_t j = j0; j < T.j1; ++j) o[j] = C[j] == need ? A[j] : kInf;
+        }
       }
     }
   });
@@ -520,9 +601,12 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
   if (metric != Metric::wd && !P.sparse && !RR.sparse) {
     dense_js_kl(P, RR, symmetric, metric, eps, K, nt, cancel, out);
   } else {
+    PhaseTimer pt0{"total"};
+    PhaseTimer* pt1 = new PhaseTimer{"build"};
     const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
     Sparse SR_own;
     if (!symmetric) SR_own = build_sparse(RR, "R", metric, eps, K, nt, cancel);
+    delete pt1;
     const Sparse& SR = symmetric ? SP : SR_own;
     if (metric == Metric::wd) sparse_wd(SP, SR, symmetric, nt, cancel, out);
     // kl is not symmetric: with R = none it runs as P against P, both directions.

@@ -39,31 +39,33 @@ inline LogTables load_tables() {
           _mm512_load_pd(kLogC + 8)};
 }
 
-// Natural log of 8 positive finite doubles (subnormals included).
+// Natural log of 8 positive finite doubles (subnormals included: vgetexp/vgetmant normalize them).
 inline __m512d log_f64x8(__m512d x, const LogTables& t) {
-  const __mmask8 sub = _mm512_cmp_pd_mask(x, _mm512_set1_pd(0x1p-1022), _CMP_LT_OQ);
-  x = _mm512_mask_mul_pd(x, sub, x, _mm512_set1_pd(0x1p52));
-  const __m512i bits = _mm512_castpd_si512(x);
-  const __m512i tmp = _mm512_sub_epi64(bits, _mm512_set1_epi64(0x3FE8000000000000LL));
-  const __m512i k = _mm512_srai_epi64(tmp, 52);
-  const __m512i idx = _mm512_and_si512(_mm512_srli_epi64(tmp, 48), _mm512_set1_epi64(15));
-  const __m512d z = _mm512_castsi512_pd(_mm512_sub_epi64(bits, _mm512_slli_epi64(k, 52)));
-  __m512d kd = _mm512_cvtepi64_pd(k);
-  kd = _mm512_mask_sub_pd(kd, sub, kd, _mm512_set1_pd(52.0));
+  const __m512d z = _mm512_getmant_pd(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);  // [0.75, 1.5)
+  __m512d kd = _mm512_getexp_pd(x);                                                   // floor(log2 x)
+  // z < 1 means the [1, 2) mantissa was >= 1.5 and got halved: x = z 2^(e + 1).
+  kd = _mm512_mask_add_pd(kd, _mm512_cmp_pd_mask(z, _mm512_set1_pd(1.0), _CMP_LT_OQ), kd,
+                          _mm512_set1_pd(1.0));
+  // Top 4 mantissa bits of bits(z) - bits(0.75); vpermt2pd reads only the low 4 index bits.
+  const __m512i idx = _mm512_srli_epi64(
+      _mm512_sub_epi64(_mm512_castpd_si512(z), _mm512_set1_epi64(0x3FE8000000000000LL)), 48);
   const __m512d invc = _mm512_permutex2var_pd(t.invc_lo, idx, t.invc_hi);
   const __m512d logc = _mm512_permutex2var_pd(t.logc_lo, idx, t.logc_hi);
   const __m512d r = _mm512_fmsub_pd(z, invc, _mm512_set1_pd(1.0));
-  __m512d q = _mm512_set1_pd(1.0 / 11);
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 10));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 9));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 8));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 7));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 6));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 5));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 4));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 3));
-  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 2));
+  // log1p(r) = r + r^2 q(r): q by Estrin-like halves to shorten the dependency chain.
   const __m512d r2 = _mm512_mul_pd(r, r);
+  __m512d qa = _mm512_set1_pd(1.0 / 11);  // r^5.. terms: c7 + c8 r + ... + c11 r^4
+  qa = _mm512_fmadd_pd(qa, r, _mm512_set1_pd(-1.0 / 10));
+  qa = _mm512_fmadd_pd(qa, r, _mm512_set1_pd(1.0 / 9));
+  qa = _mm512_fmadd_pd(qa, r, _mm512_set1_pd(-1.0 / 8));
+  qa = _mm512_fmadd_pd(qa, r, _mm512_set1_pd(1.0 / 7));
+  __m512d qb = _mm512_set1_pd(-1.0 / 6);  // c2 + c3 r + ... + c6 r^4
+  qb = _mm512_fmadd_pd(qb, r, _mm512_set1_pd(1.0 / 5));
+  qb = _mm512_fmadd_pd(qb, r, _mm512_set1_pd(-1.0 / 4));
+  qb = _mm512_fmadd_pd(qb, r, _mm512_set1_pd(1.0 / 3));
+  qb = _mm512_fmadd_pd(qb, r, _mm512_set1_pd(-1.0 / 2));
+  const __m512d r4 = _mm512_mul_pd(r2, r2);
+  const __m512d q = _mm512_fmadd_pd(_mm512_mul_pd(r4, r), qa, qb);
   const __m512d hi = _mm512_fmadd_pd(kd, _mm512_set1_pd(0x1.62e42fefa3000p-1), logc);
   const __m512d lo = _mm512_fmadd_pd(r2, q, _mm512_mul_pd(kd, _mm512_set1_pd(0x1.3de6af278ece6p-42)));
   return _mm512_add_pd(_mm512_add_pd(hi, r), lo);
