@@ -255,8 +255,9 @@ struct Postings {
   std::vector<double> x1, x2;
 };
 
-Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, bool need_x2, int threads,
-                        Cancel* cancel) {
+Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const std::vector<double>& src1,
+                        const std::vector<double>* src2, int threads, Cancel* cancel) {
+  const bool need_x2 = src2 != nullptr;
   Postings P;
   P.j0 = j0;
   P.j1 = j1;
@@ -288,8 +289,8 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, bool need_x2, i
           const int64_t k = q - R.idx.data();
           const int64_t at = fill[*q - va]++;
           P.row[at] = static_cast<int32_t>(j);
-          P.x1[at] = R.v1[k];
-          if (need_x2) P.x2[at] = R.v2[k];
+          P.x1[at] = src1[k];
+          if (need_x2) P.x2[at] = (*src2)[k];
         }
       }
     }
@@ -310,31 +311,32 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t Q, int64_t N, int th
 void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metric, double eps,
                   const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
   const int64_t Q = P.rows, N = R.rows;
-  const auto tiles = make_tiles(Q, N, threads);
   const bool js = metric == Metric::js;
+  // symmetric (js with R = none): P's own index serves both sides and a pair (i, j), i < j, is
+  // met once, at i's entry in the run of each bin they share, against the entries after it.
+  const auto tiles = symmetric ? std::vector<std::pair<int64_t, int64_t>>{{0, N}} : make_tiles(Q, N, threads);
   std::vector<Postings> post(tiles.size());
-  { PhaseTimer pt{"postings"};
-  for (std::size_t t = 0; t < tiles.size(); ++t)
-    post[t] = build_postings(R, tiles[t].first, tiles[t].second, js, threads, cancel);
+  Postings pown;
+  {
+    PhaseTimer pt{"postings"};
+    for (std::size_t t = 0; t < tiles.size(); ++t)
+      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1, js ? &R.v2 : nullptr, threads, cancel);
+    // P's side of each bin: js (p, w); kl (c, a).
+    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1 : P.v2, js ? &P.v2 : &P.a, threads, cancel);
   }
+  const Postings& PP = symmetric ? post[0] : pown;
   PhaseTimer pt2{"pairs"};
-  // Rows of P are taken in blocks of kBlockRows and, within a block, bin by bin: the index run
-  // of a bin (up to N entries) is loaded once and reused from L1 by every row of the block that
-  // holds the bin, instead of being streamed from memory once per row. Each pair still gets its
-  // shared bins in increasing bin order, so blocking and threads never change a result.
-  constexpr int64_t kBlockRows = 32;
+  // Rows of P are taken in blocks and, within a block, bin by bin: the run of a bin in R's index
+  // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
+  // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
+  // bins in increasing bin order, so blocking, tiles and threads never change a result.
+  constexpr int64_t kBlockRows = 64;
   const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int nt = std::max(1, threads);
   const bool count_shared = !js && eps == 0.0;
   struct Scratch {
     std::vector<double> acc, cnt;
-    std::vector<int32_t> boff;   // cols + 1: block inverted index offsets
-    struct Ent {
-      double x1, x2;  // js: p, w.  kl: c, a
-      int64_t il;     // row in block
-    };
-    std::vector<Ent> bent;  // the block's entries by bin, values copied in for sequential reads
   };
   std::vector<Scratch> scr(nt);
   parallel_for(nblocks * ntiles, 1, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
@@ -342,67 +344,47 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
     if (S.acc.empty()) {
       S.acc.resize(kBlockRows * N);
       if (count_shared) S.cnt.resize(kBlockRows * N);
-      S.boff.resize(P.cols + 1);
     }
     for (std::size_t it = b; it < e; ++it) {
       const int64_t i0 = static_cast<int64_t>(it) / ntiles * kBlockRows;
       const int64_t i1 = std::min(Q, i0 + kBlockRows);
       const Postings& T = post[static_cast<int64_t>(it) % ntiles];
-      if (symmetric && T.j1 <= i0 + 1) continue;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j0 = symmetric ? std::max(T.j0, i + 1) : T.j0;
+        const int64_t j0 = symmetric ? i + 1 : T.j0;
         if (j0 < T.j1) {
           std::fill(S.acc.begin() + (i - i0) * N + j0, S.acc.begin() + (i - i0) * N + T.j1, 0.0);
           if (count_shared) std::fill(S.cnt.begin() + (i - i0) * N + j0, S.cnt.begin() + (i - i0) * N + T.j1, 0.0);
         }
       }
-      // Inverted index of the block (counting sort by bin; rows stay in increasing order).
-      std::fill(S.boff.begin(), S.boff.end(), 0);
-      for (int64_t k = P.ptr[i0]; k < P.ptr[i1]; ++k) ++S.boff[P.idx[k] + 1];
-      for (int64_t v = 0; v < P.cols; ++v) S.boff[v + 1] += S.boff[v];
-      S.bent.resize(static_cast<std::size_t>(P.ptr[i1] - P.ptr[i0]));
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) {
-          const int32_t at = S.boff[P.idx[k]]++;
-          S.bent[at] = js ? Scratch::Ent{P.v1[k], P.v2[k], i - i0} : Scratch::Ent{P.v2[k], P.a[k], i - i0};
-        }
-      // boff[v] now holds the end of bin v's list; its start is boff[v - 1] (0 for v = 0).
-      int32_t lo = 0;
+      const int32_t* prow = PP.row.data();
       for (int64_t v = 0; v < P.cols; ++v) {
-        const int32_t hi = S.boff[v];
-        if (hi == lo) continue;
-        const int64_t s0 = T.voff[v], f = T.voff[v + 1];
-        if (s0 < f) {
-          int64_t s = s0;
-          for (int32_t z = lo; z < hi; ++z) {
-            const Scratch::Ent& en = S.bent[z];
-            const int64_t il = en.il;
-            if (symmetric) {  // only rows j > i: runs are sorted by row, block rows increase
-              if (z == lo)
-                s = std::upper_bound(T.row.begin() + s, T.row.begin() + f, static_cast<int32_t>(i0 + il)) -
-                    T.row.begin();
-              else
-                while (s < f && T.row[s] <= i0 + il) ++s;
-            }
-            if (s == f) break;
-            const std::size_t len = static_cast<std::size_t>(f - s);
-            double* A = S.acc.data() + il * N;
-            if (js) {
-              K.js_posting_f64(en.x1, en.x2, T.x1.data() + s, T.x2.data() + s, T.row.data() + s, len, A);
-            } else {
-              K.kl_posting_f64(en.x1, en.x2, T.x1.data() + s, T.row.data() + s, len, A);
-              if (count_shared) {
-                double* C = S.cnt.data() + il * N;
-                for (int64_t y = s; y < f; ++y) C[T.row[y]] += 1.0;
-              }
+        const int64_t s = T.voff[v], f = T.voff[v + 1];
+        if (s == f) continue;
+        int64_t zs = PP.voff[v], ze = PP.voff[v + 1];
+        if (zs == ze) continue;
+        if (prow[zs] < i0) zs = std::lower_bound(prow + zs, prow + ze, static_cast<int32_t>(i0)) - prow;
+        if (zs == ze || prow[zs] >= i1) continue;
+        if (prow[ze - 1] >= i1) ze = std::lower_bound(prow + zs, prow + ze, static_cast<int32_t>(i1)) - prow;
+        for (int64_t z = zs; z < ze; ++z) {
+          const int64_t st = symmetric ? z + 1 : s;
+          if (st >= f) break;
+          const std::size_t len = static_cast<std::size_t>(f - st);
+          const int64_t il = prow[z] - i0;
+          double* A = S.acc.data() + il * N;
+          if (js) {
+            K.js_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.x2.data() + st, T.row.data() + st, len, A);
+          } else {
+            K.kl_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.row.data() + st, len, A);
+            if (count_shared) {
+              double* C = S.cnt.data() + il * N;
+              for (int64_t y = st; y < f; ++y) C[T.row[y]] += 1.0;
             }
           }
         }
-        lo = hi;
       }
       if (cancel && cancel->requested()) return;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j0 = symmetric ? std::max(T.j0, i + 1) : T.j0;
+        const int64_t j0 = symmetric ? i + 1 : T.j0;
         const double* A = S.acc.data() + (i - i0) * N;
         double* o = out + i * N;
         if (js) {
