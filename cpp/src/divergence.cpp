@@ -255,14 +255,30 @@ struct Postings {
   std::vector<double> x1, x2;
 };
 
+// dense_runs (js only): a bin held by at least kDenseRunShare of the tile's rows gets a run over
+// every row of the tile, absent rows padded with x1 = 0 (kernels skip q == 0). Such runs are
+// contiguous in rows, so the kernel updates the accumulators with plain vector loads/stores
+// instead of gather/scatter, which costs more than the few padded lanes.
+constexpr double kDenseRunShare = 0.6;
+
 Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const std::vector<double>& src1,
-                        const std::vector<double>* src2, int threads, Cancel* cancel) {
+                        const std::vector<double>* src2, bool dense_runs, int threads, Cancel* cancel) {
   const bool need_x2 = src2 != nullptr;
   Postings P;
   P.j0 = j0;
   P.j1 = j1;
   P.voff.assign(R.cols + 1, 0);
   for (int64_t k = R.ptr[j0]; k < R.ptr[j1]; ++k) ++P.voff[R.idx[k] + 1];
+  std::vector<char> dense;
+  if (dense_runs) {
+    dense.assign(R.cols, 0);
+    const int64_t rows = j1 - j0;
+    for (int64_t v = 0; v < R.cols; ++v)
+      if (rows >= 8 && P.voff[v + 1] >= kDenseRunShare * static_cast<double>(rows)) {
+        dense[v] = 1;
+        P.voff[v + 1] = rows;
+      }
+  }
   for (int64_t v = 0; v < R.cols; ++v) P.voff[v + 1] += P.voff[v];
   const int64_t n = P.voff[R.cols];
   P.row.resize(n);
@@ -282,12 +298,20 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const std::vect
       const int32_t va = static_cast<int32_t>(vcut[c]), vb = static_cast<int32_t>(vcut[c + 1]);
       if (va >= vb) continue;
       std::vector<int64_t> fill(P.voff.begin() + va, P.voff.begin() + vb);
+      if (dense_runs)
+        for (int32_t v = va; v < vb; ++v)
+          if (dense[v])
+            for (int64_t j = j0, at = P.voff[v]; j < j1; ++j, ++at) {
+              P.row[at] = static_cast<int32_t>(j);
+              P.x1[at] = 0.0;
+              if (need_x2) P.x2[at] = 0.0;
+            }
       for (int64_t j = j0; j < j1; ++j) {
         const int32_t* first = R.idx.data() + R.ptr[j];
         const int32_t* last = R.idx.data() + R.ptr[j + 1];
         for (const int32_t* q = std::lower_bound(first, last, va); q != last && *q < vb; ++q) {
           const int64_t k = q - R.idx.data();
-          const int64_t at = fill[*q - va]++;
+          const int64_t at = dense_runs && dense[*q] ? P.voff[*q] + (j - j0) : fill[*q - va]++;
           P.row[at] = static_cast<int32_t>(j);
           P.x1[at] = src1[k];
           if (need_x2) P.x2[at] = (*src2)[k];
@@ -320,9 +344,9 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   {
     PhaseTimer pt{"postings"};
     for (std::size_t t = 0; t < tiles.size(); ++t)
-      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1, js ? &R.v2 : nullptr, threads, cancel);
+      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1, js ? &R.v2 : nullptr, js, threads, cancel);
     // P's side of each bin: js (p, w); kl (c, a).
-    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1 : P.v2, js ? &P.v2 : &P.a, threads, cancel);
+    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1 : P.v2, js ? &P.v2 : &P.a, false, threads, cancel);
   }
   const Postings& PP = symmetric ? post[0] : pown;
   PhaseTimer pt2{"pairs"};
@@ -366,6 +390,7 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
         if (zs == ze || prow[zs] >= i1) continue;
         if (prow[ze - 1] >= i1) ze = std::lower_bound(prow + zs, prow + ze, static_cast<int32_t>(i1)) - prow;
         for (int64_t z = zs; z < ze; ++z) {
+          if (symmetric && PP.x1[z] == 0.0) continue;  // padding of a dense run: row lacks v
           const int64_t st = symmetric ? z + 1 : s;
           if (st >= f) break;
           const std::size_t len = static_cast<std::size_t>(f - st);

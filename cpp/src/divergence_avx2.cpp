@@ -98,8 +98,10 @@ void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
     }
     const __m256d mid = _mm256_mul_pd(half, _mm256_add_pd(vp, vq));
     const __m256d v = _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(vwp, vwq));
-    if (contiguous) {
-      _mm256_maskstore_pd(base + k, m, _mm256_add_pd(_mm256_maskload_pd(base + k, m), v));
+    if (contiguous) {  // may hold padding (q == 0): those lanes are left alone
+      const __m256i pres = _mm256_and_si256(
+          m, _mm256_castpd_si256(_mm256_cmp_pd(vq, _mm256_setzero_pd(), _CMP_GT_OQ)));
+      _mm256_maskstore_pd(base + k, pres, _mm256_add_pd(_mm256_maskload_pd(base + k, pres), v));
     } else {
       _mm256_store_pd(val, v);
       const std::size_t e = left < 4 ? left : 4;

@@ -102,9 +102,10 @@ void js_posting_f64_avx512(double p, double wp, const double* q, const double* w
     const __m512d vwq = _mm512_maskz_loadu_pd(m, wq + k);
     const __m512d mid = _mm512_mul_pd(half, _mm512_add_pd(vp, vq));  // > 0 in every lane
     const __m512d val = _mm512_fnmadd_pd(mid, log_f64x8(mid, t), _mm512_add_pd(vwp, vwq));
-    if (contiguous) {
-      const __m512d a = _mm512_maskz_loadu_pd(m, base + k);
-      _mm512_mask_storeu_pd(base + k, m, _mm512_add_pd(a, val));
+    if (contiguous) {  // may hold padding (q == 0): those lanes are left alone
+      const __mmask8 pres = _mm512_mask_cmp_pd_mask(m, vq, _mm512_setzero_pd(), _CMP_GT_OQ);
+      const __m512d a = _mm512_maskz_loadu_pd(pres, base + k);
+      _mm512_mask_storeu_pd(base + k, pres, _mm512_add_pd(a, val));
     } else {
       const __m256i idx = _mm256_maskz_loadu_epi32(m, rows + k);
       const __m512d a = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, idx, acc, 8);

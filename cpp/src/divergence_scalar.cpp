@@ -14,6 +14,7 @@ void log_f64_scalar(const double* x, double* y, std::size_t n) {
 void js_posting_f64_scalar(double p, double wp, const double* q, const double* wq,
                            const int32_t* rows, std::size_t n, double* acc) {
   for (std::size_t k = 0; k < n; ++k) {
+    if (!(q[k] > 0.0)) continue;  // padding of a dense run
     const double m = 0.5 * (p + q[k]);
     acc[rows[k]] += (wp + wq[k]) - m * ::log(m);
   }

@@ -70,7 +70,8 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
 // y[k] = log(x[k]) for positive finite x (including subnormals).
 using LogF64Fn = void (*)(const double* x, double* y, std::size_t n);
 // Sparse js, one bin shared by P-row value p (with eps) and a run of R rows from the inverted
-// index: acc[rows[k]] += wp + wq[k] - m log m,  m = (p + q[k]) / 2. Rows distinct within a call.
+// index: acc[rows[k]] += wp + wq[k] - m log m,  m = (p + q[k]) / 2, for every k with q[k] > 0
+// (q[k] == 0 marks padding in runs that cover consecutive rows). Rows increase within a call.
 using JsPostingF64Fn = void (*)(double p, double wp, const double* q, const double* wq,
                                 const int32_t* rows, std::size_t n, double* acc);
 // Sparse kl: acc[rows[k]] += c - a * y[k]. Rows distinct within a call.
