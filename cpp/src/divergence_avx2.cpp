@@ -180,5 +180,30 @@ void kl_dense_f64_avx2(const double* const* p, const double* const* lp, int nb, 
   }
 }
 
+void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums) {
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  for (int b = 0; b < nb; ++b) {
+    const double* ph = phi[b];
+    const double* pl = plo[b];
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    std::size_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+      const __m256d d = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(ph + k), _mm256_loadu_pd(qhi + k)),
+                                      _mm256_sub_pd(_mm256_loadu_pd(pl + k), _mm256_loadu_pd(qlo + k)));
+      const __m256d a = _mm256_andnot_pd(sign, d);
+      if ((k / 4) & 1) s1 = _mm256_add_pd(s1, a); else s0 = _mm256_add_pd(s0, a);
+    }
+    alignas(32) double t[4];
+    _mm256_store_pd(t, _mm256_add_pd(s0, s1));
+    double s = (t[0] + t[1]) + (t[2] + t[3]);
+    for (; k < n; ++k) {
+      const double d = (ph[k] - qhi[k]) + (pl[k] - qlo[k]);
+      s += d < 0.0 ? -d : d;
+    }
+    sums[b] += s;
+  }
+}
+
 }  // namespace avx2
 }  // namespace loramix

@@ -176,5 +176,24 @@ void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb
   }
 }
 
+void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
+                         const double* qhi, const double* qlo, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    const double* ph = phi[b];
+    const double* pl = plo[b];
+    // Two accumulators: consecutive adds do not wait on each other.
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (std::size_t k = 0; k < n; k += 8) {
+      const __mmask8 m = tail_mask(n - k);
+      const __m512d d = _mm512_add_pd(
+          _mm512_sub_pd(_mm512_maskz_loadu_pd(m, ph + k), _mm512_maskz_loadu_pd(m, qhi + k)),
+          _mm512_sub_pd(_mm512_maskz_loadu_pd(m, pl + k), _mm512_maskz_loadu_pd(m, qlo + k)));
+      const __m512d a = _mm512_abs_pd(d);
+      if ((k / 8) & 1) s1 = _mm512_add_pd(s1, a); else s0 = _mm512_add_pd(s0, a);
+    }
+    sums[b] += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  }
+}
+
 }  // namespace avx512
 }  // namespace loramix

@@ -51,5 +51,14 @@ void kl_dense_f64_scalar(const double* const* p, const double* const* lp, int nb
   }
 }
 
+void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int nb,
+                         const double* qhi, const double* qlo, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    double s = 0.0;
+    for (std::size_t k = 0; k < n; ++k) s += ::fabs((phi[b][k] - qhi[k]) + (plo[b][k] - qlo[k]));
+    sums[b] += s;
+  }
+}
+
 }  // namespace scalar
 }  // namespace loramix

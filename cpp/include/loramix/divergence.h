@@ -87,12 +87,18 @@ using JsDenseF64Fn = void (*)(const double* const* p, const double* const* hp, i
 using KlDenseF64Fn = void (*)(const double* const* p, const double* const* lp, int nb,
                               const double* lq, std::size_t n, double* sums);
 
+// Dense wd piece over n bins, nb rows of P against one row of R, CDFs given as hi + lo parts:
+//   sums[b] += sum_k |(phi[b][k] - qhi[k]) + (plo[b][k] - qlo[k])|.
+using WdDenseF64Fn = void (*)(const double* const* phi, const double* const* plo, int nb,
+                              const double* qhi, const double* qlo, std::size_t n, double* sums);
+
 struct DivergenceKernels {
   LogF64Fn log_f64;
   JsPostingF64Fn js_posting_f64;
   KlPostingF64Fn kl_posting_f64;
   JsDenseF64Fn js_dense_f64;
   KlDenseF64Fn kl_dense_f64;
+  WdDenseF64Fn wd_dense_f64;
 };
 
 namespace scalar {
@@ -105,6 +111,8 @@ void js_dense_f64_scalar(const double* const* p, const double* const* hp, int nb
                          const double* hq, std::size_t n, double* sums);
 void kl_dense_f64_scalar(const double* const* p, const double* const* lp, int nb,
                          const double* lq, std::size_t n, double* sums);
+void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums);
 }  // namespace scalar
 
 #if defined(LORAMIX_HAVE_X86)
@@ -118,6 +126,8 @@ void js_dense_f64_avx2(const double* const* p, const double* const* hp, int nb, 
                        const double* hq, std::size_t n, double* sums);
 void kl_dense_f64_avx2(const double* const* p, const double* const* lp, int nb, const double* lq,
                        std::size_t n, double* sums);
+void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums);
 }  // namespace avx2
 
 namespace avx512 {
@@ -130,6 +140,8 @@ void js_dense_f64_avx512(const double* const* p, const double* const* hp, int nb
                          const double* hq, std::size_t n, double* sums);
 void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb,
                          const double* lq, std::size_t n, double* sums);
+void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums);
 }  // namespace avx512
 #endif
 
