@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <cmath>
@@ -56,7 +57,7 @@ const DivergenceKernels& divergence_kernels(Isa isa) {
 }
 
 namespace {
-struct PhaseTimer { const char* n; std::chrono::steady_clock::time_point t0=std::chrono::steady_clock::now(); ~PhaseTimer(){ if(std::getenv("LMXPROF")) std::fprintf(stderr,"%s %.4f\n",n,std::chrono::duration<double>(std::chrono::steady_clock::now()-t0).count());}};
+struct PhaseTimer { const char* n; double t0=now(); static double now(){ timespec ts; clock_gettime(CLOCK_PROCESS_CPUTIME_ID,&ts); return ts.tv_sec+1e-9*ts.tv_nsec;} ~PhaseTimer(){ if(std::getenv("LMXPROF")) std::fprintf(stderr,"%s %.4f\n",n,now()-t0);}};
 
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kInf = std::numeric_limits<double>::infinity();
