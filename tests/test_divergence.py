@@ -77,11 +77,14 @@ def random_counts(rng, rows, V, density=0.3, scale=50):
 
 
 # ---- agreement with the oracle ------------------------------------------------------------------
+# density 0.9: dense inputs take the dense SIMD loop; 0.3: they take the sparse path (see
+# kDenseFill in divergence.cpp), as CSR inputs always do.
+@pytest.mark.parametrize("density", [0.3, 0.9])
 @pytest.mark.parametrize("V", [1, 7, 15, 16, 17, 31, 33, 32000, 32001])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_random_vs_oracle(isa, rng, metric, form, V):
-    P, R = random_counts(rng, 3, V), random_counts(rng, 4, V)
+def test_random_vs_oracle(isa, rng, metric, form, V, density):
+    P, R = random_counts(rng, 3, V, density), random_counts(rng, 4, V, density)
     P[0] *= 1e6  # unnormalized rows of very different scales
     R[1] *= 1e-3
     got = divergence(as_form(P, form), as_form(R, form), metric)
@@ -89,11 +92,12 @@ def test_random_vs_oracle(isa, rng, metric, form, V):
     assert_close(got, want, rtol_for(form))
 
 
+@pytest.mark.parametrize("density", [0.2, 0.8])
 @pytest.mark.parametrize("eps", [0.0, 1e-10, 1e-3])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_eps_values(isa, rng, metric, form, eps):
-    P, R = random_counts(rng, 4, 300, density=0.2), random_counts(rng, 5, 300, density=0.6)
+def test_eps_values(isa, rng, metric, form, eps, density):
+    P, R = random_counts(rng, 4, 300, density=density), random_counts(rng, 5, 300, density=0.6)
     R[0] += 1.0  # full support: kl(P_i || R_0) stays finite at eps = 0
     got = divergence(as_form(P, form), as_form(R, form), metric, eps=eps)
     want = oracle(as_form(P, form), as_form(R, form), metric, eps)
@@ -131,6 +135,27 @@ def test_adversarial(isa, metric, form, eps):
         assert abs(got[0, 1]) < 1e-15 and abs(got[5, 6]) < 1e-15  # same after normalizing
     if metric == "kl" and eps == 0.0:
         assert np.isinf(got[2, 3]) and np.isfinite(got[2, 4])  # supp(lo) inside supp(sup)
+
+
+@pytest.mark.parametrize("form", ("dense64", "csr64"))
+@pytest.mark.parametrize("metric", ("js", "kl"))
+def test_subnormal_eps(isa, rng, metric, form):
+    X = random_counts(rng, 4, 50, density=0.3)
+    eps = 1e-320  # (a + eps)/eps overflows; logs of subnormals
+    a = _rows(X)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lg = np.log(a + eps)
+    want = np.empty((4, 4))
+    for i in range(4):
+        for j in range(4):
+            p, q, lp, lq = a[i] + eps, a[j] + eps, lg[i], lg[j]
+            if metric == "kl":
+                want[i, j] = np.sum(p * (lp - lq))
+            else:
+                m = 0.5 * (p + q)
+                want[i, j] = 0.5 * np.sum(p * (lp - np.log(m))) + 0.5 * np.sum(q * (lq - np.log(m)))
+    assert np.isfinite(want).all()
+    assert_close(divergence(as_form(X, form), as_form(X, form), metric, eps=eps), want, 1e-12, atol=1e-12)
 
 
 def test_eps_zero_js_disjoint_is_ln2(isa):
@@ -245,10 +270,11 @@ def test_r_none_vs_explicit(isa, rng, metric, form):
         np.testing.assert_array_equal(sym, sym.T)
 
 
+@pytest.mark.parametrize("density", [0.3, 0.9])
 @pytest.mark.parametrize("form", ("dense64", "csr64", "csr32"))
 @pytest.mark.parametrize("metric", METRICS)
-def test_threads_identical(isa, rng, metric, form):
-    P, R = random_counts(rng, 11, 300, density=0.3), random_counts(rng, 70, 300, density=0.3)
+def test_threads_identical(isa, rng, metric, form, density):
+    P, R = random_counts(rng, 11, 300, density=density), random_counts(rng, 70, 300, density=density)
     for a, b in [(P, R), (P[:2], R), (P, None)]:
         a, b = as_form(a, form), (None if b is None else as_form(b, form))
         np.testing.assert_array_equal(divergence(a, b, metric, threads=1), divergence(a, b, metric, threads=2))

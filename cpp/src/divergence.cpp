@@ -97,7 +97,7 @@ struct RowReader {
   // an all-zero row or a row sum that overflows.
   template <class F>
   double scan(int64_t r, F&& f) const {
-    double sum = 0.0;
+    CompSum sum;  // compensated: a row's normalized CDF must end at 1 to ~1 ulp (wd sums V of them)
     auto check = [&](int64_t col, double x) {
       if (!(x >= 0.0) || x == kInf) {
         if (std::isnan(x)) bad_row(name, r, "holds NaN at column " + std::to_string(col));
@@ -119,7 +119,7 @@ struct RowReader {
         const double x = static_cast<double>(data[k]);
         check(col, x);
         if (x > 0.0) {
-          sum += x;
+          sum.add(x);
           f(col, x);
         }
       }
@@ -129,14 +129,15 @@ struct RowReader {
         const double x = static_cast<double>(row[col]);
         check(col, x);
         if (x > 0.0) {
-          sum += x;
+          sum.add(x);
           f(col, x);
         }
       }
     }
-    if (sum == 0.0) bad_row(name, r, "is all zero (cannot be normalized)");
-    if (sum == kInf) bad_row(name, r, "sums to infinity (scale the counts down)");
-    return sum;
+    const double total = sum.value();
+    if (total == 0.0) bad_row(name, r, "is all zero (cannot be normalized)");
+    if (!(total < kInf)) bad_row(name, r, "sums to infinity (scale the counts down)");
+    return total;
   }
 };
 
@@ -192,11 +193,11 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
     for (std::size_t rr = b; rr < e; ++rr) {
       const int64_t r = static_cast<int64_t>(rr);
       const int64_t o = S.ptr[r], n = count[r];
-      const double inv = 1.0 / sums[r];
+      const double sum = sums[r];
       int64_t k = o;
       scan_row(M, name, r, [&](int64_t col, double x) {
         S.idx[k] = static_cast<int32_t>(col);
-        S.a[k] = x * inv;
+        S.a[k] = x / sum;
         ++k;
       });
       if (metric == Metric::wd) continue;
@@ -230,6 +231,8 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       } else {  // kl
         for (int64_t k2 = 0; k2 < n; ++k2) x0[k2] = eps > 0.0 ? (a[k2] + eps) / eps : a[k2];
         K.log_f64(x0, v1, n);
+        for (int64_t k2 = 0; k2 < n; ++k2)  // (a + eps)/eps overflows for eps below ~1e-308
+          if (!(x0[k2] <= std::numeric_limits<double>::max())) v1[k2] = std::log(a[k2] + eps) - std::log(eps);
         CompSum F, G;
         for (int64_t k2 = 0; k2 < n; ++k2) {
           if (eps > 0.0) {
@@ -560,17 +563,17 @@ constexpr int64_t kBJ = 64;
 constexpr int64_t kChunk = 1024;
 
 template <class T>
-void load_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double inv, double eps,
+void load_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double sum, double eps,
                 double* p) {
   const T* x = static_cast<const T*>(M.data) + r * M.row_stride + c0;
-  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<double>(x[k]) * inv + eps;
+  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<double>(x[k]) / sum + eps;
 }
 
 // p, and h = p log p / 2 (js) or log p (kl), with 0 log 0 = 0 and log 0 = -inf.
-void prep_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double inv, double eps,
+void prep_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double sum, double eps,
                 Metric metric, const DivergenceKernels& K, double* p, double* h) {
-  if (M.dtype == DType::f32) load_chunk<float>(M, r, c0, n, inv, eps, p);
-  else load_chunk<double>(M, r, c0, n, inv, eps, p);
+  if (M.dtype == DType::f32) load_chunk<float>(M, r, c0, n, sum, eps, p);
+  else load_chunk<double>(M, r, c0, n, sum, eps, p);
   if (eps > 0.0) {
     K.log_f64(p, h, n);
   } else {
@@ -628,14 +631,14 @@ void dense_js_kl(const HistMatrix& P, const HistMatrix& R, bool symmetric, Metri
         if (cancel && cancel->requested()) return;
         const int64_t n = std::min(kChunk, V - c0);
         for (int bb = 0; bb < nb; ++bb) {
-          prep_chunk(P, i0 + bb, c0, n, 1.0 / sp[i0 + bb], eps, metric, K, S.pb.data() + bb * kChunk,
+          prep_chunk(P, i0 + bb, c0, n, sp[i0 + bb], eps, metric, K, S.pb.data() + bb * kChunk,
                      S.hb.data() + bb * kChunk);
           pp[bb] = S.pb.data() + bb * kChunk;
           hp[bb] = S.hb.data() + bb * kChunk;
         }
         for (int64_t j = j0; j < j1; ++j) {
           if (half && j <= i0) continue;
-          prep_chunk(R, j, c0, n, 1.0 / sr[j], eps, metric, K, S.q.data(), S.hq.data());
+          prep_chunk(R, j, c0, n, sr[j], eps, metric, K, S.q.data(), S.hq.data());
           double* sums = S.sums.data() + (j - j0) * kBI;
           if (js) K.js_dense_f64(pp, hp, nb, S.q.data(), S.hq.data(), static_cast<std::size_t>(n), sums);
           else K.kl_dense_f64(pp, hp, nb, S.hq.data(), static_cast<std::size_t>(n), sums);
@@ -651,6 +654,30 @@ void dense_js_kl(const HistMatrix& P, const HistMatrix& R, bool symmetric, Metri
         }
     }
   });
+}
+
+// Below this share of non-zero bins, dense js/kl inputs take the sparse (inverted-index) path.
+constexpr double kDenseFill = 0.5;
+
+template <class T>
+int64_t count_nonzero(const T* x, int64_t n) {
+  int64_t c = 0;
+  for (int64_t k = 0; k < n; ++k) c += x[k] != T(0);
+  return c;
+}
+
+double nonzero_fraction(const HistMatrix& M, int threads, Cancel* cancel) {
+  std::vector<int64_t> cnt(M.rows, 0);
+  parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t r = b; r < e; ++r) {
+      const int64_t off = static_cast<int64_t>(r) * M.row_stride;
+      cnt[r] = M.dtype == DType::f32 ? count_nonzero(static_cast<const float*>(M.data) + off, M.cols)
+                                     : count_nonzero(static_cast<const double*>(M.data) + off, M.cols);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c : cnt) total += c;
+  return M.rows ? static_cast<double>(total) / (static_cast<double>(M.rows) * static_cast<double>(M.cols)) : 0.0;
 }
 
 void check_matrix(const HistMatrix& M, const char* name) {
@@ -687,7 +714,16 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
   const int64_t Q = P.rows, N = RR.rows;
   if (Q == 0 || N == 0) return;
 
-  if (metric != Metric::wd && !P.sparse && !RR.sparse) {
+  // Dense inputs that are mostly zeros (token histograms usually are) go through the sparse
+  // algorithm too: its cost is the shared bins, the dense loop's is every bin of every pair.
+  bool use_dense = metric != Metric::wd && !P.sparse && !RR.sparse;
+  if (use_dense) {
+    const double fill = (nonzero_fraction(P, nt, cancel) * static_cast<double>(Q) +
+                         (symmetric ? nonzero_fraction(P, nt, cancel) : nonzero_fraction(RR, nt, cancel)) *
+                             static_cast<double>(N)) / static_cast<double>(Q + N);
+    use_dense = fill > kDenseFill;
+  }
+  if (use_dense) {
     dense_js_kl(P, RR, symmetric, metric, eps, K, nt, cancel, out);
   } else {
     PhaseTimer pt0{"total"};
