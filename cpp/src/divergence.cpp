@@ -28,6 +28,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "loramix/cpu.h"
 #include "loramix/parallel.h"
 
@@ -147,13 +151,69 @@ double scan_row(const HistMatrix& M, const char* name, int64_t r, F&& f) {
   return RowReader<double>{M, name}.scan(r, f);
 }
 
+// A large array that is never value-initialized (every element is written before it is read)
+// and, from 2 MiB up, sits on transparent huge pages: the arrays here are tens of MB per call,
+// and faulting them in 4 KiB pages, each zeroed twice (kernel, then vector::resize), was a
+// sizeable share of a whole 502 x 502 js.
+template <class T>
+class Buf {
+ public:
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      std::free(p_);
+      p_ = o.p_;
+      n_ = o.n_;
+      o.p_ = nullptr;
+      o.n_ = 0;
+    }
+    return *this;
+  }
+  ~Buf() { std::free(p_); }
+  // Discards the contents; the new elements are uninitialized.
+  void resize(std::size_t n) {
+    std::free(p_);
+    p_ = nullptr;
+    n_ = n;
+    if (n == 0) return;
+    std::size_t bytes = n * sizeof(T);
+    constexpr std::size_t kHuge = std::size_t(1) << 21;
+    if (bytes >= kHuge) {
+      bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      p_ = static_cast<T*>(std::aligned_alloc(kHuge, bytes));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (p_) madvise(p_, bytes, MADV_HUGEPAGE);
+#endif
+    } else {
+      p_ = static_cast<T*>(std::malloc(bytes));
+    }
+    if (!p_) throw std::bad_alloc();
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+  T& operator[](std::size_t k) { return p_[k]; }
+  const T& operator[](std::size_t k) const { return p_[k]; }
+  T* begin() { return p_; }
+  const T* begin() const { return p_; }
+  T* end() { return p_ + n_; }
+  const T* end() const { return p_ + n_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
 // Normalized sparse rows plus the per-entry / per-row values each metric needs.
 struct Sparse {
   int64_t rows = 0, cols = 0;
   std::vector<int64_t> ptr;
-  std::vector<int32_t> idx;
-  std::vector<double> a;       // normalized value (no eps)
-  std::vector<double> v1, v2;  // js: p, w.   kl: y = log(q/eps) (or log b), c = a log a (eps = 0)
+  Buf<int32_t> idx;
+  Buf<double> a;       // normalized value (no eps)
+  Buf<double> v1, v2;  // js: p, w.   kl: y = log(q/eps) (or log b), c = a log a (eps = 0)
   std::vector<double> c1, c2;  // js: U.      kl: F, G
   int64_t nnz(int64_t r) const { return ptr[r + 1] - ptr[r]; }
 };
@@ -256,8 +316,8 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
 struct Postings {
   int64_t j0 = 0, j1 = 0;
   std::vector<int64_t> voff;  // cols + 1
-  std::vector<int32_t> row;
-  std::vector<double> x1, x2;
+  Buf<int32_t> row;
+  Buf<double> x1, x2;
 };
 
 // dense_runs (js only): a bin held by at least kDenseRunShare of the tile's rows gets a run over
@@ -266,8 +326,8 @@ struct Postings {
 // instead of gather/scatter, which costs more than the few padded lanes.
 constexpr double kDenseRunShare = 0.6;
 
-Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const std::vector<double>& src1,
-                        const std::vector<double>* src2, bool dense_runs, int threads, Cancel* cancel) {
+Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const double* src1,
+                        const double* src2, bool dense_runs, int threads, Cancel* cancel) {
   const bool need_x2 = src2 != nullptr;
   Postings P;
   P.j0 = j0;
@@ -319,7 +379,7 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const std::vect
           const int64_t at = dense_runs && dense[*q] ? P.voff[*q] + (j - j0) : fill[*q - va]++;
           P.row[at] = static_cast<int32_t>(j);
           P.x1[at] = src1[k];
-          if (need_x2) P.x2[at] = (*src2)[k];
+          if (need_x2) P.x2[at] = src2[k];
         }
       }
     }
@@ -349,9 +409,9 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   {
     PhaseTimer pt{"postings"};
     for (std::size_t t = 0; t < tiles.size(); ++t)
-      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1, js ? &R.v2 : nullptr, js, threads, cancel);
+      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(), js ? R.v2.data() : nullptr, js, threads, cancel);
     // P's side of each bin: js (p, w); kl (c, a).
-    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1 : P.v2, js ? &P.v2 : &P.a, false, threads, cancel);
+    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(), false, threads, cancel);
   }
   const Postings& PP = symmetric ? post[0] : pown;
   PhaseTimer pt2{"pairs"};
