@@ -16,9 +16,6 @@
 #include "loramix/divergence.h"
 
 #include <algorithm>
-#include <chrono>
-#include <ctime>
-#include <cstdio>
 #include <cstdlib>
 #include <cmath>
 #include <limits>
@@ -61,7 +58,6 @@ const DivergenceKernels& divergence_kernels(Isa isa) {
 }
 
 namespace {
-struct PhaseTimer { const char* n; double t0=now(); static double now(){ timespec ts; clock_gettime(CLOCK_PROCESS_CPUTIME_ID,&ts); return ts.tv_sec+1e-9*ts.tv_nsec;} ~PhaseTimer(){ if(std::getenv("LMXPROF")) std::fprintf(stderr,"%s %.4f\n",n,now()-t0);}};
 
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -407,14 +403,12 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   std::vector<Postings> post(tiles.size());
   Postings pown;
   {
-    PhaseTimer pt{"postings"};
     for (std::size_t t = 0; t < tiles.size(); ++t)
       post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(), js ? R.v2.data() : nullptr, js, threads, cancel);
     // P's side of each bin: js (p, w); kl (c, a).
     if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(), false, threads, cancel);
   }
   const Postings& PP = symmetric ? post[0] : pown;
-  PhaseTimer pt2{"pairs"};
   // Rows of P are taken in blocks and, within a block, bin by bin: the run of a bin in R's index
   // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
   // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
@@ -786,12 +780,9 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
   if (use_dense) {
     dense_js_kl(P, RR, symmetric, metric, eps, K, nt, cancel, out);
   } else {
-    PhaseTimer pt0{"total"};
-    PhaseTimer* pt1 = new PhaseTimer{"build"};
     const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
     Sparse SR_own;
     if (!symmetric) SR_own = build_sparse(RR, "R", metric, eps, K, nt, cancel);
-    delete pt1;
     const Sparse& SR = symmetric ? SP : SR_own;
     if (metric == Metric::wd) {
       // merge cost ~ (nnz_i + nnz_j) branchy steps per pair; CDF cost ~ V cheap vector lanes

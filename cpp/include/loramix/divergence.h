@@ -35,7 +35,14 @@
 // neither contributes exactly 0 to js and kl, so each row carries the sum of its one-sided terms
 // and each pair adds corrections over the bins it shares. The shared bins of row i with every row
 // j are found through an inverted index (per bin, the rows of R that hold it), so a pair costs
-// O(|supp p ∩ supp q|) logs and no work at all on bins it does not share.
+// O(|supp p ∩ supp q|) logs (js) or multiply-adds (kl) and no work on bins it does not share.
+// Paths, chosen per call:
+//   js / kl, any CSR input, or dense inputs under 50% non-zero  -> inverted index (sparse);
+//   js / kl, dense inputs at least 50% non-zero                  -> dense blocked SIMD loop;
+//   wd, V <= 16 x (mean support of a P row + of an R row)         -> CDF chunks, dense SIMD loop;
+//   wd, otherwise (very sparse rows)                              -> merge of the two index lists.
+// kl with R = none runs as P against P (both directions). A CSR side is never densified; a dense
+// side of a mixed call is read as sparse rows.
 #pragma once
 #include <cstddef>
 #include <cstdint>
