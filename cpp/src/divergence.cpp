@@ -19,7 +19,6 @@
 #include <cstdlib>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -402,18 +401,21 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   const auto tiles = symmetric ? std::vector<std::pair<int64_t, int64_t>>{{0, N}} : make_tiles(Q, N, threads);
   std::vector<Postings> post(tiles.size());
   Postings pown;
-  {
-    for (std::size_t t = 0; t < tiles.size(); ++t)
-      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(), js ? R.v2.data() : nullptr, js, threads, cancel);
-    // P's side of each bin: js (p, w); kl (c, a).
-    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(), false, threads, cancel);
-  }
+  for (std::size_t t = 0; t < tiles.size(); ++t)
+    post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(),
+                             js ? R.v2.data() : nullptr, js, threads, cancel);
+  // P's side of each bin: js (p, w); kl (c, a).
+  if (!symmetric)
+    pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(),
+                          false, threads, cancel);
   const Postings& PP = symmetric ? post[0] : pown;
   // Rows of P are taken in blocks and, within a block, bin by bin: the run of a bin in R's index
   // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
   // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
   // bins in increasing bin order, so blocking, tiles and threads never change a result.
-  constexpr int64_t kBlockRows = 64;
+  // 64 rows per block keeps the accumulators (64 x N doubles) in L2; fewer when that would leave
+  // threads without blocks to take.
+  const int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(64, Q / (4 * std::max(1, threads))));
   const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int nt = std::max(1, threads);
@@ -436,7 +438,8 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
         const int64_t j0 = symmetric ? i + 1 : T.j0;
         if (j0 < T.j1) {
           std::fill(S.acc.begin() + (i - i0) * N + j0, S.acc.begin() + (i - i0) * N + T.j1, 0.0);
-          if (count_shared) std::fill(S.cnt.begin() + (i - i0) * N + j0, S.cnt.begin() + (i - i0) * N + T.j1, 0.0);
+          if (count_shared)
+            std::fill(S.cnt.begin() + (i - i0) * N + j0, S.cnt.begin() + (i - i0) * N + T.j1, 0.0);
         }
       }
       const int32_t* prow = PP.row.data();
@@ -456,7 +459,8 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
           const int64_t il = prow[z] - i0;
           double* A = S.acc.data() + il * N;
           if (js) {
-            K.js_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.x2.data() + st, T.row.data() + st, len, A);
+            K.js_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.x2.data() + st,
+                             T.row.data() + st, len, A);
           } else {
             K.kl_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.row.data() + st, len, A);
             if (count_shared) {
