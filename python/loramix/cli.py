@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 
 
 def _fields(s: str) -> tuple:
