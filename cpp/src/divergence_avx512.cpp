@@ -1,0 +1,195 @@
+// AVX-512 (F/DQ) divergence kernels, 8 float64 lanes. Compiled with AVX-512 flags (by file
+// name); only reached through divergence_kernels() when the CPU and OS support AVX-512.
+// No STL and no shared inline headers here (an AVX-512 copy of an inline function must never
+// be linked into the baseline path).
+// GCC 12 reports false -Wmaybe-uninitialized inside its own avx512fintrin.h (the "undefined"
+// pass-through operand of unmasked shifts/extracts); nothing in this file is uninitialized.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include "loramix/divergence.h"
+
+namespace loramix {
+namespace avx512 {
+namespace {
+
+// log(x) = k ln2 + log(c_i) + log1p(r), x = z 2^k, z in [0.75, 1.5), c_i the centre of one of 16
+// sub-intervals of z picked by the top 4 mantissa bits of bits(x) - bits(0.75), r = z/c_i - 1
+// (|r| <= 0.0303, one FMA), log1p by a degree-9 polynomial (Chebyshev fit, error < 6e-19).
+// Tables generated with mpmath (logc correctly rounded from the rounded 1/c).
+alignas(64) const double kInvC[16] = {
+    0x1.4e5e0a72f0539p+0, 0x1.4141414141414p+0, 0x1.3521cfb2b78c1p+0, 0x1.29e4129e4129ep+0,
+    0x1.1f7047dc11f70p+0, 0x1.15b1e5f75270dp+0, 0x1.0c9714fbcda3bp+0, 0x1.0410410410410p+0,
+    0x1.f07c1f07c1f08p-1, 0x1.d41d41d41d41dp-1, 0x1.bacf914c1bad0p-1, 0x1.a41a41a41a41ap-1,
+    0x1.8f9c18f9c18fap-1, 0x1.7d05f417d05f4p-1, 0x1.6c16c16c16c17p-1, 0x1.5c9882b931057p-1};
+alignas(64) const double kLogC[16] = {
+    -0x1.1178e8227e47ap-2, -0x1.d1037f2655e7bp-3, -0x1.823c16551a3c0p-3, -0x1.365fcb0159014p-3,
+    -0x1.da7276384469ep-4, -0x1.4d3115d207eacp-4, -0x1.894aa149fb34bp-5, -0x1.0205658935837p-6,
+    0x1.f829b0e7832f8p-6,  0x1.6f0d28ae56b4ep-4,  0x1.29552f81ff521p-3,  0x1.9525a9cf456b6p-3,
+    0x1.fb9186d5e3e29p-3,  0x1.2e8e2bae11d31p-2,  0x1.5d1bdbf5809cap-2,  0x1.89a3386c1425bp-2};
+
+struct LogTables {
+  __m512d invc_lo, invc_hi, logc_lo, logc_hi;
+};
+
+inline LogTables load_tables() {
+  return {_mm512_load_pd(kInvC), _mm512_load_pd(kInvC + 8), _mm512_load_pd(kLogC),
+          _mm512_load_pd(kLogC + 8)};
+}
+
+// Natural log of 8 positive finite doubles (subnormals included: vgetexp/vgetmant normalize them).
+inline __m512d log_f64x8(__m512d x, const LogTables& t) {
+  const __m512d z = _mm512_getmant_pd(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);  // [0.75, 1.5)
+  __m512d kd = _mm512_getexp_pd(x);                                                   // floor(log2 x)
+  // z < 1 means the [1, 2) mantissa was >= 1.5 and got halved: x = z 2^(e + 1).
+  kd = _mm512_mask_add_pd(kd, _mm512_cmp_pd_mask(z, _mm512_set1_pd(1.0), _CMP_LT_OQ), kd,
+                          _mm512_set1_pd(1.0));
+  // Top 4 mantissa bits of bits(z) - bits(0.75); vpermt2pd reads only the low 4 index bits.
+  const __m512i idx = _mm512_srli_epi64(
+      _mm512_sub_epi64(_mm512_castpd_si512(z), _mm512_set1_epi64(0x3FE8000000000000LL)), 48);
+  const __m512d invc = _mm512_permutex2var_pd(t.invc_lo, idx, t.invc_hi);
+  const __m512d logc = _mm512_permutex2var_pd(t.logc_lo, idx, t.logc_hi);
+  const __m512d r = _mm512_fmsub_pd(z, invc, _mm512_set1_pd(1.0));
+  // log1p(r) = r + r^2 q(r), q of degree 7 (Chebyshev fit of (log1p(r) - r)/r^2 on |r| <= 0.0304,
+  // mpmath; |error of log1p| < 6e-19), in two halves to shorten the dependency chain.
+  const __m512d r2 = _mm512_mul_pd(r, r);
+  __m512d qa = _mm512_fmadd_pd(_mm512_set1_pd(0x1.9999999a37a20p-3), r, _mm512_set1_pd(-0x1.0000000056ea8p-2));
+  qa = _mm512_fmadd_pd(qa, r, _mm512_set1_pd(0x1.555555555554cp-2));
+  qa = _mm512_fmadd_pd(qa, r, _mm512_set1_pd(-0x1.ffffffffffff6p-2));
+  __m512d qb = _mm512_fmadd_pd(_mm512_set1_pd(0x1.c7ccd3498eb7fp-4), r, _mm512_set1_pd(-0x1.0061020683dd2p-3));
+  qb = _mm512_fmadd_pd(qb, r, _mm512_set1_pd(0x1.24923c1922e05p-3));
+  qb = _mm512_fmadd_pd(qb, r, _mm512_set1_pd(-0x1.555546fc08723p-3));
+  const __m512d q = _mm512_fmadd_pd(_mm512_mul_pd(r2, r2), qb, qa);
+  const __m512d hi = _mm512_fmadd_pd(kd, _mm512_set1_pd(0x1.62e42fefa3000p-1), logc);
+  const __m512d lo = _mm512_fmadd_pd(r2, q, _mm512_mul_pd(kd, _mm512_set1_pd(0x1.3de6af278ece6p-42)));
+  return _mm512_add_pd(_mm512_add_pd(hi, r), lo);
+}
+
+inline __mmask8 tail_mask(std::size_t left) {
+  return static_cast<__mmask8>(left >= 8 ? 0xFF : ((1u << left) - 1u));
+}
+
+}  // namespace
+
+void log_f64_avx512(const double* x, double* y, std::size_t n) {
+  const LogTables t = load_tables();
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) _mm512_storeu_pd(y + k, log_f64x8(_mm512_loadu_pd(x + k), t));
+  if (k < n) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m512d v = _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), m, x + k);
+    _mm512_mask_storeu_pd(y + k, m, log_f64x8(v, t));
+  }
+}
+
+void js_posting_f64_avx512(double p, double wp, const double* q, const double* wq,
+                           const int32_t* rows, std::size_t n, double* acc) {
+  if (n == 0) return;
+  const LogTables t = load_tables();
+  const __m512d vp = _mm512_set1_pd(p), vwp = _mm512_set1_pd(wp), half = _mm512_set1_pd(0.5);
+  // Inverted-index runs of frequent bins cover consecutive rows: plain loads/stores then.
+  const bool contiguous = rows[n - 1] - rows[0] == static_cast<int32_t>(n - 1);
+  double* base = acc + rows[0];
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m512d vq = _mm512_maskz_loadu_pd(m, q + k);
+    const __m512d vwq = _mm512_maskz_loadu_pd(m, wq + k);
+    const __m512d mid = _mm512_mul_pd(half, _mm512_add_pd(vp, vq));  // > 0 in every lane
+    const __m512d val = _mm512_fnmadd_pd(mid, log_f64x8(mid, t), _mm512_add_pd(vwp, vwq));
+    if (contiguous) {  // may hold padding (q == 0): those lanes are left alone
+      const __mmask8 pres = _mm512_mask_cmp_pd_mask(m, vq, _mm512_setzero_pd(), _CMP_GT_OQ);
+      const __m512d a = _mm512_maskz_loadu_pd(pres, base + k);
+      _mm512_mask_storeu_pd(base + k, pres, _mm512_add_pd(a, val));
+    } else {
+      const __m256i idx = _mm256_maskz_loadu_epi32(m, rows + k);
+      const __m512d a = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, idx, acc, 8);
+      _mm512_mask_i32scatter_pd(acc, m, idx, _mm512_add_pd(a, val), 8);
+    }
+  }
+}
+
+void kl_posting_f64_avx512(double c, double a, const double* y, const int32_t* rows, std::size_t n,
+                           double* acc) {
+  if (n == 0) return;
+  const __m512d vc = _mm512_set1_pd(c), va = _mm512_set1_pd(a);
+  const bool contiguous = rows[n - 1] - rows[0] == static_cast<int32_t>(n - 1);
+  double* base = acc + rows[0];
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m512d val = _mm512_fnmadd_pd(va, _mm512_maskz_loadu_pd(m, y + k), vc);
+    if (contiguous) {
+      const __m512d s = _mm512_maskz_loadu_pd(m, base + k);
+      _mm512_mask_storeu_pd(base + k, m, _mm512_add_pd(s, val));
+    } else {
+      const __m256i idx = _mm256_maskz_loadu_epi32(m, rows + k);
+      const __m512d s = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, idx, acc, 8);
+      _mm512_mask_i32scatter_pd(acc, m, idx, _mm512_add_pd(s, val), 8);
+    }
+  }
+}
+
+void js_dense_f64_avx512(const double* const* p, const double* const* hp, int nb, const double* q,
+                         const double* hq, std::size_t n, double* sums) {
+  const LogTables t = load_tables();
+  const __m512d half = _mm512_set1_pd(0.5), one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+  for (int b = 0; b < nb; ++b) {
+    const double* pb = p[b];
+    const double* hb = hp[b];
+    // Two accumulators: the adds of consecutive vectors do not wait on each other.
+    __m512d s0 = zero, s1 = zero;
+    for (std::size_t k = 0; k < n; k += 8) {
+      const __mmask8 m = tail_mask(n - k);
+      const __m512d mid = _mm512_mul_pd(
+          half, _mm512_add_pd(_mm512_maskz_loadu_pd(m, pb + k), _mm512_maskz_loadu_pd(m, q + k)));
+      const __mmask8 pos = _mm512_cmp_pd_mask(mid, zero, _CMP_GT_OQ);
+      const __m512d lm = log_f64x8(_mm512_mask_blend_pd(pos, one, mid), t);  // log 1 = 0 where m = 0
+      const __m512d h = _mm512_add_pd(_mm512_maskz_loadu_pd(m, hb + k), _mm512_maskz_loadu_pd(m, hq + k));
+      const __m512d val = _mm512_fnmadd_pd(mid, lm, h);
+      if ((k / 8) & 1) s1 = _mm512_add_pd(s1, val); else s0 = _mm512_add_pd(s0, val);
+    }
+    sums[b] += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  }
+}
+
+void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb,
+                         const double* lq, std::size_t n, double* sums) {
+  const __m512d zero = _mm512_setzero_pd();
+  for (int b = 0; b < nb; ++b) {
+    const double* pb = p[b];
+    const double* lb = lp[b];
+    __m512d s0 = zero, s1 = zero;
+    for (std::size_t k = 0; k < n; k += 8) {
+      const __mmask8 m = tail_mask(n - k);
+      const __m512d vp = _mm512_maskz_loadu_pd(m, pb + k);
+      const __mmask8 pos = _mm512_cmp_pd_mask(vp, zero, _CMP_GT_OQ);  // 0 log 0 = 0
+      const __m512d d = _mm512_sub_pd(_mm512_maskz_loadu_pd(pos, lb + k), _mm512_maskz_loadu_pd(pos, lq + k));
+      const __m512d val = _mm512_maskz_mul_pd(pos, vp, d);
+      if ((k / 8) & 1) s1 = _mm512_add_pd(s1, val); else s0 = _mm512_add_pd(s0, val);
+    }
+    sums[b] += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  }
+}
+
+void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
+                         const double* qhi, const double* qlo, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    const double* ph = phi[b];
+    const double* pl = plo[b];
+    // Two accumulators: consecutive adds do not wait on each other.
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (std::size_t k = 0; k < n; k += 8) {
+      const __mmask8 m = tail_mask(n - k);
+      const __m512d d = _mm512_add_pd(
+          _mm512_sub_pd(_mm512_maskz_loadu_pd(m, ph + k), _mm512_maskz_loadu_pd(m, qhi + k)),
+          _mm512_sub_pd(_mm512_maskz_loadu_pd(m, pl + k), _mm512_maskz_loadu_pd(m, qlo + k)));
+      const __m512d a = _mm512_abs_pd(d);
+      if ((k / 8) & 1) s1 = _mm512_add_pd(s1, a); else s0 = _mm512_add_pd(s0, a);
+    }
+    sums[b] += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  }
+}
+
+}  // namespace avx512
+}  // namespace loramix

@@ -1,0 +1,64 @@
+// Portable scalar divergence kernels: the reference every SIMD variant is compared with (through
+// the float64 oracle in tests). std::log, one bin at a time, fixed summation order.
+#include <math.h>
+
+#include "loramix/divergence.h"
+
+namespace loramix {
+namespace scalar {
+
+void log_f64_scalar(const double* x, double* y, std::size_t n) {
+  for (std::size_t k = 0; k < n; ++k) y[k] = ::log(x[k]);
+}
+
+void js_posting_f64_scalar(double p, double wp, const double* q, const double* wq,
+                           const int32_t* rows, std::size_t n, double* acc) {
+  for (std::size_t k = 0; k < n; ++k) {
+    if (!(q[k] > 0.0)) continue;  // padding of a dense run
+    const double m = 0.5 * (p + q[k]);
+    acc[rows[k]] += (wp + wq[k]) - m * ::log(m);
+  }
+}
+
+void kl_posting_f64_scalar(double c, double a, const double* y, const int32_t* rows, std::size_t n,
+                           double* acc) {
+  for (std::size_t k = 0; k < n; ++k) acc[rows[k]] += c - a * y[k];
+}
+
+void js_dense_f64_scalar(const double* const* p, const double* const* hp, int nb, const double* q,
+                         const double* hq, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    const double* pb = p[b];
+    const double* hb = hp[b];
+    double s = 0.0;
+    for (std::size_t k = 0; k < n; ++k) {
+      const double m = 0.5 * (pb[k] + q[k]);
+      if (m > 0.0) s += (hb[k] + hq[k]) - m * ::log(m);
+    }
+    sums[b] += s;
+  }
+}
+
+void kl_dense_f64_scalar(const double* const* p, const double* const* lp, int nb,
+                         const double* lq, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    const double* pb = p[b];
+    const double* lb = lp[b];
+    double s = 0.0;
+    for (std::size_t k = 0; k < n; ++k)
+      if (pb[k] > 0.0) s += pb[k] * (lb[k] - lq[k]);
+    sums[b] += s;
+  }
+}
+
+void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int nb,
+                         const double* qhi, const double* qlo, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    double s = 0.0;
+    for (std::size_t k = 0; k < n; ++k) s += ::fabs((phi[b][k] - qhi[k]) + (plo[b][k] - qlo[k]));
+    sums[b] += s;
+  }
+}
+
+}  // namespace scalar
+}  // namespace loramix
