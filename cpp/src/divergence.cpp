@@ -434,7 +434,8 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   // bins in increasing bin order, so blocking, tiles and threads never change a result.
   // 64 rows per block keeps the accumulators (64 x N doubles) in L2; fewer when that would leave
   // threads without blocks to take.
-  const int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(64, Q / (4 * std::max(1, threads))));
+  int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(64, Q / (4 * std::max(1, threads))));
+  kBlockRows = std::max<int64_t>(1, std::min<int64_t>(kBlockRows, (int64_t(1) << 22) / N));  // <= 32 MB/thread
   const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int nt = std::max(1, threads);
@@ -628,7 +629,8 @@ constexpr int64_t kWdChunk = 512;
 void cdf_wd(const Sparse& P, const Sparse& R, bool symmetric, const DivergenceKernels& K,
             int threads, Cancel* cancel, double* out) {
   const int64_t Q = P.rows, N = R.rows, V = P.cols;
-  const int64_t C = std::min(kWdChunk, V);
+  // chunk width: <= 64 MB for the CDF pieces of all rows
+  const int64_t C = std::min({kWdChunk, V, std::max<int64_t>(16, (int64_t(1) << 22) / (Q + N))});
   std::vector<double> phi(Q * C), plo(Q * C), rhi, rlo;
   if (!symmetric) {
     rhi.resize(N * C);
