@@ -34,4 +34,31 @@ def info() -> dict:
     }
 
 
-__all__ = ["info", "__version__"]
+from .divergence import CSR, divergence  # noqa: E402
+from .tensors import (  # noqa: E402
+    SafetensorsFile,
+    SafetensorsWriter,
+    bf16_to_f32,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+    gram,
+    mix_into,
+    weighted_sum,
+)
+from .bank import Bank, build_bank  # noqa: E402
+from .profile import Profile, build_profile  # noqa: E402
+from .weights import mixing_weights, register_metric, register_pipeline  # noqa: E402
+# ``loramix.generate(...)`` is the function (as the README shows); the module stays importable
+# with ``from loramix.generate import ...``.
+from .generate import GenerateResult, generate, mix_adapters  # noqa: E402
+
+__all__ = [
+    "info", "__version__",
+    "divergence", "CSR",
+    "SafetensorsFile", "SafetensorsWriter", "weighted_sum", "gram", "mix_into",
+    "f32_to_bf16", "bf16_to_f32", "f32_to_f16", "f16_to_f32",
+    "Bank", "build_bank", "Profile", "build_profile",
+    "mixing_weights", "register_pipeline", "register_metric",
+    "generate", "mix_adapters", "GenerateResult",
+]
