@@ -1,0 +1,485 @@
+"""Batch generation on Dask distributed: ``generate(..., scheduler="tcp://host:port")``.
+
+The client (where :func:`loramix.generate.generate` runs) profiles the datasets and computes
+the small weight matrix ``W`` (Q targets × N members); the cluster mixes. Only paths, names,
+``W`` and a few settings travel through the scheduler; every worker opens the bank from a path
+it sees (a shared filesystem) and writes outputs next to the requested output folders, which
+must be shared too. Dask is imported here only (``pip install 'loramix[dask]'``).
+
+How the work is split (``split=``)
+    ``"modules"`` (the default): the bank's modules are cut into ``S`` contiguous slices of
+    about equal bytes. A slice task reads its modules of every member once and mixes them for
+    ALL targets of the batch (the same core calls, with the same Q × K weights, as the local
+    run makes for those modules), writing one part file per target. Then one task per target
+    copies its parts, in module order, into the final ``adapter_model.safetensors``. Each byte
+    of the bank is read once per batch, by one worker; the outputs are written twice and read
+    once more (parts, then the final file).
+
+    ``"targets"``: the targets are cut into ``G`` groups; a group's task reads the whole bank
+    and writes its targets' adapters directly. No part files and no second pass, but the bank
+    is read ``G`` times. For bit-identity with a local run (see below) each task computes every
+    target's rows of each core call in memory and keeps its own: extra FMAs, no extra reads;
+    cheap exactly where this split is meant to be used (few targets, bound by reading the bank).
+
+    ``"auto"`` picks ``"modules"``: it reads the bank once and spreads it over the workers for
+    any Q, including Q = 1, and measured no slower than ``"targets"`` at Q = 8 on one node
+    (``benches/bench_distributed.py``). ``"targets"`` is there for clusters whose filesystem
+    dislikes many small part files, or whose nodes each keep the whole bank in page cache.
+
+Results are identical to the bit to a local run of the same batch
+    The core's weighted sum is deterministic per element for any thread count: chunk size and
+    panel blocking depend on Q and on which sources are non-zero in every row, never on the
+    threads. But they do depend on the batch (Q, and which members every target uses), so a
+    target mixed alone may differ in the last bit from the same target mixed in a batch. Both
+    splits therefore make exactly the local run's core calls (module slices: the same calls,
+    fewer modules per task; target groups: the full batch's rows, in memory). Workers use the
+    client's ISA (``isa="client"``), because SIMD kernels sum in another order; a worker whose
+    CPU lacks it fails with a clear error (``isa=None`` lets each worker use its own, and gives
+    up bit-identity across CPUs). The ``svd`` mode's QR/SVD run in numpy's LAPACK: identical for
+    one BLAS build and CPU, as on one machine.
+
+Faults and re-runs
+    A worker that dies mid-batch loses its running task; Dask runs it again elsewhere (the
+    scheduler's ``allowed-failures``; a task that raises is retried ``retries`` times). Every
+    piece is idempotent: part files are written by the core's ``SafetensorsWriter`` (temporary
+    file, atomic rename) under a scratch folder named by a hash of the batch's inputs, and a
+    target's output is staged in a hidden folder next to it and renamed into place. A failed
+    batch leaves, for each target, a finished adapter or nothing (the scratch folder is
+    removed). Each output's ``loramix.json`` records ``batch.target_key`` (a hash of the bank,
+    the target's weight row, mode, rank, dtype and loramix version) and the SHA-256 of its
+    weights and config; a re-run skips every target whose output matches its key and checksums
+    (status ``"skipped"``), and refuses (or, with ``overwrite=True``, replaces) other existing
+    outputs. The remaining targets are still mixed within the whole batch, so their bits equal
+    the full local run.
+
+Scaling model (to size a cluster)
+    Let ``B`` = bytes of the bank actually used (the members with a non-zero weight for some
+    target; with top-k, at most Q·k members), ``O`` = bytes of one output adapter, ``n`` nodes,
+    ``R`` = read bandwidth per node from the shared filesystem (or page cache), ``F`` = the
+    filesystem's aggregate bandwidth, ``c`` cores per node, ``f`` = f32 FMA/s per core of the
+    core's kernels. With ``split="modules"``:
+
+        T ≈ max(B / min(n·R, F), Q·B/4 / (n·c·f)) + 3·Q·O / min(n·R, F) + (S + Q)·t_task + T_open
+
+    - reading the bank: ``B / min(n·R, F)``; this is the term that nodes divide, until the
+      shared filesystem's aggregate bandwidth ``F`` is reached: past that, more nodes don't help;
+    - compute: ``Q`` FMAs per 4 bytes of an f32 bank (8 per byte for bf16), so for a few targets
+      a node is bound by reading and for many (Q ≳ 4·f·c/R) by FMAs;
+    - outputs: parts written, read back, final files written: ``3·Q·O`` bytes;
+    - scheduler: ``S + Q`` tasks (``S`` = 2 × worker threads by default) at a few ms each;
+    - ``T_open``: each worker opens (mmaps and validates) the bank once per process.
+
+    ``split="targets"`` replaces the first term by ``G·B / min(n·R, F)`` spread over G tasks
+    and the output term by ``Q·O``. Example: Lots-of-LoRAs (N = 502, B = 19 GB f32, O = 38 MB),
+    Q = 100, NFS at F = 2 GB/s, nodes at R = 1 GB/s: two nodes read the bank in ~10 s, the
+    outputs cost 3·3.8 GB ≈ 6 s, and compute (100·4.7e9 FMA ≈ 4.7e11) needs ~60 core-seconds of
+    scalar FMAs at ~8 GFMA/s: 2 nodes × 8 cores finish in about 15-20 s; more nodes than
+    F / R = 2 only shorten the compute term.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import mix as mixmod
+from . import peft_io
+from . import weights as wts
+from .bank import Bank, BankError, file_sha256
+from .generate import (PROVENANCE_NAME, GenerateResult, OutputError, _as_bank, _stage, _swap_in,
+                       _version, check_output, finish_stage, weights_metadata)
+
+SPLITS = ("auto", "modules", "targets")
+SCRATCH_PREFIX = ".loramix-batch-"
+
+
+@dataclass
+class BatchResult(GenerateResult):
+    """A :class:`GenerateResult` with ``status``: ``"generated"`` or ``"skipped"`` (complete)."""
+
+    status: str = "generated"
+
+
+# ------------------------------------------------------------------ keys and verification
+
+def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
+    """What one output is a function of, hashed: the bank, its weight row and the settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([bank_hash, mode, rank, dtype, _version()]).encode())
+    h.update(np.ascontiguousarray(w_row, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def batch_key(bank_hash: str, W, mode: str, rank, dtype: str, split: str, n_parts: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([bank_hash, mode, rank, dtype, _version(), split, n_parts, W.shape]).encode())
+    h.update(np.ascontiguousarray(W, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def is_complete(out, key: str) -> bool:
+    """Whether ``out`` holds a finished adapter for ``key`` whose files match their checksums."""
+    out = Path(out)
+    try:
+        b = json.loads((out / PROVENANCE_NAME).read_text()).get("batch") or {}
+        return (b.get("target_key") == key
+                and file_sha256(out / peft_io.WEIGHTS_NAME) == b.get("weights_sha256")
+                and file_sha256(out / peft_io.CONFIG_NAME) == b.get("config_sha256"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _seal(stage: Path, key: str, split: str) -> None:
+    """Add the key and the checksums of weights and config to the staged provenance."""
+    p = stage / PROVENANCE_NAME
+    prov = json.loads(p.read_text())
+    prov["batch"] = {"target_key": key, "split": split,
+                     "weights_sha256": file_sha256(stage / peft_io.WEIGHTS_NAME),
+                     "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
+    p.write_text(json.dumps(prov, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------ worker side
+
+_BANKS: dict = {}
+_LOCK = threading.Lock()
+
+
+def _open_bank(spec: dict) -> Bank:
+    """The bank on this worker, opened once per process, checked against the client's."""
+    key = (spec["bank"], spec["bank_hash"])
+    with _LOCK:
+        b = _BANKS.get(key)
+        if b is None:
+            b = Bank.open(spec["bank"])
+            if b.hash != spec["bank_hash"] or b.names != spec["names"]:
+                raise BankError(f"bank {spec['bank']} on worker (pid {os.getpid()}) is not the "
+                                "client's: another hash or member list; workers must see the same bank")
+            _BANKS[key] = b
+        if spec["isa"] is not None:
+            from . import _core
+
+            if spec["isa"] not in _core.available_isas():
+                raise RuntimeError(f"worker (pid {os.getpid()}) cannot run the client's ISA "
+                                   f"{spec['isa']!r} (it has {list(_core.available_isas())}); "
+                                   "results would differ in the last bits; pass isa=None to allow")
+            if _core.active_isa() != spec["isa"]:
+                _core.set_active_isa(spec["isa"])   # all tasks of a batch agree; never restored
+    return b
+
+
+def _part_path(spec: dict, s: int, q: int) -> Path:
+    return Path(spec["scratch"]) / f"part-s{s:04d}-t{q:05d}.safetensors"
+
+
+def _mix_slice(spec: dict, s: int, modules: list) -> int:
+    """Task: mix one slice of the bank's modules for every target into part files."""
+    paths = [_part_path(spec, s, q) for q in range(spec["W"].shape[0])]
+    if all(p.is_file() for p in paths):   # done before (a retried or resumed batch)
+        return s
+    bank = _open_bank(spec)
+    mixmod.mix_to_files(bank, spec["W"], paths, spec["mode"], rank=spec["rank"], dtype=spec["dtype"],
+                        metadata={"loramix_batch": spec["batch"]}, threads=spec["threads"],
+                        modules=modules)
+    return s
+
+
+def _assemble(spec: dict, q: int, n_slices: int, out: str, extra: dict, _deps=None) -> str:
+    """Task: one target's parts, in module order, into its final adapter folder."""
+    from . import tensors
+
+    out, key = Path(out), spec["keys"][q]
+    if is_complete(out, key):   # this task ran before and its worker died after the rename
+        return file_sha256(out / peft_io.WEIGHTS_NAME)
+    bank = _open_bank(spec)
+    parts = [tensors.SafetensorsFile(_part_path(spec, s, q)) for s in range(n_slices)]
+    entries = [(k, f.dtype(k), f.shape(k)) for f in parts for k in f.keys()]
+    stage = _stage(out)
+    try:
+        w = tensors.SafetensorsWriter(stage / peft_io.WEIGHTS_NAME, entries, spec["metadata"])
+        try:
+            for f in parts:
+                for k in f.keys():
+                    w.write(k, f.numpy(k))
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
+        for f in parts:
+            f.close()
+        _finish(spec, bank, q, stage, out, extra)
+        return file_sha256(out / peft_io.WEIGHTS_NAME)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _finish(spec, bank, q, stage, out, extra):
+    info = mixmod.plan(bank, spec["W"][q:q + 1], spec["mode"], spec["rank"])[0]
+    finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra)
+    _seal(stage, spec["keys"][q], spec["split"])
+    if out.exists() and not spec["overwrite"]:
+        raise OutputError(f"output {out} appeared during the batch; not replaced")
+    _swap_in(stage, out)
+
+
+def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
+    """Task: the whole bank for a group of targets, written straight into their outputs."""
+    from . import tensors
+
+    todo = {q: Path(o) for q, o in zip(owned, outs) if not is_complete(o, spec["keys"][q])}
+    if not todo:
+        return []
+    bank = _open_bank(spec)
+    W, mode = spec["W"], spec["mode"]
+    infos = mixmod.plan(bank, W, mode, spec["rank"])
+    index = mixmod._module_index(bank)
+    stages, writers = {}, {}
+    try:
+        for q, o in todo.items():
+            stages[q] = _stage(o)
+            writers[q] = tensors.SafetensorsWriter(
+                stages[q] / peft_io.WEIGHTS_NAME, mixmod.entries_for(bank, infos[q], spec["dtype"], index),
+                spec["metadata"])
+        for name, holders in index.items():
+            if mode == "factors":
+                _factors_rows(bank, W, name, holders, infos, writers, spec)
+            else:   # per target already: no other target enters its arithmetic
+                masked = [info if q in writers else mixmod.MixInfo() for q, info in enumerate(infos)]
+                mixmod._mix_exact(bank, W, name, holders, masked, writers, mode)
+        for q in todo:
+            writers.pop(q).commit()
+        for q, o in todo.items():
+            _finish(spec, bank, q, stages[q], o, extras[q])
+        return list(todo)
+    finally:
+        for w in writers.values():
+            w.abort()
+        for st in stages.values():
+            shutil.rmtree(st, ignore_errors=True)
+
+
+def _factors_rows(bank, W, name, holders, infos, writers, spec):
+    """``mix._mix_factors`` for all targets of the batch, in memory; owned rows are written."""
+    from . import tensors
+
+    groups: dict[int, list[int]] = {}
+    for q in range(W.shape[0]):
+        if name in infos[q].ranks:
+            groups.setdefault(infos[q].ranks[name], []).append(q)
+    for r_out, targets in groups.items():
+        if not any(q in writers for q in targets):
+            continue
+        a_src, b_src, wa, wb = mixmod.factors_inputs(bank, W, name, holders, targets, r_out)
+        for ab, src, w in (("A", a_src, wa), ("B", b_src, wb)):
+            rows = tensors.weighted_sum(src, w, spec["dtype"], threads=spec["threads"])
+            for j, q in enumerate(targets):
+                if q in writers:
+                    writers[q].write(peft_io.tensor_key(name, ab), np.ascontiguousarray(rows[j]))
+
+
+# ------------------------------------------------------------------ client side
+
+@contextlib.contextmanager
+def _client(scheduler, client):
+    if client is not None:
+        yield client
+        return
+    from dask.distributed import Client
+
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
+    c = Client(scheduler, set_as_default=False)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def module_slices(bank: Bank, W: np.ndarray, n: int) -> list[list[str]]:
+    """The bank's modules in ``n`` (or fewer) contiguous slices of about equal bytes read."""
+    index = mixmod._module_index(bank)
+    used = np.flatnonzero(np.any(W != 0, axis=0))
+    names, cost = list(index), []
+    for name, holders in index.items():
+        c = 0
+        for i in holders:
+            if i in used:
+                m = bank.members[i]
+                ms = m.modules[name]
+                c += m.file.nbytes(ms.a_key) + m.file.nbytes(ms.b_key)
+        cost.append(max(c, 1))
+    n = max(1, min(n, len(names)))
+    cum = np.cumsum(cost)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="left") + 1
+    bounds = [0] + sorted(set(int(c) for c in cuts if 0 < c < len(names))) + [len(names)]
+    return [names[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _n_threads(client) -> int:
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return max(1, sum(int(w.get("nthreads", 1)) for w in info.get("workers", {}).values()))
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: int | None = None,
+                 dtype: str | None = None, overwrite: bool = False,
+                 provenance: Sequence[dict] | None = None, progress: bool = False,
+                 scheduler=None, client=None, split: str = "auto", parts: int | None = None,
+                 scratch=None, threads: int | None = None, retries: int = 2, isa: str | None = "client",
+                 timeout: float | None = None) -> list[BatchResult]:
+    """:func:`loramix.generate.mix_adapters` on a Dask cluster; same outputs, to the bit.
+
+    ``scheduler``: ``"tcp://host:port"`` (a client is opened and closed here) or a ``Client``;
+    ``client``: a ``dask.distributed.Client`` (left open). ``split``: ``"modules"``,
+    ``"targets"`` or ``"auto"`` (see the module docs); ``parts``: slices (modules split, default
+    2 × the cluster's worker threads) or groups (targets split, default min(Q, worker threads)).
+    ``scratch``: folder for part files, on the shared filesystem (default: next to the first
+    output). ``threads``: the core's threads per task (default: ``LORAMIX_NUM_THREADS`` or all
+    cores of the worker's machine; results do not depend on it). ``retries``: re-runs of a task
+    that raised. ``isa``: ``"client"`` (pin workers to the client's ISA), a name, or None.
+    ``timeout``: seconds to wait for the batch (None: no limit).
+    Returns one :class:`BatchResult` per output, ``status`` ``"skipped"`` where a complete,
+    verified output of the same inputs was already there.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    bank = _as_bank(bank)
+    if isinstance(weights, dict):
+        w = np.zeros(len(bank.members))
+        for name, v in weights.items():
+            w[bank.index(name)] = v
+        weights = w
+    W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if isinstance(outs, (str, os.PathLike)):
+        outs = [outs]
+    if W.shape != (len(outs), len(bank.members)):
+        raise wts.WeightsError(f"weights have shape {W.shape}, expected ({len(outs)}, {len(bank.members)})")
+    wts.check_weights(W)
+    dtype_name = mixmod.normalize_dtype(dtype, bank.dtype)
+    infos = mixmod.plan(bank, W, mode, rank)
+    keys = [target_key(bank.hash, W[q], mode, rank, dtype_name) for q in range(len(outs))]
+    outs = [check_output(o, bank, True) for o in outs]
+    if len(set(outs)) != len(outs):
+        raise OutputError("two outputs share one path")
+    todo = []
+    for q, o in enumerate(outs):
+        if o.exists() and is_complete(o, keys[q]):
+            continue
+        if o.exists() and not overwrite:
+            raise OutputError(f"output {o} exists and is not this batch's finished adapter; pass "
+                              "--overwrite (overwrite=True) to replace it")
+        todo.append(q)
+    extras = [dict((provenance or [{}] * len(outs))[q] or {}) for q in range(len(outs))]
+    if todo:
+        from . import _core
+
+        spec = {"bank": str(Path(os.path.abspath(bank.path))), "bank_hash": bank.hash,
+                "names": bank.names, "W": W, "mode": mode, "rank": rank, "dtype": dtype_name,
+                "keys": keys, "overwrite": overwrite, "threads": threads,
+                "metadata": {"format": "pt", **weights_metadata(bank, mode)},
+                "isa": _core.active_isa() if isa == "client" else isa}
+        with _client(scheduler, client) as c:
+            _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, timeout, progress)
+    results = []
+    for q, (o, info) in enumerate(zip(outs, infos)):
+        e = extras[q]
+        results.append(BatchResult(out=o, members=bank.names, weights=W[q], mode=mode, ranks=info.ranks,
+                                   pipeline=e.get("pipeline"), metric=e.get("metric"),
+                                   dataset=e.get("dataset"), distances=e.get("distances"),
+                                   status="generated" if q in todo else "skipped"))
+    return results
+
+
+def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, timeout, progress):
+    split = "modules" if split == "auto" else split
+    spec["split"] = split
+    nthreads = _n_threads(c)
+    if split == "modules":
+        slices = module_slices(bank, W, parts or 2 * nthreads)
+        n = len(slices)
+    else:
+        n = max(1, min(parts or nthreads, len(todo)))
+    bkey = batch_key(bank.hash, W, spec["mode"], spec["rank"], spec["dtype"], split, n)
+    spec["batch"] = bkey
+    root = Path(os.path.abspath(scratch)) if scratch else outs[0].parent
+    spec["scratch"] = str(root / f"{SCRATCH_PREFIX}{bkey[:16]}")
+    Path(spec["scratch"]).mkdir(parents=True, exist_ok=True)
+    for q in todo:
+        outs[q].parent.mkdir(parents=True, exist_ok=True)
+    # task keys are new on every run: the scheduler may still hold the results of a previous
+    # run's keys, and would hand them back instead of running the tasks again
+    tag = f"{bkey[:12]}-{uuid.uuid4().hex[:8]}"
+    futures = []
+    ok = False
+    try:
+        # the spec (W, names, settings) enters the graph once, as a task that can be recomputed
+        # if the workers holding it die (scattered data could not be)
+        spec_f = c.submit(_identity, spec, key=f"loramix-spec-{tag}", pure=False)
+        if split == "modules":
+            sl = [c.submit(_mix_slice, spec_f, s, mods, key=f"loramix-slice-{tag}-{s}", retries=retries,
+                           pure=False) for s, mods in enumerate(slices)]
+            asm = [c.submit(_assemble, spec_f, q, n, str(outs[q]), extras[q], sl, retries=retries,
+                            key=f"loramix-assemble-{tag}-{q}", pure=False) for q in todo]
+            futures = sl + asm
+        else:
+            groups = [todo[g::n] for g in range(n)]
+            futures = [c.submit(_mix_targets, spec_f, grp, [str(outs[q]) for q in grp],
+                                {q: extras[q] for q in grp}, retries=retries,
+                                key=f"loramix-targets-{tag}-{g}", pure=False)
+                       for g, grp in enumerate(groups) if grp]
+        with c.as_current():
+            _wait(c, futures, timeout, progress)
+        c.gather(futures)   # raises the first task error
+        ok = True
+    finally:
+        if not ok:
+            c.cancel(futures)
+        shutil.rmtree(spec["scratch"], ignore_errors=True)
+        if ok:   # stage folders of tasks whose worker was killed mid-write
+            for q in todo:
+                for st in outs[q].parent.glob(f".{outs[q].name}.tmp-*"):
+                    shutil.rmtree(st, ignore_errors=True)
+
+
+def _identity(x):
+    return x
+
+
+def _wait(c, futures, timeout, progress):
+    """Until every task is done or one failed (bounded by ``timeout``)."""
+    from dask.distributed import as_completed
+
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(futures), desc="mix (dask)", unit="task", file=sys.stderr, leave=False)
+    try:
+        for f in as_completed(futures, timeout=timeout):
+            if bar is not None:
+                bar.update(1)
+            if f.status == "error":
+                return
+    finally:
+        if bar is not None:
+            bar.close()
