@@ -46,8 +46,11 @@ def queries(w, tmp_path_factory):
 def client():
     from dask.distributed import Client, LocalCluster
 
+    # without a dashboard the scheduler still serves /health, by default on port 8787, which a
+    # concurrent test run may hold (a warning, and a leaked socket): a free loopback port instead
     cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-                           dashboard_address=None)
+                           dashboard_address=None,
+                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
     try:
         c = Client(cluster, set_as_default=False)
         try:
