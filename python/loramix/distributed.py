@@ -21,10 +21,12 @@ How the work is split (``split=``)
     target's rows of each core call in memory and keeps its own: extra FMAs, no extra reads;
     cheap exactly where this split is meant to be used (few targets, bound by reading the bank).
 
-    ``"auto"`` picks ``"modules"``: it reads the bank once and spreads it over the workers for
-    any Q, including Q = 1, and measured no slower than ``"targets"`` at Q = 8 on one node
-    (``benches/bench_distributed.py``). ``"targets"`` is there for clusters whose filesystem
-    dislikes many small part files, or whose nodes each keep the whole bank in page cache.
+    ``"auto"`` (the default) compares the two with the model below (:func:`choose_split`):
+    by target, every machine reads the used bank ``B``; by module slices the cluster reads it
+    once but moves ``3·Q·O`` output bytes instead of ``Q·O``. So it picks ``"modules"`` when the
+    workers span several machines and ``(hosts - 1)·B > 2·Q·O`` (nearly always: ``B ≈ N·O``),
+    and ``"targets"`` on one machine, where the bank sits in one page cache and part files and
+    extra tasks are pure overhead (measured: ``benches/bench_distributed.py``).
 
 Results are identical to the bit to a local run of the same batch
     The core's weighted sum is deterministic per element for any thread count: chunk size and
@@ -293,8 +295,11 @@ def _client(scheduler, client):
     if client is not None:
         yield client
         return
-    from dask.distributed import Client
-
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise RuntimeError("a Dask scheduler was given but dask.distributed is not installed; "
+                           "pip install 'loramix[dask]'") from None
     if isinstance(scheduler, Client):
         yield scheduler
         return
@@ -408,8 +413,35 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     return results
 
 
+def choose_split(bank: Bank, W: np.ndarray, infos, dtype: str, hosts: int) -> str:
+    """``"modules"`` when reading the bank once saves more than the part files cost.
+
+    By target, each of ``hosts`` machines reads the used bank ``B`` once; by module slices the
+    cluster reads it once in all, but writes, reads and writes again the outputs (``3·Q·O``
+    against ``Q·O``). So module slices win when ``(hosts - 1)·B > 2·Q·O``: on one machine (the
+    bank in its page cache) never, on a cluster nearly always (``B ≈ N·O``).
+    """
+    used = np.flatnonzero(np.any(W != 0, axis=0))
+    B = sum(bank.members[i].path.joinpath(peft_io.WEIGHTS_NAME).stat().st_size for i in used)
+    size = {"F32": 4, "F16": 2, "BF16": 2}[dtype]
+    index = mixmod._module_index(bank)
+    QO = 0
+    for info in infos:
+        for name, r in info.ranks.items():
+            inn, out = mixmod._shape(bank, index[name], name)
+            QO += r * (inn + out) * size
+    return "modules" if (hosts - 1) * B > 2 * QO else "targets"
+
+
+def _hosts(client) -> int:
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return max(1, len({w.get("host") for w in info.get("workers", {}).values()}))
+
+
 def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, timeout, progress):
-    split = "modules" if split == "auto" else split
+    if split == "auto":
+        split = choose_split(bank, W, mixmod.plan(bank, W, spec["mode"], spec["rank"]), spec["dtype"],
+                             _hosts(c))
     spec["split"] = split
     nthreads = _n_threads(c)
     if split == "modules":
@@ -447,7 +479,12 @@ def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, t
                        for g, grp in enumerate(groups) if grp]
         with c.as_current():
             _wait(c, futures, timeout, progress)
-        c.gather(futures)   # raises the first task error
+        try:
+            c.gather(futures)   # raises the first task error
+        except Exception as e:
+            if type(e).__module__.split(".")[0] == "distributed":   # e.g. KilledWorker
+                raise RuntimeError(f"the batch failed on the cluster: {type(e).__name__}: {e}") from e
+            raise
         ok = True
     finally:
         if not ok:
