@@ -322,6 +322,8 @@ void register_tensors(py::module_& m) {
         for (const auto& kv : p.get().metadata()) d[py::str(kv.first)] = py::str(kv.second);
         return d;
       })
+      .def_property_readonly("has_metadata", [](const PyFile& p) { return p.get().has_metadata(); },
+                             "Whether the header holds a __metadata__ object (rewrite with metadata=None if not).")
       .def("dtype", [](const PyFile& p, const std::string& n) { return p.info(n).dtype_name; })
       .def("shape", [](const PyFile& p, const std::string& n) { return shape_tuple(p.info(n).shape); })
       .def("nbytes", [](const PyFile& p, const std::string& n) {
@@ -473,6 +475,21 @@ void register_tensors(py::module_& m) {
       convert_to_f32(in, DType::F16, o, n);
     }
     return out;
+  });
+  // Validates a whole file image held in memory (for fuzz tests); returns the keys.
+  m.def("_parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
+    std::string buf = data;
+    std::vector<TensorInfo> ts;
+    Metadata md;
+    bool has_md = false;
+    std::size_t start = 0;
+    {
+      py::gil_scoped_release release;
+      parse_safetensors(reinterpret_cast<const uint8_t*>(buf.data()), buf.size(), name, &ts, &md, &has_md, &start);
+    }
+    std::vector<std::string> keys;
+    for (const auto& t : ts) keys.push_back(t.name);
+    return keys;
   });
   // Scalar reference conversions (halfconv.h directly, no dispatch), for tests.
   m.def("_scalar_f32_to_bf16", [](float x) { return f32_to_bf16_bits(x); });

@@ -521,7 +521,7 @@ void json_string(std::string& out, const std::string& s) {
 std::string serialize_header(const std::vector<WriterEntry>& entries, const Metadata* metadata) {
   std::string j = "{";
   bool first = true;
-  if (metadata && !metadata->empty()) {
+  if (metadata) {  // like safetensors: None -> no key, {} -> "__metadata__":{}
     j += "\"__metadata__\":{";
     bool f2 = true;
     for (const auto& kv : *metadata) {

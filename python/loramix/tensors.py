@@ -82,8 +82,10 @@ class SafetensorsWriter(_core.SafetensorsWriter):
     """Streamed, atomic safetensors writer.
 
     ``entries``: ``(name, dtype, shape)`` in file order, dtype ``"F32"``/``"F16"``/``"BF16"``.
-    ``metadata``: ``dict[str, str]`` written as ``__metadata__`` in its order (omitted when
-    None or empty). As a context manager: commit on success, abort on exception.
+    ``metadata``: ``dict[str, str]`` written as ``__metadata__`` in its order; None omits the
+    key, ``{}`` writes it empty (exactly like ``safetensors``). Rewriting a file read with
+    :class:`SafetensorsFile` with the same entries (``keys()`` order) and metadata gives the
+    same bytes. As a context manager: commit on success, abort on exception.
     """
 
     def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, str, Sequence[int]]],
