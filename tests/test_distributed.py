@@ -106,7 +106,7 @@ def wait_idle(client):
 
 # ------------------------------------------------------------------ the core is deterministic
 
-def test_weighted_sum_is_thread_independent(rng):
+def test_weighted_sum_is_thread_independent(rng, isa):
     """Per element, the core's sum does not depend on the thread count (chunking is fixed)."""
     n = 3 * 8192 + 5
     src = [rng.standard_normal(n).astype(np.float32) for _ in range(7)]
@@ -124,6 +124,15 @@ def test_module_slices_cover_the_bank_in_order(w):
     for n in (1, 2, 3, 100):
         sl = ld.module_slices(b, W, n)
         assert [m for s in sl for m in s] == order and all(sl) and len(sl) <= n
+
+
+def test_auto_split_follows_the_cost_model(w):
+    b = Bank.open(w.bank)
+    for q, hosts, split in ((1, 1, "targets"),    # one page cache: never worth part files
+                            (1, 4, "modules"),    # (4-1)·B > 2·Q·O
+                            (8, 2, "targets")):   # 4 members, 8 targets: outputs outweigh the bank
+        W = np.full((q, len(b.members)), 0.25)
+        assert ld.choose_split(b, W, ld.mixmod.plan(b, W, "factors"), "F32", hosts=hosts) == split
 
 
 # ------------------------------------------------------------------ bit-identical to local
