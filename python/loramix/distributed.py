@@ -7,13 +7,14 @@ it sees (a shared filesystem) and writes outputs next to the requested output fo
 must be shared too. Dask is imported here only (``pip install 'loramix[dask]'``).
 
 How the work is split (``split=``)
-    ``"modules"`` (the default): the bank's modules are cut into ``S`` contiguous slices of
-    about equal bytes. A slice task reads its modules of every member once and mixes them for
-    ALL targets of the batch (the same core calls, with the same Q × K weights, as the local
-    run makes for those modules), writing one part file per target. Then one task per target
-    copies its parts, in module order, into the final ``adapter_model.safetensors``. Each byte
-    of the bank is read once per batch, by one worker; the outputs are written twice and read
-    once more (parts, then the final file).
+    ``"modules"``: the bank's modules are cut into ``S`` contiguous slices of about equal bytes
+    (``S`` = the cluster's worker threads by default). A slice task reads its modules of every
+    member once and mixes them for ALL targets of the batch (the same core calls, with the same
+    Q × K weights, as the local run makes for those modules), writing one part file that holds
+    every target's tensors of the slice (S files per batch, not S·Q: each commit is an fsync).
+    Then one task per target copies its tensors, in module order, into its final
+    ``adapter_model.safetensors``. Each byte of the bank is read once per batch, by one worker;
+    the outputs are written twice and read once more (parts, then the final files).
 
     ``"targets"``: the targets are cut into ``G`` groups; a group's task reads the whole bank
     and writes its targets' adapters directly. No part files and no second pass, but the bank
@@ -27,6 +28,11 @@ How the work is split (``split=``)
     workers span several machines and ``(hosts - 1)·B > 2·Q·O`` (nearly always: ``B ≈ N·O``),
     and ``"targets"`` on one machine, where the bank sits in one page cache and part files and
     extra tasks are pure overhead (measured: ``benches/bench_distributed.py``).
+
+Memory
+    A task holds one core call's result for every target in memory (so that each target sees
+    the local run's arithmetic): about ``Q × (largest LoRA factor) × 4`` bytes, e.g. 26 MB for
+    Q = 100 and a 4096 × 16 factor, plus the mapped pages of the bank it reads.
 
 Results are identical to the bit to a local run of the same batch
     The core's weighted sum is deterministic per element for any thread count: chunk size and
@@ -68,7 +74,7 @@ Scaling model (to size a cluster)
     - compute: ``Q`` FMAs per 4 bytes of an f32 bank (8 per byte for bf16), so for a few targets
       a node is bound by reading and for many (Q ≳ 4·f·c/R) by FMAs;
     - outputs: parts written, read back, final files written: ``3·Q·O`` bytes;
-    - scheduler: ``S + Q`` tasks (``S`` = 2 × worker threads by default) at a few ms each;
+    - scheduler: ``S + Q`` tasks (``S`` = worker threads by default) at a few ms each;
     - ``T_open``: each worker opens (mmaps and validates) the bank once per process.
 
     ``split="targets"`` replaces the first term by ``G·B / min(n·R, F)`` spread over G tasks
@@ -179,44 +185,87 @@ def _open_bank(spec: dict) -> Bank:
     return b
 
 
-def _part_path(spec: dict, s: int, q: int) -> Path:
-    return Path(spec["scratch"]) / f"part-s{s:04d}-t{q:05d}.safetensors"
+def _part_path(spec: dict, s: int) -> Path:
+    return Path(spec["scratch"]) / f"part-s{s:04d}.safetensors"
 
 
-def _mix_slice(spec: dict, s: int, modules: list) -> int:
-    """Task: mix one slice of the bank's modules for every target into part files."""
-    paths = [_part_path(spec, s, q) for q in range(spec["W"].shape[0])]
-    if all(p.is_file() for p in paths):   # done before (a retried or resumed batch)
+def _part_key(q: int, key: str) -> str:
+    return f"t{q:05d}/{key}"
+
+
+class _Prefixed:
+    """One target's view of a slice's part file: its tensors are named ``t<q>/<key>`` there."""
+
+    def __init__(self, writer, q: int):
+        self.writer, self.q = writer, q
+
+    def write(self, name: str, array) -> None:
+        self.writer.write(_part_key(self.q, name), array)
+
+
+def _mix_modules(bank: Bank, spec: dict, infos, index: dict, writers: dict) -> None:
+    """The modules of ``index`` for the targets in ``writers`` (a dict q -> writer), with the
+    local run's core calls: every target of the batch enters each call, the rows of the
+    targets in ``writers`` are written."""
+    W, mode = spec["W"], spec["mode"]
+    for name, holders in index.items():
+        if mode == "factors":
+            _factors_rows(bank, W, name, holders, infos, writers, spec)
+        else:   # per target already: no other target enters its arithmetic
+            masked = [info if q in writers else mixmod.MixInfo() for q, info in enumerate(infos)]
+            mixmod._mix_exact(bank, W, name, holders, masked, writers, mode)
+
+
+def _mix_slice(spec: dict, s: int) -> int:
+    """Task: one slice of the bank's modules, mixed for every target, into one part file.
+
+    One file per slice (not per slice and target): a batch of Q targets costs S file commits
+    (each an fsync), not S·Q."""
+    from . import tensors
+
+    path = _part_path(spec, s)
+    if path.is_file():   # committed before: a retried task whose worker died afterwards
         return s
     bank = _open_bank(spec)
-    mixmod.mix_to_files(bank, spec["W"], paths, spec["mode"], rank=spec["rank"], dtype=spec["dtype"],
-                        metadata={"loramix_batch": spec["batch"]}, threads=spec["threads"],
-                        modules=modules)
+    Q = spec["W"].shape[0]
+    infos = mixmod.plan(bank, spec["W"], spec["mode"], spec["rank"])
+    wanted = set(spec["slices"][s])
+    index = {k: v for k, v in mixmod._module_index(bank).items() if k in wanted}
+    entries = [(_part_key(q, k), dt, shape) for q in range(Q)
+               for k, dt, shape in mixmod.entries_for(bank, infos[q], spec["dtype"], index)]
+    with tensors.SafetensorsWriter(path, entries, {"loramix_batch": spec["batch"]}) as w:
+        _mix_modules(bank, spec, infos, index, {q: _Prefixed(w, q) for q in range(Q)})
     return s
 
 
-def _assemble(spec: dict, q: int, n_slices: int, out: str, extra: dict, _deps=None) -> str:
-    """Task: one target's parts, in module order, into its final adapter folder."""
+def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
+    """Task: one target's tensors from the slices' part files, in module order, into its
+    final adapter folder."""
     from . import tensors
 
     out, key = Path(out), spec["keys"][q]
     if is_complete(out, key):   # this task ran before and its worker died after the rename
         return file_sha256(out / peft_io.WEIGHTS_NAME)
     bank = _open_bank(spec)
-    parts = [tensors.SafetensorsFile(_part_path(spec, s, q)) for s in range(n_slices)]
-    entries = [(k, f.dtype(k), f.shape(k)) for f in parts for k in f.keys()]
+    info = mixmod.plan(bank, spec["W"], spec["mode"], spec["rank"])[q]
+    index = mixmod._module_index(bank)
+    where = {m: s for s, mods in enumerate(spec["slices"]) for m in mods}
+    parts = {s: tensors.SafetensorsFile(_part_path(spec, s)) for s in sorted(set(where.values()))}
+    entries = mixmod.entries_for(bank, info, spec["dtype"], index)
     stage = _stage(out)
     try:
         w = tensors.SafetensorsWriter(stage / peft_io.WEIGHTS_NAME, entries, spec["metadata"])
         try:
-            for f in parts:
-                for k in f.keys():
-                    w.write(k, f.numpy(k))
+            for name in info.ranks:
+                f = parts[where[name]]
+                for ab in ("A", "B"):
+                    k = peft_io.tensor_key(name, ab)
+                    w.write(k, f.numpy(_part_key(q, k)))
             w.commit()
         except BaseException:
             w.abort()
             raise
-        for f in parts:
+        for f in parts.values():
             f.close()
         _finish(spec, bank, q, stage, out, extra)
         return file_sha256(out / peft_io.WEIGHTS_NAME)
@@ -241,8 +290,7 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
     if not todo:
         return []
     bank = _open_bank(spec)
-    W, mode = spec["W"], spec["mode"]
-    infos = mixmod.plan(bank, W, mode, spec["rank"])
+    infos = mixmod.plan(bank, spec["W"], spec["mode"], spec["rank"])
     index = mixmod._module_index(bank)
     stages, writers = {}, {}
     try:
@@ -251,12 +299,7 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
             writers[q] = tensors.SafetensorsWriter(
                 stages[q] / peft_io.WEIGHTS_NAME, mixmod.entries_for(bank, infos[q], spec["dtype"], index),
                 spec["metadata"])
-        for name, holders in index.items():
-            if mode == "factors":
-                _factors_rows(bank, W, name, holders, infos, writers, spec)
-            else:   # per target already: no other target enters its arithmetic
-                masked = [info if q in writers else mixmod.MixInfo() for q, info in enumerate(infos)]
-                mixmod._mix_exact(bank, W, name, holders, masked, writers, mode)
+        _mix_modules(bank, spec, infos, index, writers)
         for q in todo:
             writers.pop(q).commit()
         for q, o in todo.items():
@@ -355,7 +398,7 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     ``scheduler``: ``"tcp://host:port"`` (a client is opened and closed here) or a ``Client``;
     ``client``: a ``dask.distributed.Client`` (left open). ``split``: ``"modules"``,
     ``"targets"`` or ``"auto"`` (see the module docs); ``parts``: slices (modules split, default
-    2 × the cluster's worker threads) or groups (targets split, default min(Q, worker threads)).
+    the cluster's worker threads) or groups (targets split, default min(Q, worker threads)).
     ``scratch``: folder for part files, on the shared filesystem (default: next to the first
     output). ``threads``: the core's threads per task (default: ``LORAMIX_NUM_THREADS`` or all
     cores of the worker's machine; results do not depend on it). ``retries``: re-runs of a task
@@ -445,8 +488,8 @@ def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, t
     spec["split"] = split
     nthreads = _n_threads(c)
     if split == "modules":
-        slices = module_slices(bank, W, parts or 2 * nthreads)
-        n = len(slices)
+        spec["slices"] = module_slices(bank, W, parts or nthreads)
+        n = len(spec["slices"])
     else:
         n = max(1, min(parts or nthreads, len(todo)))
     bkey = batch_key(bank.hash, W, spec["mode"], spec["rank"], spec["dtype"], split, n)
@@ -466,9 +509,9 @@ def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, t
         # if the workers holding it die (scattered data could not be)
         spec_f = c.submit(_identity, spec, key=f"loramix-spec-{tag}", pure=False)
         if split == "modules":
-            sl = [c.submit(_mix_slice, spec_f, s, mods, key=f"loramix-slice-{tag}-{s}", retries=retries,
-                           pure=False) for s, mods in enumerate(slices)]
-            asm = [c.submit(_assemble, spec_f, q, n, str(outs[q]), extras[q], sl, retries=retries,
+            sl = [c.submit(_mix_slice, spec_f, s, key=f"loramix-slice-{tag}-{s}", retries=retries,
+                           pure=False) for s in range(n)]
+            asm = [c.submit(_assemble, spec_f, q, str(outs[q]), extras[q], sl, retries=retries,
                             key=f"loramix-assemble-{tag}-{q}", pure=False) for q in todo]
             futures = sl + asm
         else:

@@ -112,14 +112,11 @@ def _shape(bank, holders, name):
 
 def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = None,
                  dtype: str | None = None, metadata: dict | None = None,
-                 progress: bool = False, threads: int | None = None,
-                 modules=None) -> list[MixInfo]:
+                 progress: bool = False, threads: int | None = None) -> list[MixInfo]:
     """Mix the bank with weights ``W`` (Q, N) into Q safetensors files at ``paths``.
 
     Each file is written by the core's :class:`SafetensorsWriter` (temp file, atomic rename);
     on any error every writer is aborted and nothing is left at ``paths``.
-    ``modules``: only these modules (a slice of the bank, used by ``loramix.distributed``);
-    each is mixed exactly as in a full run, so the slices' tensors equal the full run's.
     """
     from . import tensors
 
@@ -128,11 +125,7 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
         raise MixError(f"weights have shape {W.shape}, expected ({len(paths)}, {len(bank.members)})")
     out_dtype = normalize_dtype(dtype, bank.dtype)
     infos = plan(bank, W, mode, rank)
-    index = _module_index(bank)
-    if modules is not None:   # a slice, in the bank's module order
-        wanted = set(modules)
-        index = {k: v for k, v in index.items() if k in wanted}
-    modules = index
+    modules = _module_index(bank)
     writers = []
     try:
         for q, path in enumerate(paths):
