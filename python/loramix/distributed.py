@@ -146,14 +146,15 @@ def is_complete(out, key: str) -> bool:
         return False
 
 
-def _seal(stage: Path, key: str, split: str) -> None:
+def _seal(stage: Path, key: str, split: str) -> str:
     """Add the key and the checksums of weights and config to the staged provenance."""
     p = stage / PROVENANCE_NAME
     prov = json.loads(p.read_text())
-    prov["batch"] = {"target_key": key, "split": split,
-                     "weights_sha256": file_sha256(stage / peft_io.WEIGHTS_NAME),
+    sha = file_sha256(stage / peft_io.WEIGHTS_NAME)
+    prov["batch"] = {"target_key": key, "split": split, "weights_sha256": sha,
                      "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
     p.write_text(json.dumps(prov, indent=1) + "\n")
+    return sha
 
 
 # ------------------------------------------------------------------ worker side
@@ -267,19 +268,19 @@ def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
             raise
         for f in parts.values():
             f.close()
-        _finish(spec, bank, q, stage, out, extra)
-        return file_sha256(out / peft_io.WEIGHTS_NAME)
+        return _finish(spec, bank, q, info, stage, out, extra)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _finish(spec, bank, q, stage, out, extra):
-    info = mixmod.plan(bank, spec["W"][q:q + 1], spec["mode"], spec["rank"])[0]
+def _finish(spec, bank, q, info, stage, out, extra) -> str:
+    """Config, provenance (sealed with the checksums) and card, then the rename into place."""
     finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra)
-    _seal(stage, spec["keys"][q], spec["split"])
+    sha = _seal(stage, spec["keys"][q], spec["split"])
     if out.exists() and not spec["overwrite"]:
         raise OutputError(f"output {out} appeared during the batch; not replaced")
     _swap_in(stage, out)
+    return sha
 
 
 def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
@@ -303,7 +304,7 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
         for q in todo:
             writers.pop(q).commit()
         for q, o in todo.items():
-            _finish(spec, bank, q, stages[q], o, extras[q])
+            _finish(spec, bank, q, infos[q], stages[q], o, extras[q])
         return list(todo)
     finally:
         for w in writers.values():
