@@ -531,13 +531,34 @@ def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, t
             raise
         ok = True
     finally:
-        if not ok:
+        if not ok:   # cancelled tasks that already run go on: let them end before cleaning up
             c.cancel(futures)
+            _drain(c, "loramix-", tag, 60 if timeout is None else timeout)
         shutil.rmtree(spec["scratch"], ignore_errors=True)
-        if ok:   # stage folders of tasks whose worker was killed mid-write
-            for q in todo:
-                for st in outs[q].parent.glob(f".{outs[q].name}.tmp-*"):
-                    shutil.rmtree(st, ignore_errors=True)
+        for q in todo:   # stage folders of tasks whose worker was killed mid-write
+            for st in outs[q].parent.glob(f".{outs[q].name}.tmp-*"):
+                shutil.rmtree(st, ignore_errors=True)
+
+
+def _running(dask_worker, prefix: str, tag: str) -> list:
+    """On a worker: the keys of this batch's tasks that occupy a thread (cancelled or not)."""
+    st = dask_worker.state
+    tss = set(getattr(st, "executing", ())) | set(getattr(st, "long_running", ()))
+    return [str(ts.key) for ts in tss if str(ts.key).startswith(prefix) and tag in str(ts.key)]
+
+
+def _drain(c, prefix: str, tag: str, timeout: float) -> None:
+    """Bounded wait until no worker runs a task of this batch."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if not any(c.run(_running, prefix=prefix, tag=tag, on_error="ignore").values()):
+                return
+        except Exception:  # noqa: BLE001 - a dead cluster runs nothing
+            return
+        time.sleep(0.1)
 
 
 def _identity(x):
