@@ -116,6 +116,9 @@ class BatchResult(GenerateResult):
 
     status: str = "generated"
 
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "status": self.status}
+
 
 # ------------------------------------------------------------------ keys and verification
 
