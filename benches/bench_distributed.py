@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         print(f"bank: {args.members} members, {bank_bytes / 1e6:.1f} MB, built in {time.perf_counter() - t0:.1f} s",
               flush=True)
         rng = np.random.default_rng(1)
-        doc = {"machine": {"cpus": cores, "python": platform.python_version(), "node": platform.node()},
+        doc = {"machine": {"cpus": cores, "python": platform.python_version(), "node": platform.node(),
+                           "loadavg_at_start": os.getloadavg()},
                "bank": {"members": args.members, "modules": 3 * args.layers, "hidden": args.hidden,
                         "rank": args.rank, "bytes": bank_bytes},
                "note": "one machine, bank in page cache after warm-up; seconds are medians of --repeat",

@@ -77,12 +77,18 @@ Scaling model (to size a cluster)
     - scheduler: ``S + Q`` tasks (``S`` = worker threads by default) at a few ms each;
     - ``T_open``: each worker opens (mmaps and validates) the bank once per process.
 
-    ``split="targets"`` replaces the first term by ``G·B / min(n·R, F)`` spread over G tasks
-    and the output term by ``Q·O``. Example: Lots-of-LoRAs (N = 502, B = 19 GB f32, O = 38 MB),
-    Q = 100, NFS at F = 2 GB/s, nodes at R = 1 GB/s: two nodes read the bank in ~10 s, the
-    outputs cost 3·3.8 GB ≈ 6 s, and compute (100·4.7e9 FMA ≈ 4.7e11) needs ~60 core-seconds of
-    scalar FMAs at ~8 GFMA/s: 2 nodes × 8 cores finish in about 15-20 s; more nodes than
-    F / R = 2 only shorten the compute term.
+    ``split="targets"`` with one group per machine: every machine reads all of ``B``, so the
+    first term becomes ``max(B / R, n·B / F)``, and the output term ``Q·O / min(n·R, F)``.
+
+    Example: Lots-of-LoRAs (N = 502, B = 19 GB f32, O = 38 MB), Q = 100 targets (4.7e11 FMAs),
+    a filesystem with F = 2 GB/s in all, machines with R = 1 GB/s, c = 16, f ≈ 5e9 FMA/s
+    (``benches/bench_wsum.py`` measures f). By module slices, 2 machines: reading 9.5 s, compute
+    ~3 s (overlapped), outputs 3·3.8 GB / 2 GB/s ≈ 5.7 s: about 15 s. By target: 19 s of
+    reading, 2 s of outputs: about 21 s. With 4 machines, slices stay near 15 s (the filesystem
+    is the limit; compute to 1.5 s) and targets grow to 38 s (4 × 19 GB through 2 GB/s). So:
+    add machines until ``n·R`` reaches ``F``; past that only a faster filesystem (or a bank copy
+    on each machine's local disk, ``R`` then the local disk) helps. On one machine, the bank
+    comes from the page cache and Dask adds only overhead (see the benchmark): run locally.
 """
 from __future__ import annotations
 
