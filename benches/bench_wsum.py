@@ -22,7 +22,7 @@ import numpy as np
 
 import loramix
 from loramix import _core
-from loramix.tensors import SafetensorsFile, SafetensorsWriter, f32_to_bf16, weighted_sum
+from loramix.tensors import SafetensorsFile, SafetensorsWriter, f32_to_bf16, gram, weighted_sum
 
 
 def best_time(fn, repeat):
@@ -111,13 +111,9 @@ def main() -> None:
         t = best_time(loop, args.repeat)
         rows.append(("numpy loop out += w*x (f32 copies)", t, stack.nbytes / t / 1e9, None))
 
-        # Batched: Q x K weights over PQ-element slices.
-        sub = [r for r in refs]
+        # Batched: Q x K weights over sources of PQ elements (a second, smaller bf16 file).
         WQ = rng.standard_normal((Q, K))
         flops = 2.0 * Q * K * PQ
-        srcs_q = [f.tensor(f"t{k}") for k in range(K)]
-        # sources of PQ elements: slices of the f32 copies for numpy, bf16 file refs would be
-        # P long, so take a dedicated small file for the batched case
         path_q = os.path.join(tmp, "bank_q.safetensors")
         with SafetensorsWriter(path_q, [(f"t{k}", "BF16", (PQ,)) for k in range(K)]) as w:
             for k in range(K):
@@ -133,7 +129,13 @@ def main() -> None:
         _core.set_active_isa(info["active"])
         t = best_time(lambda: WQ32 @ stack_q, args.repeat)
         rows.append((f"numpy Q={Q} matmul (f32 copies)", t, stack_q.nbytes / t / 1e9, flops / t / 1e9))
-        del sub, srcs_q, refs, f, fq
+        # Gram of the K sources (GFLOP/s counts the full K x K product, as numpy computes it)
+        gflops = 2.0 * K * K * PQ
+        t = best_time(lambda: gram(srcs_q, threads=threads), args.repeat)
+        rows.append((f"loramix gram K={K} bf16 ({info['active']})", t, K * PQ * 2 / t / 1e9, gflops / t / 1e9))
+        t = best_time(lambda: stack_q @ stack_q.T, args.repeat)
+        rows.append((f"numpy gram X @ X.T (f32 copies)", t, stack_q.nbytes / t / 1e9, gflops / t / 1e9))
+        del srcs_q, refs, f, fq
 
     active_row = next(r for r in rows if r[0].startswith(f"loramix weighted_sum bf16 ({info['active']}"))
     frac = active_row[2] / bw

@@ -51,7 +51,7 @@ def _rewrite(path, fn):
 
 
 @pytest.mark.parametrize("problem,match", [
-    ("base", "base model 'other/model'"),
+    ("base", "base model 'other/base-model'"),
     ("shape", "module model.layers.0.self_attn.q_proj is 32x40"),
     ("corrupt", "unreadable"),
     ("truncated", "unreadable"),
@@ -66,7 +66,7 @@ def test_bad_member_is_named(w, bank_copy, problem, match):
     cfgp = bad / "adapter_config.json"
     cfg = json.loads(cfgp.read_text())
     if problem == "base":
-        cfg["base_model_name_or_path"] = "other/model"
+        cfg["base_model_name_or_path"] = "other/base-model"
     elif problem == "shape":
         _rewrite(st, lambda t: {k: (np.zeros((v.shape[0], 40), np.float32) if "lora_A" in k else v)
                                 for k, v in t.items()})
@@ -112,6 +112,27 @@ def test_missing_and_empty_members_skipped_with_one_warning(w, bank_copy):
         b = Bank.open(bank_copy)
     assert len(rec) == 1
     assert b.names == ["m0", "m2"]
+
+
+def test_build_skips_empty_member_folders(w, bank_copy):
+    (bank_copy / "m3" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipped 1 member folder.*: m3"):
+        doc = bankmod.build_bank(bank_copy, w.tokenizer)
+    assert [m["name"] for m in doc["members"]] == ["m0", "m1", "m2"]
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("init_lora_weights", "pissa_niter_4", "changes the base weights"),
+    ("peft_type", "IA3", "not LoRA"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+])
+def test_variant_configs_refused(w, bank_copy, key, value, match):
+    cfgp = bank_copy / "m1" / "adapter_config.json"
+    cfg = json.loads(cfgp.read_text())
+    cfg[key] = value
+    cfgp.write_text(json.dumps(cfg))
+    with pytest.raises(BankError, match="'m1'.*" + match):
+        bankmod.build_bank(bank_copy, w.tokenizer)
 
 
 def test_member_without_dataset_or_with_profile(w, bank_copy):

@@ -53,6 +53,7 @@ def test_other_metrics(w, tmp_path, metric):
     res = generate(w.queries["music_q"], w.bank, tmp_path / "o", metric=metric, pipeline="attentional",
                    mode="svd", rank=2, dtype="bf16")
     assert np.isclose(res.weights.sum(), 1.0) and np.all(res.weights > 0)
+    assert _tiny.load_report(w.model, tmp_path / "o") == ([], [])
 
 
 def test_many_datasets_one_pass(w, tmp_path):
@@ -66,6 +67,19 @@ def test_many_datasets_one_pass(w, tmp_path):
         a = load_file(str(r.out / "adapter_model.safetensors"))
         b = load_file(str(one.out / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_leave_one_out_and_per_dataset_exclude(w, tmp_path):
+    own = [w.members[n] / "dataset.jsonl" for n in ("m0", "m1", "m2")]
+    res = generate(own, w.bank, tmp_path / "loo", leave_one_out=True, mode="concat")
+    for r, n in zip(res, ("m0", "m1", "m2")):
+        i = r.members.index(n)
+        assert r.weights[i] == 0 and np.count_nonzero(r.weights) == 3
+    res = generate(own[:2], w.bank, tmp_path / "ex", exclude=[["m3"], ["m0", "m2"]])
+    assert res[0].weights[3] == 0 and np.count_nonzero(res[0].weights) == 3
+    assert np.count_nonzero(res[1].weights) == 2 and res[1].weights[0] == res[1].weights[2] == 0
+    prov = json.loads((res[1].out / "loramix.json").read_text())
+    assert prov["exclude"] == ["m0", "m2"]
 
 
 def test_overwrite_is_refused_then_swapped(w, tmp_path):
@@ -167,7 +181,7 @@ def test_cli_end_to_end(w, tmp_path):
     r = _tiny.run_cli("bank", "build", bank, "--tokenizer", w.model, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["members"] == ["m0", "m1", "m2", "m3"]
-    r = _tiny.run_cli("bank", "info", bank, "--json")
+    r = _tiny.run_cli("--json", "bank", "info", bank)
     assert r.returncode == 0 and json.loads(r.stdout)["members"] == 4
     r = _tiny.run_cli("profile", w.queries["music_q"], "--bank", bank, "-o", tmp_path / "music.npz", "--json")
     assert r.returncode == 0, r.stderr

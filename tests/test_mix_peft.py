@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import _tiny  # noqa: E402  (installs the stand-in core if the compiled one has not landed)
+import _tiny
 from loramix.bank import Bank
 from loramix.generate import mix_adapters
 from loramix import peft_io
@@ -178,3 +178,20 @@ def test_output_dtype(w, bank, tmp_path, dtype, st):
     got = _tiny.logits_adapter(w.model, out)
     ref = _tiny.logits_adapter(w.model, w.members["m0"])
     np.testing.assert_allclose(got, ref, atol={"F32": 1e-5, "F16": 5e-3, "BF16": 3e-2}[st])
+
+
+def test_svd_lanczos_path_equals_truncated_svd(rng, monkeypatch):
+    from loramix import mix
+
+    b = rng.standard_normal((70, 40)) * np.exp(-np.arange(40) / 8)[None, :]
+    a = rng.standard_normal((40, 90))
+    d = b @ a
+    u, s, vt = np.linalg.svd(d)
+    for path_max in (512, 0):          # the QR+SVD path, then the Lanczos path
+        monkeypatch.setattr(mix, "SVD_DENSE_MAX", path_max)
+        for r in (1, 5, 12):
+            bb, aa = mix.truncated_factors(b, a, r)
+            ref = (u[:, :r] * s[:r]) @ vt[:r]
+            np.testing.assert_allclose(bb @ aa, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    _, sl, _ = mix._lanczos_svd(b, a, 5)      # the Lanczos path itself converges
+    np.testing.assert_allclose(sl, s[:5], rtol=1e-10)

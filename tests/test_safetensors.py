@@ -26,6 +26,7 @@ HOSTILE_EXPECT = {
     "non_utf8_header": "not valid UTF-8",
     "non_json_header": "not a JSON object",
     "not_an_object": "not a JSON object",
+    "leading_whitespace": "must start with '{'",
     "truncated_json": "unterminated string",
     "trailing_junk_in_header": "unexpected data after",
     "duplicate_keys": "duplicate key 'a'",
@@ -155,7 +156,7 @@ def test_writer_output_loads_with_safe_open(tmp_path, rng):
                            {"format": "pt", "x": "y"}) as w:
         w.write("a", a)
         w.write("b", b)  # float32 -> BF16 conversion
-        w.write("c", c.astype(np.float16))
+        w.write("c", c)  # float32 -> F16 conversion
     with safe_open(p, "pt") as g:
         assert g.metadata() == {"format": "pt", "x": "y"}
         assert torch.equal(g.get_tensor("a"), torch.from_numpy(a))

@@ -45,6 +45,18 @@ struct PyWriter {
   std::shared_ptr<SafetensorsWriter> w;
 };
 
+// Keeps writers pinned open while a write runs without the GIL.
+struct Pins {
+  std::vector<SafetensorsWriter*> ws;
+  void add(SafetensorsWriter* w) {
+    w->pin();
+    ws.push_back(w);
+  }
+  ~Pins() {
+    for (auto* w : ws) w->unpin();
+  }
+};
+
 DType parse_dtype(const std::string& s) {
   if (s == "F32" || s == "f32" || s == "float32") return DType::F32;
   if (s == "F16" || s == "f16" || s == "float16") return DType::F16;
@@ -212,6 +224,8 @@ void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
                           " does not match the entry's shape " + std::string(py::str(shape_tuple(e.shape))));
   const uint64_t n = w.numel(idx);
   const void* data = arr.data();
+  Pins pins;
+  pins.add(&w);
   {
     py::gil_scoped_release release;
     if (!need_convert) {
@@ -251,6 +265,8 @@ void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string&
   }
   const float* W = w.data();
   const std::size_t K = s.views.size();
+  Pins pins;
+  for (auto* x : ws) pins.add(x);
   run_interruptible([&](Cancel& c) {
     weighted_sum(s.views.data(), K, W, Q, s.n, out.data(), threads, &c);
     return 0;
@@ -405,7 +421,8 @@ void register_tensors(py::module_& m) {
         py::gil_scoped_release release;
         p.w->commit();
       })
-      .def("abort", [](PyWriter& p) { p.w->abort(); });
+      .def("abort", [](PyWriter& p) { p.w->abort_checked(); },
+           "Closes and removes the temporary file (no-op once committed or aborted).");
 
   m.def("mix_into", [](const py::sequence& writers, const std::string& name, const py::object& sources,
                        const py::object& weights, int threads) {

@@ -35,7 +35,9 @@ def _threads(threads: int | None) -> int:
 
 
 def _weights(weights, k: int) -> np.ndarray:
-    w = np.asarray(weights)
+    # Python sequences of numbers are fine; numpy arrays must already be float32/float64
+    # (no silent cast of, say, an int or float16 array).
+    w = weights if isinstance(weights, np.ndarray) else np.asarray(weights, dtype=np.float64)
     if w.dtype not in (np.float32, np.float64):
         raise TypeError(f"weights: expected float32 or float64, got {w.dtype}")
     if w.ndim not in (1, 2):

@@ -130,7 +130,13 @@ class SafetensorsWriter {
   // Throws unless the writer is open. Marks entry idx as complete.
   void mark_written(int idx);
   void check_open() const;
+  // Pin the writer open around a write done without the GIL (another thread's commit() or
+  // abort_checked() then fails instead of closing the file under the write).
+  void pin();
+  void unpin() noexcept;
   void commit();
+  // abort() unless a write is in flight (then throws).
+  void abort_checked();
   void abort() noexcept;
 
  private:
@@ -140,6 +146,7 @@ class SafetensorsWriter {
   std::vector<char> written_;
   std::mutex mu_;
   int fd_ = -1;
+  int pins_ = 0;
   bool committed_ = false;
 };
 
