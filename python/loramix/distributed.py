@@ -257,7 +257,7 @@ def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
     if is_complete(out, key):   # this task ran before and its worker died after the rename
         return file_sha256(out / peft_io.WEIGHTS_NAME)
     bank = _open_bank(spec)
-    info = mixmod.plan(bank, spec["W"], spec["mode"], spec["rank"])[q]
+    info = mixmod.plan(bank, spec["W"][q:q + 1], spec["mode"], spec["rank"])[0]   # per target
     index = mixmod._module_index(bank)
     where = {m: s for s, mods in enumerate(spec["slices"]) for m in mods}
     parts = {s: tensors.SafetensorsFile(_part_path(spec, s)) for s in sorted(set(where.values()))}
