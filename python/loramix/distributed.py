@@ -58,7 +58,9 @@ Faults and re-runs
     weights and config; a re-run skips every target whose output matches its key and checksums
     (status ``"skipped"``), and refuses (or, with ``overwrite=True``, replaces) other existing
     outputs. The remaining targets are still mixed within the whole batch, so their bits equal
-    the full local run.
+    the full local run. A key covers the target's own weight row, not its batch-mates: an
+    output left by another batch with the same row is accepted as the same mix (its last bits
+    may differ from what this batch would compute, see above).
 
 Scaling model (to size a cluster)
     Let ``B`` = bytes of the bank actually used (the members with a non-zero weight for some
