@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
     ge.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    ge.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                    help="run the batch on this Dask scheduler (pip install 'loramix[dask]'); bank and "
+                         "outputs must be on a filesystem every worker sees")
 
     ex = sub.add_parser("explain", help="top contributors of a generated adapter", parents=[common])
     ex.add_argument("out")
@@ -150,7 +153,8 @@ def _run(args) -> int:
                        pipeline=args.pipeline, metric=args.metric, mode=args.mode, top_k=args.top_k,
                        temperature=args.temperature, dtype=args.dtype, rank=args.rank,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
-                       overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress)
+                       overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
+                       scheduler=args.scheduler)
         res = res if many else [res]
         docs = [r.to_dict() for r in res]
         _emit(args, {"adapters": docs} if many else docs[0],

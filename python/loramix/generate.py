@@ -154,26 +154,13 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     stages = []
     try:
         stages = [_stage(o) for o in outs]
-        md = {"loramix_version": _version(), "loramix_mode": mode, "loramix_bank_hash": bank.hash}
         infos = mixmod.mix_to_files(bank, W, [s / peft_io.WEIGHTS_NAME for s in stages], mode,
-                                    rank=rank, dtype=dtype_name, metadata=md, progress=progress)
+                                    rank=rank, dtype=dtype_name, metadata=weights_metadata(bank, mode),
+                                    progress=progress)
         results = []
         for q, (stage, out, info) in enumerate(zip(stages, outs, infos)):
-            used = [bank.members[i].spec for i in info.members]
-            used_with_modules = [s for s in used if any(m in info.ranks for m in s.modules)]
-            tm = peft_io.target_modules_for(list(info.ranks), used_with_modules)
-            task = used[0].raw_config.get("task_type", "CAUSAL_LM") if used else "CAUSAL_LM"
-            cfg = peft_io.output_config(bank.base_model, info.ranks, tm, task_type=task)
-            (stage / peft_io.CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
             extra = dict((provenance or [{}] * len(outs))[q] or {})
-            res = GenerateResult(out=out, members=bank.names, weights=W[q], mode=mode,
-                                 ranks=info.ranks, pipeline=extra.get("pipeline"),
-                                 metric=extra.get("metric"), dataset=extra.get("dataset"),
-                                 distances=extra.get("distances"))
-            prov = _provenance(res, bank, dtype_name, extra)
-            (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
-            (stage / "README.md").write_text(_card(prov))
-            results.append(res)
+            results.append(finish_stage(bank, W[q], info, stage, out, mode, dtype_name, extra))
         for stage, out in zip(stages, outs):
             _swap_in(stage, out)
             stages = [s for s in stages if s != stage]
@@ -181,6 +168,30 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     finally:
         for s in stages:
             shutil.rmtree(s, ignore_errors=True)
+
+
+def weights_metadata(bank: Bank, mode: str) -> dict:
+    """``__metadata__`` of a generated adapter_model.safetensors (after ``format``)."""
+    return {"loramix_version": _version(), "loramix_mode": mode, "loramix_bank_hash": bank.hash}
+
+
+def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
+                 extra: dict) -> GenerateResult:
+    """Write config, provenance and card of one output into its stage folder (weights are there)."""
+    used = [bank.members[i].spec for i in info.members]
+    used_with_modules = [s for s in used if any(m in info.ranks for m in s.modules)]
+    tm = peft_io.target_modules_for(list(info.ranks), used_with_modules)
+    task = used[0].raw_config.get("task_type", "CAUSAL_LM") if used else "CAUSAL_LM"
+    cfg = peft_io.output_config(bank.base_model, info.ranks, tm, task_type=task)
+    (stage / peft_io.CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    res = GenerateResult(out=out, members=bank.names, weights=w_row, mode=mode,
+                         ranks=info.ranks, pipeline=extra.get("pipeline"),
+                         metric=extra.get("metric"), dataset=extra.get("dataset"),
+                         distances=extra.get("distances"))
+    prov = _provenance(res, bank, dtype_name, extra)
+    (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
+    (stage / "README.md").write_text(_card(prov))
+    return res
 
 
 def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dict:
@@ -260,7 +271,8 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              dtype: str | None = None, *, rank: int | None = None, exclude: Sequence = (),
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
-             profile_cache=None, progress: bool = False, pipeline_options: dict | None = None):
+             profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
+             scheduler=None, client=None, distributed_options: dict | None = None):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
@@ -270,7 +282,11 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     member trained on the very same data (same dataset content hash, as recorded in bank.json),
     as the paper does when it evaluates on the bank's own tasks.
     Returns a :class:`GenerateResult` (a list for a list of datasets).
+    ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
+    the batch on that Dask cluster (:mod:`loramix.distributed`; ``distributed_options`` go to
+    :func:`loramix.distributed.mix_adapters`); the result is identical to a local run.
     """
+    dist = scheduler is not None or client is not None
     bank = _as_bank(bank)
     many = isinstance(dataset, (list, tuple))
     items = list(dataset) if many else [dataset]
@@ -286,8 +302,8 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         outs = [out / n for n in names]
     else:
         outs = [out]
-    for o in outs:   # refuse early: before any tokenizing
-        check_output(o, bank, overwrite)
+    for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
+        check_output(o, bank, overwrite or dist)
     fields = tuple(fields) if fields else bank.fields
     if metric not in wts.METRICS:
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
@@ -330,6 +346,11 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              "exclude": names_q[q], "distances": D[q],
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
-    results = mix_adapters(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
-                           provenance=prov, progress=progress)
+    mixer, kw = mix_adapters, {}
+    if dist:
+        from . import distributed
+        mixer, kw = distributed.mix_adapters, dict(scheduler=scheduler, client=client,
+                                                   **(distributed_options or {}))
+    results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
+                    provenance=prov, progress=progress, **kw)
     return results if many else results[0]

@@ -131,13 +131,8 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     writers = []
     try:
         for q, path in enumerate(paths):
-            entries = []
-            for name, r in infos[q].ranks.items():
-                inn, out = _shape(bank, modules[name], name)
-                entries.append((peft_io.tensor_key(name, "A"), out_dtype, (r, inn)))
-                entries.append((peft_io.tensor_key(name, "B"), out_dtype, (out, r)))
             md = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-            writers.append(tensors.SafetensorsWriter(str(path), entries, md))
+            writers.append(tensors.SafetensorsWriter(str(path), entries_for(bank, infos[q], out_dtype, modules), md))
         items = list(modules.items())
         if progress:
             from tqdm import tqdm
@@ -159,6 +154,18 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     return infos
 
 
+def entries_for(bank, info: MixInfo, out_dtype: str, modules: dict) -> list[tuple]:
+    """The writer entries ``(key, dtype, shape)`` of one output, for the modules in ``modules``."""
+    entries = []
+    for name, r in info.ranks.items():
+        if name not in modules:
+            continue
+        inn, out = _shape(bank, modules[name], name)
+        entries.append((peft_io.tensor_key(name, "A"), out_dtype, (r, inn)))
+        entries.append((peft_io.tensor_key(name, "B"), out_dtype, (out, r)))
+    return entries
+
+
 def _padded(member, key, r_out, axis):
     x = member.file.to_f32(key)
     pad = [(0, 0), (0, 0)]
@@ -178,6 +185,14 @@ def _mix_factors(bank, W, name, holders, infos, writers, threads):
 def _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads):
     from . import tensors
 
+    a_src, b_src, wa, wb = factors_inputs(bank, W, name, holders, targets, r_out)
+    ws = [writers[q] for q in targets]
+    tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
+    tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
+
+
+def factors_inputs(bank, W, name, holders, targets, r_out):
+    """The sources and weights of one ``factors`` core call: ``(a_src, b_src, wa, wb)``."""
     used = [i for i in holders if np.any(W[targets, i] != 0)]
     a_src, b_src, scale = [], [], []
     for i in used:
@@ -192,9 +207,7 @@ def _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads)
         scale.append(ms.scaling)
     wa = W[np.ix_(targets, used)]
     wb = wa * np.asarray(scale)[None, :]
-    ws = [writers[q] for q in targets]
-    tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
-    tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
+    return a_src, b_src, wa, wb
 
 
 def _mix_exact(bank, W, name, holders, infos, writers, mode):
