@@ -5,9 +5,12 @@ Design, so that mixing a held-out task's relatives helps it (the paper's premise
   instruction wording, a task-specific 75 % subset of the vocabulary and list lengths, so a
   family's adapters are related (and token histograms put them close together) while families
   differ in operation *and* vocabulary;
-- the base model is pre-trained on the same prompt format with *other* operations (copy, first,
-  count, contains) over the same words, and on fact sentences for the two lexicons, so it knows the
-  format and the facts but none of the suite's operations or instructions;
+- the base model is pre-trained on the same prompt format with other operations (copy, first,
+  count, contains) in plain words, on the suite's operations as latent skills cued only by opaque
+  rule numbers ("Apply rule 13."), and on fact sentences for the two lexicons: it knows the format,
+  the skills and the facts but no task instruction, so it fails the tasks until an adapter maps
+  the task's instruction onto the skill (a first build without the latent skills gave task
+  adapters that barely learnt the operations at this scale: Rouge-L 0.38 on "last item");
 - answers are one to a few words, so Rouge-L is meaningful.
 """
 from __future__ import annotations
@@ -146,7 +149,7 @@ SUITE = {
     ],
     "pretrain": {
         "lines": 24000,
-        "fact_fraction": 0.3,
+        "fact_fraction": 0.2,
         "vocabs": ["fruits", "animals", "colors", "numbers", "tools", "cities", "instruments", "misc"],
         "seps": [", ", " ", " / "],
         "ops": [
@@ -154,6 +157,20 @@ SUITE = {
             {"op": "first", "n_items": [2, 5], "instructions": ["Give the first item.", "Which item comes first?"]},
             {"op": "count", "n_items": [1, 6], "instructions": ["How many items are there?", "Count the items."]},
             {"op": "contains", "n_items": [2, 5], "instructions": ["Is the query in the list? Answer yes or no."]},
+            # Latent skills: the suite's operations, cued only by opaque rule numbers. The base can
+            # do them but has never seen a task's instruction, so it fails the tasks; an adapter
+            # has to learn to read its instruction as the right rule, and a family's adapters all
+            # learn the same routing (what makes mixing them useful). A miniature of a pre-trained
+            # LLM whose skills instruction tuning surfaces.
+            {"op": "last", "n_items": [3, 6], "instructions": ["Apply rule 11."]},
+            {"op": "second", "n_items": [3, 6], "instructions": ["Apply rule 12."]},
+            {"op": "reverse", "n_items": [3, 5], "instructions": ["Apply rule 13."]},
+            {"op": "duplicate", "n_items": [3, 6], "instructions": ["Apply rule 14."]},
+            {"op": "tail", "n_items": [3, 6], "instructions": ["Apply rule 15."]},
+            {"op": "after", "n_items": [3, 6], "instructions": ["Apply rule 16."]},
+            {"op": "join", "n_items": [3, 6], "joiner": " and ", "instructions": ["Apply rule 17."]},
+            {"op": "lookup", "lexicon": "antonyms", "instructions": ["Apply rule 18."]},
+            {"op": "lookup", "lexicon": "food_groups", "instructions": ["Apply rule 19."]},
         ],
         "facts": {
             "antonyms": ["the opposite of {k} is {v}.", "{k} and {v} are opposites.",
@@ -171,6 +188,6 @@ SUITE = {
     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
              "target_modules": ["q_proj", "k_proj", "v_proj"],
              "init_seed": 0,  # one init for every adapter, like a bank trained by one script
-             "steps": 200, "batch_size": 16, "lr": 4e-3, "warmup": 20},
+             "steps": 200, "batch_size": 16, "lr": 5e-3, "warmup": 20},
     "threads": 1,  # one thread: faster than two on a shared 2-core box, and deterministic
 }

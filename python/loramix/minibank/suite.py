@@ -207,7 +207,8 @@ def generate_pretrain(suite: dict, n: int) -> list[str]:
             continue
         op = rng.choice(pt["ops"])
         spec = dict(op)
-        spec["vocab"] = rng.choice(pt["vocabs"])
+        if "lexicon" not in spec:
+            spec["vocab"] = rng.choice(pt["vocabs"])
         spec["sep"] = rng.choice(pt["seps"])
         spec["name"] = "pretrain"
         inp, ans = OPS[spec["op"]](rng, spec, suite)
