@@ -1,5 +1,516 @@
-// Placeholder: filled by safetensors I/O and streamed weighted sums.
+// pybind11 bindings for safetensors I/O, streamed weighted sums, Gram matrices and the
+// bf16/f16 conversions. Thin: validate, take pointers, release the GIL, translate errors.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "loramix/halfconv.h"
+#include "loramix/safetensors.h"
+#include "loramix/wsum.h"
+
 namespace loramix::bind {
-void register_tensors(pybind11::module_&) {}
+namespace py = pybind11;
+
+namespace {
+
+struct TensorRef {
+  std::shared_ptr<const Mapping> map;  // keeps the file mapped while this ref lives
+  const void* data = nullptr;
+  int dtype = -1;
+  std::string dtype_name, name, path;
+  std::vector<uint64_t> shape;
+  uint64_t numel = 0, nbytes = 0;
+};
+
+struct PyFile {
+  std::shared_ptr<const SafetensorsFile> f;
+  const SafetensorsFile& get() const {
+    if (!f) throw py::value_error("SafetensorsFile is closed");
+    return *f;
+  }
+  const TensorInfo& info(const std::string& name) const {
+    const TensorInfo* t = get().find(name);
+    if (!t) throw py::key_error("no tensor '" + name + "' in '" + get().path() + "'");
+    return *t;
+  }
+};
+
+struct PyWriter {
+  std::shared_ptr<SafetensorsWriter> w;
+};
+
+// Keeps writers pinned open while a write runs without the GIL.
+struct Pins {
+  std::vector<SafetensorsWriter*> ws;
+  void add(SafetensorsWriter* w) {
+    w->pin();
+    ws.push_back(w);
+  }
+  ~Pins() {
+    for (auto* w : ws) w->unpin();
+  }
+};
+
+DType parse_dtype(const std::string& s) {
+  if (s == "F32" || s == "f32" || s == "float32") return DType::F32;
+  if (s == "F16" || s == "f16" || s == "float16") return DType::F16;
+  if (s == "BF16" || s == "bf16" || s == "bfloat16") return DType::BF16;
+  throw py::value_error("unsupported dtype '" + s + "' (expected F32, F16 or BF16)");
+}
+
+py::dtype np_dtype(DType d) {
+  switch (d) {
+    case DType::F32: return py::dtype("float32");
+    case DType::F16: return py::dtype("float16");
+    default: return py::dtype("uint16");
+  }
+}
+
+py::tuple shape_tuple(const std::vector<uint64_t>& s) {
+  py::tuple t(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) t[i] = py::int_(s[i]);
+  return t;
+}
+
+std::vector<py::ssize_t> shape_vec(const std::vector<uint64_t>& s) {
+  return std::vector<py::ssize_t>(s.begin(), s.end());
+}
+
+void clear_writeable(py::array& a) {
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+}
+
+// A read-only numpy view of mapped memory that keeps the mapping alive.
+py::array mapped_view(const std::shared_ptr<const Mapping>& map, const void* data, DType d,
+                      const std::vector<uint64_t>& shape) {
+  auto* keep = new std::shared_ptr<const Mapping>(map);
+  py::capsule base(keep, [](void* p) { delete static_cast<std::shared_ptr<const Mapping>*>(p); });
+  py::array a(np_dtype(d), shape_vec(shape), {}, data, base);
+  clear_writeable(a);
+  return a;
+}
+
+TensorRef make_ref(const PyFile& pf, const std::string& name) {
+  const SafetensorsFile& f = pf.get();
+  const TensorInfo& t = pf.info(name);
+  TensorRef r;
+  r.map = f.mapping();
+  r.data = f.data(t);
+  r.dtype = t.dtype;
+  r.dtype_name = t.dtype_name;
+  r.name = t.name;
+  r.path = f.path();
+  r.shape = t.shape;
+  r.numel = t.numel;
+  r.nbytes = t.end - t.begin;
+  return r;
+}
+
+[[noreturn]] void unsupported_dtype(const std::string& dtype, const std::string& name,
+                                    const std::string& path) {
+  throw py::value_error("tensor '" + name + "' in '" + path + "' has dtype " + dtype +
+                        ", which loramix does not read (only F32, F16 and BF16)");
+}
+
+// Sources: TensorRefs or C-contiguous float32/float16 numpy arrays, all of one element count.
+struct Sources {
+  std::vector<SrcView> views;
+  std::vector<py::object> keep;
+  uint64_t n = 0;
+};
+
+Sources collect_sources(const py::handle& seq_obj) {
+  if (!py::isinstance<py::sequence>(seq_obj) || py::isinstance<py::str>(seq_obj))
+    throw py::type_error("sources: expected a list of TensorRef or numpy arrays");
+  py::sequence seq = py::reinterpret_borrow<py::sequence>(seq_obj);
+  Sources s;
+  const std::size_t K = seq.size();
+  if (K == 0) throw py::value_error("sources: empty list (need at least one source)");
+  for (std::size_t k = 0; k < K; ++k) {
+    py::object o = seq[k];
+    uint64_t cnt;
+    SrcView v;
+    if (py::isinstance<TensorRef>(o)) {
+      const TensorRef& r = o.cast<const TensorRef&>();
+      if (r.dtype < 0) unsupported_dtype(r.dtype_name, r.name, r.path);
+      v = {r.data, static_cast<DType>(r.dtype)};
+      cnt = r.numel;
+    } else if (py::isinstance<py::array>(o)) {
+      auto a = py::reinterpret_borrow<py::array>(o);
+      const std::string what = "sources[" + std::to_string(k) + "]";
+      if (a.dtype().is(py::dtype::of<float>())) {
+        v = {require_array<float>(a, what.c_str()).data(), DType::F32};
+      } else if (a.dtype().is(py::dtype("float16"))) {
+        if (!(a.flags() & py::array::c_style))
+          throw py::value_error(what + ": array is not C-contiguous (use numpy.ascontiguousarray first)");
+        v = {a.data(), DType::F16};
+      } else {
+        throw py::type_error(what + ": expected dtype float32 or float16, got " +
+                             std::string(py::str(a.dtype())) + " (convert with .astype() first)");
+      }
+      cnt = static_cast<uint64_t>(a.size());
+    } else {
+      throw py::type_error("sources[" + std::to_string(k) + "]: expected a TensorRef or a numpy array, got " +
+                           std::string(py::str(py::type::handle_of(o).attr("__name__"))));
+    }
+    if (k == 0) s.n = cnt;
+    else if (cnt != s.n)
+      throw py::value_error("sources[" + std::to_string(k) + "] has " + std::to_string(cnt) +
+                            " elements but sources[0] has " + std::to_string(s.n));
+    s.views.push_back(v);
+    s.keep.push_back(o);
+  }
+  return s;
+}
+
+// Weights as a Q x K float32 C-contiguous array (1-D means Q = 1).
+py::array_t<float, py::array::c_style> weights_2d(const py::handle& obj, std::size_t K, std::size_t* Q) {
+  auto w = require_array<float>(obj, "weights");
+  if (w.ndim() == 1) {
+    *Q = 1;
+    if (static_cast<std::size_t>(w.shape(0)) != K)
+      throw py::value_error("weights has " + std::to_string(w.shape(0)) + " entries for " +
+                            std::to_string(K) + " sources");
+  } else if (w.ndim() == 2) {
+    *Q = static_cast<std::size_t>(w.shape(0));
+    if (static_cast<std::size_t>(w.shape(1)) != K)
+      throw py::value_error("weights has " + std::to_string(w.shape(1)) + " columns for " +
+                            std::to_string(K) + " sources");
+  } else {
+    throw py::value_error("weights must be 1-D (K,) or 2-D (Q, K)");
+  }
+  return w;
+}
+
+int writer_entry(const SafetensorsWriter& w, const std::string& name) {
+  const int idx = w.index(name);
+  if (idx < 0) throw py::key_error("no tensor '" + name + "' among the entries of the writer for '" + w.path() + "'");
+  return idx;
+}
+
+SafetensorsWriter& open_writer(PyWriter& pw) {
+  if (!pw.w) throw py::value_error("SafetensorsWriter is closed");
+  pw.w->check_open();
+  return *pw.w;
+}
+
+void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
+  SafetensorsWriter& w = open_writer(pw);
+  const int idx = writer_entry(w, name);
+  const WriterEntry& e = w.entries()[idx];
+  const DType d = e.dtype;
+  bool need_convert = false;
+  const py::dtype want = np_dtype(d);
+  if (arr.dtype().is(want)) {
+  } else if (d != DType::F32 && arr.dtype().is(py::dtype::of<float>())) {
+    need_convert = true;
+  } else {
+    throw py::type_error("tensor '" + name + "' is " + dtype_name(d) + ": expected a numpy array of dtype " +
+                         std::string(py::str(want)) + (d == DType::F32 ? "" : " or float32") + ", got " +
+                         std::string(py::str(arr.dtype())));
+  }
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error("tensor '" + name + "': array is not C-contiguous (use numpy.ascontiguousarray first)");
+  bool same = static_cast<std::size_t>(arr.ndim()) == e.shape.size();
+  for (std::size_t i = 0; same && i < e.shape.size(); ++i) same = static_cast<uint64_t>(arr.shape(i)) == e.shape[i];
+  if (!same)
+    throw py::value_error("tensor '" + name + "': array shape " + std::string(py::str(arr.attr("shape"))) +
+                          " does not match the entry's shape " + std::string(py::str(shape_tuple(e.shape))));
+  const uint64_t n = w.numel(idx);
+  const void* data = arr.data();
+  Pins pins;
+  pins.add(&w);
+  {
+    py::gil_scoped_release release;
+    if (!need_convert) {
+      w.pwrite_entry(idx, 0, data, n * dtype_size(d));
+    } else {
+      const std::size_t C = 1 << 16;
+      std::vector<uint16_t> buf(C);
+      for (uint64_t i = 0; i < n; i += C) {
+        const std::size_t c = static_cast<std::size_t>(std::min<uint64_t>(C, n - i));
+        convert_from_f32(static_cast<const float*>(data) + i, buf.data(), d, c);
+        w.pwrite_entry(idx, i * 2, buf.data(), c * 2);
+      }
+    }
+  }
+  w.mark_written(idx);
+}
+
+void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string& name,
+                   const py::handle& sources, const py::handle& weights, int threads) {
+  Sources s = collect_sources(sources);
+  std::size_t Q = 0;
+  auto w = weights_2d(weights, s.views.size(), &Q);
+  if (Q != ws.size())
+    throw py::value_error("weights has " + std::to_string(Q) + " rows for " + std::to_string(ws.size()) + " writers");
+  std::vector<OutTarget> out(Q);
+  std::vector<int> idx(Q);
+  for (std::size_t q = 0; q < Q; ++q) {
+    idx[q] = writer_entry(*ws[q], name);
+    if (ws[q]->numel(idx[q]) != s.n)
+      throw py::value_error("tensor '" + name + "' of the writer for '" + ws[q]->path() + "' has " +
+                            std::to_string(ws[q]->numel(idx[q])) + " elements but the sources have " +
+                            std::to_string(s.n));
+    out[q].fd = ws[q]->fd();
+    out[q].offset = ws[q]->offset(idx[q]);
+    out[q].dtype = ws[q]->entries()[idx[q]].dtype;
+    out[q].path = &ws[q]->temp_path();
+  }
+  const float* W = w.data();
+  const std::size_t K = s.views.size();
+  Pins pins;
+  for (auto* x : ws) pins.add(x);
+  run_interruptible([&](Cancel& c) {
+    weighted_sum(s.views.data(), K, W, Q, s.n, out.data(), threads, &c);
+    return 0;
+  });
+  for (std::size_t q = 0; q < Q; ++q) ws[q]->mark_written(idx[q]);
+}
+
+template <class In, class Out>
+py::array convert_array(const py::handle& obj, const char* what, py::dtype out_dt,
+                        void (*fn)(const In*, Out*, std::size_t)) {
+  auto a = require_array<In>(obj, what);
+  py::array out(out_dt, std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()));
+  const In* in = a.data();
+  Out* o = static_cast<Out*>(out.mutable_data());
+  const std::size_t n = static_cast<std::size_t>(a.size());
+  {
+    py::gil_scoped_release release;
+    fn(in, o, n);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_tensors(py::module_& m) {
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const OsError& e) {
+      py::object err = py::module_::import("builtins").attr("OSError")(e.err, e.what(), e.path);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+    }
+  });
+
+  py::class_<TensorRef>(m, "TensorRef",
+                        "A tensor inside a mapped safetensors file, for the streaming kernels. "
+                        "Keeps the mapping alive.")
+      .def_property_readonly("name", [](const TensorRef& r) { return r.name; })
+      .def_property_readonly("path", [](const TensorRef& r) { return r.path; })
+      .def_property_readonly("dtype", [](const TensorRef& r) { return r.dtype_name; })
+      .def_property_readonly("shape", [](const TensorRef& r) { return shape_tuple(r.shape); })
+      .def_property_readonly("size", [](const TensorRef& r) { return r.numel; })
+      .def_property_readonly("nbytes", [](const TensorRef& r) { return r.nbytes; })
+      .def("numpy", [](const TensorRef& r) {
+        if (r.dtype < 0) unsupported_dtype(r.dtype_name, r.name, r.path);
+        return mapped_view(r.map, r.data, static_cast<DType>(r.dtype), r.shape);
+      }, "Zero-copy read-only view (BF16 as uint16 bits).")
+      .def("__repr__", [](const TensorRef& r) {
+        return "TensorRef('" + r.name + "', " + r.dtype_name + ", " + std::string(py::str(shape_tuple(r.shape))) +
+               ", '" + r.path + "')";
+      });
+
+  py::class_<PyFile>(m, "SafetensorsFile", "A memory-mapped, validated safetensors file.")
+      .def(py::init([](const std::string& path) {
+             PyFile pf;
+             py::gil_scoped_release release;
+             pf.f = std::make_shared<const SafetensorsFile>(path);
+             return pf;
+           }),
+           py::arg("path"))
+      .def_property_readonly("path", [](const PyFile& p) { return p.get().path(); })
+      .def("keys", [](const PyFile& p) {
+        py::list l;
+        for (const auto& t : p.get().tensors()) l.append(py::str(t.name));
+        return l;
+      }, "Tensor names in the order of their data in the file.")
+      .def_property_readonly("metadata", [](const PyFile& p) {
+        py::dict d;
+        for (const auto& kv : p.get().metadata()) d[py::str(kv.first)] = py::str(kv.second);
+        return d;
+      })
+      .def_property_readonly("has_metadata", [](const PyFile& p) { return p.get().has_metadata(); },
+                             "Whether the header holds a __metadata__ object (rewrite with metadata=None if not).")
+      .def("dtype", [](const PyFile& p, const std::string& n) { return p.info(n).dtype_name; })
+      .def("shape", [](const PyFile& p, const std::string& n) { return shape_tuple(p.info(n).shape); })
+      .def("nbytes", [](const PyFile& p, const std::string& n) {
+        const auto& t = p.info(n);
+        return t.end - t.begin;
+      })
+      .def("__contains__", [](const PyFile& p, const std::string& n) { return p.get().find(n) != nullptr; })
+      .def("__len__", [](const PyFile& p) { return p.get().tensors().size(); })
+      .def("numpy", [](const PyFile& p, const std::string& n) {
+        const TensorInfo& t = p.info(n);
+        if (t.dtype < 0) unsupported_dtype(t.dtype_name, t.name, p.get().path());
+        return mapped_view(p.get().mapping(), p.get().data(t), static_cast<DType>(t.dtype), t.shape);
+      }, py::arg("name"))
+      .def("to_f32", [](const PyFile& p, const std::string& n) {
+        const TensorInfo& t = p.info(n);
+        if (t.dtype < 0) unsupported_dtype(t.dtype_name, t.name, p.get().path());
+        py::array_t<float> out(shape_vec(t.shape));
+        const void* src = p.get().data(t);
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          convert_to_f32(src, static_cast<DType>(t.dtype), o, t.numel);
+        }
+        return out;
+      }, py::arg("name"))
+      .def("tensor", [](const PyFile& p, const std::string& n) { return make_ref(p, n); }, py::arg("name"))
+      .def("close", [](PyFile& p) { p.f.reset(); },
+           "Drops this object's reference to the mapping (views and TensorRefs keep theirs).")
+      .def_property_readonly("closed", [](const PyFile& p) { return !p.f; })
+      .def("__repr__", [](const PyFile& p) {
+        if (!p.f) return std::string("SafetensorsFile(<closed>)");
+        return "SafetensorsFile('" + p.f->path() + "', " + std::to_string(p.f->tensors().size()) + " tensors)";
+      });
+
+  py::class_<PyWriter>(m, "SafetensorsWriter", "Streamed, atomic safetensors writer.")
+      .def(py::init([](const std::string& path, const py::sequence& entries, const py::object& metadata) {
+             std::vector<WriterEntry> es;
+             for (py::handle h : entries) {
+               py::tuple t = py::reinterpret_borrow<py::object>(h).cast<py::tuple>();
+               if (t.size() != 3) throw py::value_error("entries: expected (name, dtype, shape) tuples");
+               WriterEntry e;
+               e.name = t[0].cast<std::string>();
+               e.dtype = parse_dtype(t[1].cast<std::string>());
+               for (py::handle d : t[2].cast<py::sequence>()) {
+                 const long long v = d.cast<long long>();
+                 if (v < 0) throw py::value_error("entries: tensor '" + e.name + "' has a negative dimension");
+                 e.shape.push_back(static_cast<uint64_t>(v));
+               }
+               es.push_back(std::move(e));
+             }
+             Metadata md;
+             const bool has_md = !metadata.is_none();
+             if (has_md) {
+               if (!py::isinstance<py::dict>(metadata)) throw py::type_error("metadata must be a dict[str, str] or None");
+               for (auto kv : metadata.cast<py::dict>()) {
+                 if (!py::isinstance<py::str>(kv.first) || !py::isinstance<py::str>(kv.second))
+                   throw py::type_error("metadata must map str to str");
+                 md.emplace_back(kv.first.cast<std::string>(), kv.second.cast<std::string>());
+               }
+             }
+             PyWriter pw;
+             pw.w = std::make_shared<SafetensorsWriter>(path, std::move(es), has_md ? &md : nullptr);
+             return pw;
+           }),
+           py::arg("path"), py::arg("entries"), py::arg("metadata") = py::none())
+      .def_property_readonly("path", [](const PyWriter& p) { return p.w->path(); })
+      .def_property_readonly("temp_path", [](const PyWriter& p) { return p.w->temp_path(); })
+      .def_property_readonly("closed", [](const PyWriter& p) { return !p.w->open(); })
+      .def("write", &write_array, py::arg("name"), py::arg("array"))
+      .def("write_weighted_sum", [](PyWriter& p, const std::string& name, const py::object& sources,
+                                    const py::object& weights, int threads) {
+        std::vector<SafetensorsWriter*> ws{&open_writer(p)};
+        auto w = require_array<float>(weights, "weights");
+        if (w.ndim() != 1) throw py::value_error("write_weighted_sum: weights must be 1-D (K,)");
+        mix_into_impl(ws, name, sources, weights, threads);
+      }, py::arg("name"), py::arg("sources"), py::arg("weights"), py::arg("threads") = 0)
+      .def("commit", [](PyWriter& p) {
+        if (!p.w) throw py::value_error("SafetensorsWriter is closed");
+        py::gil_scoped_release release;
+        p.w->commit();
+      })
+      .def("abort", [](PyWriter& p) { p.w->abort_checked(); },
+           "Closes and removes the temporary file (no-op once committed or aborted).");
+
+  m.def("mix_into", [](const py::sequence& writers, const std::string& name, const py::object& sources,
+                       const py::object& weights, int threads) {
+    std::vector<SafetensorsWriter*> ws;
+    for (py::handle h : writers) ws.push_back(&open_writer(h.cast<PyWriter&>()));
+    mix_into_impl(ws, name, sources, weights, threads);
+  }, py::arg("writers"), py::arg("name"), py::arg("sources"), py::arg("weights"), py::arg("threads") = 0);
+
+  m.def("weighted_sum", [](const py::object& sources, const py::object& weights, const std::string& out_dtype,
+                           int threads) {
+    Sources s = collect_sources(sources);
+    std::size_t Q = 0;
+    auto w = weights_2d(weights, s.views.size(), &Q);
+    const DType od = parse_dtype(out_dtype);
+    py::array out(np_dtype(od), std::vector<py::ssize_t>{static_cast<py::ssize_t>(Q), static_cast<py::ssize_t>(s.n)});
+    std::vector<OutTarget> targets(Q);
+    char* base = static_cast<char*>(out.mutable_data());
+    for (std::size_t q = 0; q < Q; ++q) {
+      targets[q].mem = base + q * s.n * dtype_size(od);
+      targets[q].dtype = od;
+    }
+    const float* W = w.data();
+    const std::size_t K = s.views.size();
+    run_interruptible([&](Cancel& c) {
+      weighted_sum(s.views.data(), K, W, Q, s.n, targets.data(), threads, &c);
+      return 0;
+    });
+    return out;
+  }, py::arg("sources"), py::arg("weights"), py::arg("out_dtype") = "F32", py::arg("threads") = 0,
+     "(Q, n) array: out[q] = sum_k weights[q, k] * sources[k]; weights float32 (Q, K) or (K,).");
+
+  m.def("gram", [](const py::object& sources, int threads) {
+    Sources s = collect_sources(sources);
+    const std::size_t K = s.views.size();
+    py::array_t<double> G({static_cast<py::ssize_t>(K), static_cast<py::ssize_t>(K)});
+    double* g = G.mutable_data();
+    run_interruptible([&](Cancel& c) {
+      gram(s.views.data(), K, s.n, g, threads, &c);
+      return 0;
+    });
+    return G;
+  }, py::arg("sources"), py::arg("threads") = 0);
+
+  m.def("f32_to_bf16", [](const py::object& a) {
+    return convert_array<float, uint16_t>(a, "f32_to_bf16", py::dtype("uint16"),
+        [](const float* i, uint16_t* o, std::size_t n) { convert_from_f32(i, o, DType::BF16, n); });
+  });
+  m.def("f32_to_f16", [](const py::object& a) {
+    return convert_array<float, uint16_t>(a, "f32_to_f16", py::dtype("float16"),
+        [](const float* i, uint16_t* o, std::size_t n) { convert_from_f32(i, o, DType::F16, n); });
+  });
+  m.def("bf16_to_f32", [](const py::object& a) {
+    return convert_array<uint16_t, float>(a, "bf16_to_f32", py::dtype("float32"),
+        [](const uint16_t* i, float* o, std::size_t n) { convert_to_f32(i, DType::BF16, o, n); });
+  });
+  m.def("f16_to_f32", [](const py::object& obj) {
+    if (!py::isinstance<py::array>(obj) || !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype("float16")))
+      throw py::type_error("f16_to_f32: expected a numpy float16 array");
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    if (!(a.flags() & py::array::c_style)) throw py::value_error("f16_to_f32: array is not C-contiguous");
+    py::array out(py::dtype("float32"), std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()));
+    const void* in = a.data();
+    float* o = static_cast<float*>(out.mutable_data());
+    const std::size_t n = static_cast<std::size_t>(a.size());
+    {
+      py::gil_scoped_release release;
+      convert_to_f32(in, DType::F16, o, n);
+    }
+    return out;
+  });
+  // Validates a whole file image held in memory (for fuzz tests); returns the keys.
+  m.def("_parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
+    std::string buf = data;
+    std::vector<TensorInfo> ts;
+    Metadata md;
+    bool has_md = false;
+    std::size_t start = 0;
+    {
+      py::gil_scoped_release release;
+      parse_safetensors(reinterpret_cast<const uint8_t*>(buf.data()), buf.size(), name, &ts, &md, &has_md, &start);
+    }
+    std::vector<std::string> keys;
+    for (const auto& t : ts) keys.push_back(t.name);
+    return keys;
+  });
+  // Scalar reference conversions (halfconv.h directly, no dispatch), for tests.
+  m.def("_scalar_f32_to_bf16", [](float x) { return f32_to_bf16_bits(x); });
+  m.def("_scalar_f32_to_f16", [](float x) { return f32_to_f16_bits(x); });
+}
+
 }  // namespace loramix::bind

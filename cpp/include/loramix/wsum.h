@@ -1,0 +1,66 @@
+// Streamed weighted sums (`W (QxK) @ Bank (KxP)`) and Gram matrices over tensor sources.
+//
+// Numerical contract
+//  - Sources are F32, F16 or BF16 (each may differ); they are widened to f32 exactly.
+//  - weighted_sum: out[q][i] = sum_k W[q][k] * T_k[i], weights given in f32 (a caller holding
+//    f64 weights rounds them once to f32), products and sums in f32 (FMA or multiply-add),
+//    summation order fixed per ISA and path (results do not depend on the thread count).
+//    Error bound before the output rounding:
+//        |out - exact| <= (K + 1) * 2^-24 * sum_k |W[q][k]| |T_k[i]|
+//    then one rounding to the output dtype (round to nearest even; NaN stays NaN, quiet;
+//    overflow -> inf), see halfconv.h.
+//  - A term with W[q][k] == 0 contributes nothing, even if T_k holds inf or NaN, and a
+//    source whose weights are all zero is never read.
+//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats (C = 8192
+//    for Q = 1, else ~min(65536/Q, 131072/active sources) within [4 tiles, 8192]; Kc ~65536/C),
+//    whatever K and P. Sources are read chunk by
+//    chunk straight from their (mapped) memory; nothing of size K x P is ever allocated.
+//  - Paths: Q < 4 (or sources with some zero weights): per row, fused widen+FMA over groups of
+//    up to 4 sources. Q >= 4: sources with no zero weight are widened into an f32 panel of
+//    Kc sources x C elements (in L2) and a register-blocked micro-kernel (AVX-512: 8 rows x 48
+//    columns, AVX2: 4 x 24) runs W(Q x Kc) @ panel.
+//  - gram: G[i][j] = <T_i, T_j>; f32 products summed in f32 partial sums of at most 64
+//    products each (then at most a 4-level f32 reduction over SIMD lanes), partials added in
+//    f64 (per thread; threads' totals then summed in a fixed order: results are deterministic
+//    for a given thread count). Bound:
+//        |G - exact| <= 72 * 2^-24 * sum_c |T_i[c] T_j[c]|  (+ f64 terms, negligible)
+//    G is exactly symmetric.
+//  - Cancellation: work stops between chunks once `cancel` is requested (throws Cancelled).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "loramix/dtype.h"
+#include "loramix/parallel.h"
+#include "loramix/wsum_kernels.h"
+
+namespace loramix {
+
+struct SrcView {
+  const void* data;  // n elements of `dtype`; no alignment required
+  DType dtype;
+};
+
+// Where row q of a weighted sum goes: memory (mem != nullptr) or a file at byte `offset`
+// through pwrite (fd >= 0; `path` for messages).
+struct OutTarget {
+  void* mem = nullptr;
+  int fd = -1;
+  uint64_t offset = 0;
+  DType dtype = DType::F32;
+  const std::string* path = nullptr;
+};
+
+// W is Q x K row-major (float32). out has Q entries.
+void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t Q, std::size_t n,
+                  const OutTarget* out, int threads, Cancel* cancel);
+
+// G is K x K row-major (float64), overwritten.
+void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threads, Cancel* cancel);
+
+// Element-wise conversions with the active ISA (bit-identical to halfconv.h on every ISA).
+void convert_to_f32(const void* in, DType from, float* out, std::size_t n);
+void convert_from_f32(const float* in, void* out, DType to, std::size_t n);
+
+}  // namespace loramix

@@ -1,0 +1,191 @@
+// Driver for wsum.h: splits the element range into chunks, hands them to threads, picks the
+// per-ISA kernels once per call, and routes each output row to memory or a file.
+#include "loramix/wsum.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "loramix/cpu.h"
+#include "loramix/safetensors.h"
+
+namespace loramix {
+namespace {
+
+const WsumKernels& kernels() {
+  switch (active_isa()) {
+#if defined(LORAMIX_HAVE_X86)
+    case Isa::avx512: return avx512::wsum_kernels();
+    case Isa::avx2: return avx2::wsum_kernels();
+#endif
+    default: return scalar::wsum_kernels();
+  }
+}
+
+std::size_t round_up(std::size_t x, std::size_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned float scratch.
+struct Scratch {
+  std::unique_ptr<float[]> raw;
+  float* p = nullptr;
+  std::size_t cap = 0;
+  float* get(std::size_t n) {
+    if (n > cap) {
+      raw.reset(new float[n + 16]);
+      p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63));
+      cap = n;
+    }
+    return p;
+  }
+};
+
+const char* at(const SrcView& s, std::size_t i) {
+  return static_cast<const char*>(s.data) + i * dtype_size(s.dtype);
+}
+
+}  // namespace
+
+void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t Q, std::size_t n,
+                  const OutTarget* out, int threads, Cancel* cancel) {
+  const WsumKernels& kr = kernels();
+  threads = resolve_threads(threads);
+  // Classify sources: all weights zero (never read), all non-zero (dense: GEMM panel), mixed
+  // (sparse: per-row axpy over the rows whose weight is non-zero, so 0 * NaN never happens).
+  std::vector<std::size_t> dense;
+  std::vector<std::vector<std::size_t>> row_k(Q);  // per row: sources handled by axpy
+  const bool use_panel = Q >= 4;
+  for (std::size_t k = 0; k < K; ++k) {
+    std::size_t nz = 0;
+    for (std::size_t q = 0; q < Q; ++q) nz += W[q * K + k] != 0.f;
+    if (nz == 0) continue;
+    if (use_panel && nz == Q) {
+      dense.push_back(k);
+    } else {
+      for (std::size_t q = 0; q < Q; ++q)
+        if (W[q * K + k] != 0.f) row_k[q].push_back(k);
+    }
+  }
+  std::vector<float> wpack(dense.size() * Q);  // wpack[d*Q + q] = W[q][dense[d]]
+  for (std::size_t d = 0; d < dense.size(); ++d)
+    for (std::size_t q = 0; q < Q; ++q) wpack[d * Q + q] = W[q * K + dense[d]];
+  std::vector<std::vector<float>> row_w(Q);
+  std::vector<std::vector<DType>> row_dt(Q);
+  for (std::size_t q = 0; q < Q; ++q)
+    for (std::size_t k : row_k[q]) {
+      row_w[q].push_back(W[q * K + k]);
+      row_dt[q].push_back(src[k].dtype);
+    }
+
+  const std::size_t tile = kr.tile;
+  std::size_t n_active = dense.size();
+  {
+    std::vector<char> used(K, 0);
+    for (const auto& ks : row_k)
+      for (std::size_t k : ks) n_active += !used[k]++;
+  }
+  // Chunk width C: one row streams each source once (long runs suit the prefetchers). With
+  // several rows, the Q x C accumulators and each active source's chunk should stay in L2, so
+  // that a source read for one row is found there by the next.
+  std::size_t C = 8192, Kc = 1;
+  if (Q > 1) {
+    C = 65536 / Q;
+    if (n_active) C = std::min(C, 131072 / n_active);
+    C = std::min<std::size_t>(8192, std::max(4 * tile, C / tile * tile));
+  }
+  if (!dense.empty()) Kc = std::min<std::size_t>(dense.size(), std::max<std::size_t>(8, 65536 / C));
+  C = round_up(C, tile);
+  const std::size_t nchunks = (n + C - 1) / C;
+  struct Worker {
+    Scratch acc, panel, obuf;
+    std::vector<const void*> ptrs;
+  };
+  std::vector<Worker> ws(static_cast<std::size_t>(std::max(threads, 1)));
+
+  parallel_for(nchunks, 1, threads, cancel, [&](std::size_t b, std::size_t e, int wid) {
+    Worker& w = ws[static_cast<std::size_t>(wid)];
+    float* acc = w.acc.get(Q * C);
+    for (std::size_t ci = b; ci < e; ++ci) {
+      const std::size_t c0 = ci * C, cnt = std::min(C, n - c0), cp = round_up(cnt, tile);
+      std::memset(acc, 0, sizeof(float) * Q * C);
+      if (!dense.empty()) {
+        float* panel = w.panel.get(Kc * C);
+        for (std::size_t d0 = 0; d0 < dense.size(); d0 += Kc) {
+          const std::size_t kc = std::min(Kc, dense.size() - d0);
+          for (std::size_t j = 0; j < kc; ++j) {
+            const SrcView& s = src[dense[d0 + j]];
+            kr.to_f32(at(s, c0), s.dtype, cnt, panel + j * C);
+            std::memset(panel + j * C + cnt, 0, sizeof(float) * (cp - cnt));
+          }
+          kr.gemm(acc, C, panel, C, wpack.data() + d0 * Q, Q, kc, cp);
+        }
+      }
+      for (std::size_t q = 0; q < Q; ++q) {
+        const auto& ks = row_k[q];
+        if (ks.empty()) continue;
+        w.ptrs.resize(ks.size());
+        for (std::size_t j = 0; j < ks.size(); ++j) w.ptrs[j] = at(src[ks[j]], c0);
+        kr.axpy(acc + q * C, w.ptrs.data(), row_dt[q].data(), row_w[q].data(), ks.size(), cnt);
+      }
+      for (std::size_t q = 0; q < Q; ++q) {
+        const OutTarget& o = out[q];
+        const std::size_t es = dtype_size(o.dtype);
+        if (o.mem) {
+          kr.from_f32(acc + q * C, cnt, static_cast<char*>(o.mem) + c0 * es, o.dtype);
+        } else {
+          void* buf = w.obuf.get(C);
+          kr.from_f32(acc + q * C, cnt, buf, o.dtype);
+          pwrite_all(o.fd, buf, cnt * es, o.offset + c0 * es, o.path ? *o.path : std::string("?"));
+        }
+      }
+    }
+  });
+}
+
+void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threads, Cancel* cancel) {
+  const WsumKernels& kr = kernels();
+  threads = resolve_threads(threads);
+  const std::size_t Kp = round_up(std::max<std::size_t>(K, 1), 4);
+  // Wide chunks amortize the horizontal reductions; narrower ones keep a large panel in L2.
+  const std::size_t C = std::min(kr.gram_cols, std::max(kr.tile, 131072 / Kp / kr.tile * kr.tile));
+  const std::size_t nchunks = (n + C - 1) / C;
+  // Static partition into contiguous parts: deterministic summation order per thread count.
+  const std::size_t parts = std::max<std::size_t>(1, std::min<std::size_t>(threads, nchunks));
+  std::vector<std::vector<double>> partial(parts);
+  parallel_for(parts, 1, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t pi = b; pi < e; ++pi) {
+      std::vector<double>& g = partial[pi];
+      g.assign(Kp * Kp, 0.0);
+      Scratch sp;
+      float* panel = sp.get(Kp * C);
+      std::memset(panel, 0, sizeof(float) * Kp * C);
+      const std::size_t ch0 = nchunks * pi / parts, ch1 = nchunks * (pi + 1) / parts;
+      for (std::size_t ci = ch0; ci < ch1; ++ci) {
+        if (cancel && cancel->requested()) throw Cancelled();
+        const std::size_t c0 = ci * C, cnt = std::min(C, n - c0), cp = round_up(cnt, kr.tile);
+        for (std::size_t k = 0; k < K; ++k) {
+          kr.to_f32(at(src[k], c0), src[k].dtype, cnt, panel + k * C);
+          std::memset(panel + k * C + cnt, 0, sizeof(float) * (cp - cnt));
+        }
+        kr.gram(panel, C, Kp, cp, g.data(), Kp);
+      }
+    }
+  });
+  for (std::size_t i = 0; i < K; ++i)
+    for (std::size_t j = 0; j <= i; ++j) {
+      double s = 0.0;
+      for (std::size_t pi = 0; pi < parts; ++pi) s += partial[pi][i * Kp + j];
+      G[i * K + j] = s;
+      G[j * K + i] = s;
+    }
+}
+
+void convert_to_f32(const void* in, DType from, float* out, std::size_t n) {
+  kernels().to_f32(in, from, n, out);
+}
+
+void convert_from_f32(const float* in, void* out, DType to, std::size_t n) {
+  kernels().from_f32(in, n, out, to);
+}
+
+}  // namespace loramix
