@@ -14,7 +14,8 @@ adapters' size: full-batch Adam on analytic gradients in numpy, with a validatio
 members and early stopping. The reported loss is relative: Σ ℓ_i / Σ G_ii over the rows.
 
 Model: features f (F) → standardize (train-set mean/std) → z;
-``logit = w2 · tanh(z W1 + b1) + skip · z``; ``weights = softmax(logit)`` over the row, excluded
+``logit = w2 · softsign(z W1 + b1) + skip · z`` (softsign(a) = a / (1 + |a|): bounded like
+tanh, eight times cheaper without a vector math library); ``weights = softmax(logit)`` over the row, excluded
 members at exactly 0. The linear ``skip`` term lets the net express the normalized pipeline
 (``logit = −z``) and the hidden layer bends it.
 
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numba as nb
 import numpy as np
 
 log = logging.getLogger("loramix.combiner")
@@ -163,38 +165,117 @@ class MLPParams:
         return MLPParams(*(np.array(getattr(self, k), np.float64) for k in ("mean", "std", "W1", "b1", "w2", "skip")))
 
 
+def _softsign(a):
+    return a / (1.0 + np.abs(a))
+
+
 def _forward(p: MLPParams, X: np.ndarray):
     Z = (X - p.mean) / p.std
-    Hh = np.tanh(Z @ p.W1 + p.b1)
+    Hh = _softsign(Z @ p.W1 + p.b1)
     s = Hh @ p.w2 + Z @ p.skip
     return s, Z, Hh
+
+
+_NCHUNKS = 32  # fixed partial-sum chunks: gradients do not depend on the thread count
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def _mlp_forward_kernel(Z, W1, b1, w2, skip, Hbuf, s):  # pragma: no cover - compiled
+    M, F = Z.shape
+    H = W1.shape[1]
+    for m in nb.prange(M):
+        acc = 0.0
+        for f in range(F):
+            acc += Z[m, f] * skip[f]
+        for h in range(H):
+            Hbuf[m, h] = b1[h]
+        for f in range(F):
+            z = Z[m, f]
+            for h in range(H):
+                Hbuf[m, h] += z * W1[f, h]
+        for h in range(H):
+            a = Hbuf[m, h]
+            t = a / (1.0 + abs(a))
+            Hbuf[m, h] = t
+            acc += t * w2[h]
+        s[m] = acc
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def _mlp_backward_kernel(Z, Hbuf, ds, w2, gW1, gb1, gw2, gskip):  # pragma: no cover - compiled
+    # gW1 (C, F, H), gb1 (C, H), gw2 (C, H), gskip (C, F): per-chunk partials, summed by the caller
+    M, F = Z.shape
+    H = Hbuf.shape[1]
+    C = gW1.shape[0]
+    for c in nb.prange(C):
+        lW1 = np.zeros((F, H))
+        lb1 = np.zeros(H)
+        lw2 = np.zeros(H)
+        lsk = np.zeros(F)
+        da = np.empty(H)
+        for m in range(c * M // C, (c + 1) * M // C):
+            d = ds[m]
+            if d == 0.0:
+                continue
+            for h in range(H):
+                t = Hbuf[m, h]
+                lw2[h] += d * t
+                u = 1.0 - abs(t)  # softsign'(a) = 1 / (1 + |a|)^2 = (1 - |t|)^2
+                da[h] = d * w2[h] * u * u
+                lb1[h] += da[h]
+            for f in range(F):
+                z = Z[m, f]
+                lsk[f] += d * z
+                for h in range(H):
+                    lW1[f, h] += da[h] * z
+        gW1[c] = lW1
+        gb1[c] = lb1
+        gw2[c] = lw2
+        gskip[c] = lsk
+
+
+class _Objective:
+    """Relative loss Σ_{i∈rows} ℓ_i / energy over a fixed set of target rows, and its gradient.
+
+    The standardized features and the hidden-activation buffer are computed/allocated once;
+    the per-pair MLP runs in fused numba kernels (no N²×H temporaries per epoch)."""
+
+    def __init__(self, p: MLPParams, X: np.ndarray, ex: np.ndarray, G: np.ndarray, rows: np.ndarray, energy: float):
+        R, N, F = X.shape
+        self.shape = (R, N)
+        self.Z = np.ascontiguousarray(((X - p.mean) / p.std).reshape(R * N, F), np.float64)
+        self.ex = ex
+        self.G = G
+        self.rows = rows
+        self.Gt = np.ascontiguousarray(G[:, rows].T)  # (R, N): G[t_q, :]
+        self.Gdiag = G[rows, rows]
+        self.energy = energy
+        self.H = np.empty((R * N, p.W1.shape[1]), np.float64)
+        self.s = np.empty(R * N, np.float64)
+
+    def __call__(self, p: MLPParams, need_grad: bool = True):
+        _mlp_forward_kernel(self.Z, p.W1, p.b1, p.w2, p.skip, self.H, self.s)
+        W = softmax_rows(self.s.reshape(self.shape), self.ex)
+        GW = W @ self.G
+        per_row = np.einsum("qn,qn->q", GW, W) - 2.0 * np.einsum("qn,qn->q", W, self.Gt) + self.Gdiag
+        loss = per_row.sum() / self.energy
+        if not need_grad:
+            return loss, None
+        dW = 2.0 * (GW - self.Gt) / self.energy
+        ds = W * (dW - np.einsum("qn,qn->q", W, dW)[:, None])  # softmax backward; 0 where excluded
+        F, Hd = p.W1.shape
+        C = _NCHUNKS
+        gW1, gb1, gw2, gskip = np.zeros((C, F, Hd)), np.zeros((C, Hd)), np.zeros((C, Hd)), np.zeros((C, F))
+        _mlp_backward_kernel(self.Z, self.H, np.ascontiguousarray(ds.reshape(-1)), p.w2, gW1, gb1, gw2, gskip)
+        return loss, {"W1": gW1.sum(0), "b1": gb1.sum(0), "w2": gw2.sum(0), "skip": gskip.sum(0)}
 
 
 def _loss_and_grad(p: MLPParams, X: np.ndarray, ex: np.ndarray, G: np.ndarray, rows: np.ndarray,
                    energy: float, need_grad: bool = True):
     """Relative loss Σ_{i∈rows} ℓ_i / energy and its gradient w.r.t. the trainable parameters.
 
-    X: (R, N, F) features of the rows (targets = ``rows``); ex: (R, N) exclusions."""
-    s, Z, Hh = _forward(p, X)
-    W = softmax_rows(s, ex)
-    GW = W @ G
-    Gt = G[:, rows].T  # (R, N): G[t_q, :]
-    per_row = np.einsum("qn,qn->q", GW, W) - 2.0 * np.einsum("qn,qn->q", W, Gt) + G[rows, rows]
-    loss = per_row.sum() / energy
-    if not need_grad:
-        return loss, None
-    dW = 2.0 * (GW - Gt) / energy
-    ds = W * (dW - np.einsum("qn,qn->q", W, dW)[:, None])  # softmax backward; 0 where excluded
-    F, H = p.W1.shape
-    ds_flat = ds.reshape(-1)
-    Zf = Z.reshape(-1, F)
-    Hf = Hh.reshape(-1, H)
-    g_w2 = Hf.T @ ds_flat
-    g_skip = Zf.T @ ds_flat
-    da = (ds_flat[:, None] * p.w2[None, :]) * (1.0 - Hf * Hf)
-    g_W1 = Zf.T @ da
-    g_b1 = da.sum(axis=0)
-    return loss, {"W1": g_W1, "b1": g_b1, "w2": g_w2, "skip": g_skip}
+    X: (R, N, F) raw features of the rows (targets = ``rows``); ex: (R, N) exclusions."""
+    return _Objective(p, X, ex, G, rows, energy)(p, need_grad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,7 +301,7 @@ def _build_onnx(p: MLPParams, metadata: Mapping[str, str]):
         helper.make_node("Div", ["centered", "std"], ["z"]),
         helper.make_node("MatMul", ["z", "W1"], ["a0"]),
         helper.make_node("Add", ["a0", "b1"], ["a"]),
-        helper.make_node("Tanh", ["a"], ["h"]),
+        helper.make_node("Softsign", ["a"], ["h"]),
         helper.make_node("MatMul", ["h", "w2"], ["s_hidden"]),
         helper.make_node("MatMul", ["z", "skip"], ["s_skip"]),
         helper.make_node("Add", ["s_hidden", "s_skip"], ["s3"]),
@@ -395,7 +476,7 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
                    seed: int = 0, max_epochs: int = 2000, patience: int = 100, lr: float = 0.01,
                    weight_decay: float = 0.0, feature_names: Sequence[str] | None = None,
                    baseline_feature: int | None = None, log_every: int = 0,
-                   threads: int | None = 1) -> tuple[NeuralCombiner, History]:
+                   threads: int | None = None) -> tuple[NeuralCombiner, History]:
     """Train the combiner leave-one-out on the bank's own members.
 
     ``features[i, j]`` (N, N, F): features of the pair (target member i, source member j) —
@@ -458,33 +539,41 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
         Wb = normalized_weights(Xv[..., bf], exclude=exv)
         hist.baseline_val_loss = float(reconstruction_loss(Wb, G, val_rows).sum() / e_val)
 
+    obj_train = _Objective(p, Xt, ext, G, train_rows, e_train)
+    obj_val = _Objective(p, Xv, exv, G, val_rows, e_val) if n_val else None
     m = {k: np.zeros_like(getattr(p, k)) for k in MLPParams.TRAINABLE}
     v = {k: np.zeros_like(getattr(p, k)) for k in MLPParams.TRAINABLE}
     b1_, b2_, eps = 0.9, 0.999, 1e-8
     best, best_loss, since = p.copy(), np.inf, 0
-    for epoch in range(1, max_epochs + 1):
-        loss, grad = _loss_and_grad(p, Xt, ext, G, train_rows, e_train)
-        vloss = _loss_and_grad(p, Xv, exv, G, val_rows, e_val, need_grad=False)[0] if n_val else loss
-        hist.epoch.append(epoch - 1)
-        hist.train_loss.append(float(loss))
-        hist.val_loss.append(float(vloss))
-        if log_every and (epoch - 1) % log_every == 0:
-            log.info("epoch %d  train %.6g  val %.6g", epoch - 1, loss, vloss)
-        if vloss < best_loss - 1e-12 * abs(best_loss):
-            best, best_loss, since = p.copy(), vloss, 0
-            hist.best_epoch, hist.best_val_loss, hist.best_train_loss = epoch - 1, float(vloss), float(loss)
-        else:
-            since += 1
-            if n_val and since >= patience:
-                hist.stopped_early = True
-                break
-        for k in MLPParams.TRAINABLE:
-            g = grad[k] + (weight_decay * getattr(p, k) if weight_decay and k != "b1" else 0.0)
-            m[k] = b1_ * m[k] + (1 - b1_) * g
-            v[k] = b2_ * v[k] + (1 - b2_) * g * g
-            mh = m[k] / (1 - b1_ ** epoch)
-            vh = v[k] / (1 - b2_ ** epoch)
-            setattr(p, k, getattr(p, k) - lr * mh / (np.sqrt(vh) + eps))
+    nthreads = threads or int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or nb.config.NUMBA_NUM_THREADS
+    prev_threads = nb.get_num_threads()
+    nb.set_num_threads(max(1, min(int(nthreads), nb.config.NUMBA_NUM_THREADS)))
+    try:
+        for epoch in range(1, max_epochs + 1):
+            loss, grad = obj_train(p)
+            vloss = obj_val(p, need_grad=False)[0] if n_val else loss
+            hist.epoch.append(epoch - 1)
+            hist.train_loss.append(float(loss))
+            hist.val_loss.append(float(vloss))
+            if log_every and (epoch - 1) % log_every == 0:
+                log.info("epoch %d  train %.6g  val %.6g", epoch - 1, loss, vloss)
+            if not np.isfinite(best_loss) or vloss < best_loss - 1e-12 * abs(best_loss):
+                best, best_loss, since = p.copy(), vloss, 0
+                hist.best_epoch, hist.best_val_loss, hist.best_train_loss = epoch - 1, float(vloss), float(loss)
+            else:
+                since += 1
+                if n_val and since >= patience:
+                    hist.stopped_early = True
+                    break
+            for k in MLPParams.TRAINABLE:
+                g = grad[k] + (weight_decay * getattr(p, k) if weight_decay and k != "b1" else 0.0)
+                m[k] = b1_ * m[k] + (1 - b1_) * g
+                v[k] = b2_ * v[k] + (1 - b2_) * g * g
+                mh = m[k] / (1 - b1_ ** epoch)
+                vh = v[k] / (1 - b2_ ** epoch)
+                setattr(p, k, getattr(p, k) - lr * mh / (np.sqrt(vh) + eps))
+    finally:
+        nb.set_num_threads(prev_threads)
     hist.seconds = time.perf_counter() - t0
     meta = {"loramix.hidden": str(hidden), "loramix.training": json.dumps({
         "best_epoch": hist.best_epoch, "best_val_loss": hist.best_val_loss,
