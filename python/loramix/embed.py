@@ -71,13 +71,20 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def _hash_files(paths: Sequence[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:32]
+    """sha256 of the files' bytes (+ ``extra``); memoized per process by (path, size, mtime)."""
+    key = (extra,) + tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    if key not in _HASHES:
+        h = hashlib.sha256(extra.encode())
+        for p in paths:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        _HASHES[key] = h.hexdigest()[:32]
+    return _HASHES[key]
 
 
 def _load_weights(files: Sequence[Path]) -> dict[str, np.ndarray]:
@@ -210,7 +217,7 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         # sentence-transformers strips each text before tokenizing; so do we.
-        with self._lock:  # the Rust tokenizer object is not re-entrant across truncation changes
+        with self._lock:  # one tokenizer object shared by threads calling encode
             encs = self.tokenizer.encode_batch([str(t).strip() for t in texts])
         return [e.ids for e in encs]
 

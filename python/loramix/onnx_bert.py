@@ -34,14 +34,14 @@ from onnx import TensorProto, helper, numpy_helper
 GRAPH_VERSION = "3"
 OPSET = 17
 
-_PREFIXES = ("bert.", "model.", "encoder_model.", "0.auto_model.")
+_PREFIXES = ("bert.", "roberta.", "model.", "0.auto_model.")
 
 
 def load_config(folder: str | Path) -> dict:
     """Read ``config.json`` of a BERT-family encoder folder and check it is one we can build."""
     cfg = json.loads((Path(folder) / "config.json").read_text())
     model_type = cfg.get("model_type", "bert")
-    if model_type not in ("bert", "roberta", "xlm-roberta", "mpnet-free-bert"):
+    if model_type not in ("bert", "roberta", "xlm-roberta"):
         raise ValueError(f"{folder}: model_type {model_type!r} is not a BERT-family encoder loramix can build")
     act = cfg.get("hidden_act", "gelu")
     if act != "gelu":
