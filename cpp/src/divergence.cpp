@@ -18,10 +18,16 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -34,14 +40,16 @@
 namespace loramix {
 
 const DivergenceKernels& divergence_kernels(Isa isa) {
-  static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::js_posting_f64_scalar,
+  static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::log_f64_scalar,
+                                          scalar::js_posting_f64_scalar,
                                           scalar::kl_posting_f64_scalar, scalar::js_dense_f64_scalar,
                                           scalar::kl_dense_f64_scalar, scalar::wd_dense_f64_scalar};
 #if defined(LORAMIX_HAVE_X86)
-  static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
+  static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
                                         avx2::kl_posting_f64_avx2, avx2::js_dense_f64_avx2,
                                         avx2::kl_dense_f64_avx2, avx2::wd_dense_f64_avx2};
-  static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::js_posting_f64_avx512,
+  static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::log_abs_f64_avx512,
+                                          avx512::js_posting_f64_avx512,
                                           avx512::kl_posting_f64_avx512,
                                           avx512::js_dense_f64_avx512, avx512::kl_dense_f64_avx512,
                                           avx512::wd_dense_f64_avx512};
@@ -364,8 +372,10 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const double* s
   P.x1.resize(n);
   if (need_x2) P.x2.resize(n);
   // The transposition writes all over the arrays: split it by ranges of bins of about equal
-  // size, one range per task, each task taking its slice of every row (rows are sorted).
-  const int64_t nranges = std::max<int64_t>(1, std::min<int64_t>(4 * threads, R.cols));
+  // size, one range per task, each task taking its slice of every row (rows are sorted). A
+  // range's slice of the arrays (~32k entries, ~640 KB) stays in L2 while it is filled; one
+  // range for the whole index made every write a cache miss.
+  const int64_t nranges = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(4 * threads, n / 32768), R.cols));
   std::vector<int64_t> vcut(nranges + 1, R.cols);
   vcut[0] = 0;
   for (int64_t c = 1, v = 0; c < nranges; ++c) {
@@ -411,18 +421,27 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t Q, int64_t N, int th
   return t;
 }
 
-void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metric, double eps,
-                  const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
+// The inverted index of R for js / kl, in tiles of R rows (one tile when symmetric).
+std::vector<Postings> build_index(const Sparse& R, Metric metric,
+                                  const std::vector<std::pair<int64_t, int64_t>>& tiles, int threads,
+                                  Cancel* cancel) {
+  const bool js = metric == Metric::js;
+  std::vector<Postings> post(tiles.size());
+  for (std::size_t t = 0; t < tiles.size(); ++t)
+    post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(),
+                             js ? R.v2.data() : nullptr, js, threads, cancel);
+  return post;
+}
+
+// post: build_index(R, metric, tiles) (symmetric: of P itself, one tile).
+void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post, bool symmetric,
+                  Metric metric, double eps, const DivergenceKernels& K, int threads, Cancel* cancel,
+                  double* out) {
   const int64_t Q = P.rows, N = R.rows;
   const bool js = metric == Metric::js;
   // symmetric (js with R = none): P's own index serves both sides and a pair (i, j), i < j, is
   // met once, at i's entry in the run of each bin they share, against the entries after it.
-  const auto tiles = symmetric ? std::vector<std::pair<int64_t, int64_t>>{{0, N}} : make_tiles(Q, N, threads);
-  std::vector<Postings> post(tiles.size());
   Postings pown;
-  for (std::size_t t = 0; t < tiles.size(); ++t)
-    post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(),
-                             js ? R.v2.data() : nullptr, js, threads, cancel);
   // P's side of each bin: js (p, w); kl (c, a).
   if (!symmetric)
     pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(),
@@ -437,7 +456,7 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(64, Q / (4 * std::max(1, threads))));
   kBlockRows = std::max<int64_t>(1, std::min<int64_t>(kBlockRows, (int64_t(1) << 22) / N));  // <= 32 MB/thread
   const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const int64_t ntiles = static_cast<int64_t>(post.size());
   const int nt = std::max(1, threads);
   const bool count_shared = !js && eps == 0.0;
   struct Scratch {
@@ -839,52 +858,173 @@ void check_matrix(const HistMatrix& M, const char* name) {
 
 }  // namespace
 
-void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double eps, int threads,
-                Cancel* cancel, double* out) {
-  if (!(eps >= 0.0) || !std::isfinite(eps))
-    throw std::invalid_argument("divergence: eps must be finite and >= 0, got " + fmt(eps));
-  check_matrix(P, "P");
-  if (R) {
-    check_matrix(*R, "R");
-    if (R->cols != P.cols)
-      throw std::invalid_argument("divergence: P has " + std::to_string(P.cols) + " columns but R has " +
-                                  std::to_string(R->cols) + " (histograms must share one vocabulary)");
+// ---- the bank side of a call, computed once per (metric, ISA) and kept by PreparedHistograms ----
+struct PreparedHistograms::Impl {
+  HistMatrix R;  // the caller's arrays (a call's own Impl) or the copies below
+  double eps = 0.0;
+  std::vector<int64_t> own_indptr;
+  std::vector<int32_t> own_indices;
+  std::vector<unsigned char> own_data;
+  std::mutex mu;
+  std::map<std::pair<int, int>, std::unique_ptr<Sparse>> sparse;  // (metric, isa)
+  // (metric, isa, tile count) -> index in tiles of R rows
+  std::map<std::tuple<int, int, int64_t>, std::unique_ptr<std::vector<Postings>>> index;
+  double fill = -1.0;  // non-zero fraction of a dense R, once computed
+
+  const Sparse& sparse_for(Metric metric, const DivergenceKernels& K, int threads, Cancel* cancel) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto& slot = sparse[{static_cast<int>(metric), static_cast<int>(active_isa())}];
+    if (!slot) slot = std::make_unique<Sparse>(build_sparse(R, "R", metric, eps, K, threads, cancel));
+    return *slot;
   }
+  const std::vector<Postings>& index_for(Metric metric, const Sparse& SR,
+                                         const std::vector<std::pair<int64_t, int64_t>>& tiles,
+                                         int threads, Cancel* cancel) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto& slot = index[{static_cast<int>(metric), static_cast<int>(active_isa()),
+                        static_cast<int64_t>(tiles.size())}];
+    if (!slot) slot = std::make_unique<std::vector<Postings>>(build_index(SR, metric, tiles, threads, cancel));
+    return *slot;
+  }
+  double fill_for(int threads, Cancel* cancel) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (fill < 0.0) fill = nonzero_fraction(R, threads, cancel);
+    return fill;
+  }
+};
+
+namespace {
+
+// P against a bank; both divergence(P, &R) (with a throwaway Impl over the caller's R) and
+// PreparedHistograms::divergence come here, so the two give bit-identical results.
+void divergence_vs_bank(const HistMatrix& P, PreparedHistograms::Impl& B, Metric metric, int threads,
+                        Cancel* cancel, double* out) {
+  const HistMatrix& R = B.R;
+  const double eps = B.eps;
+  check_matrix(P, "P");
+  if (R.cols != P.cols)
+    throw std::invalid_argument("divergence: P has " + std::to_string(P.cols) + " columns but R has " +
+                                std::to_string(R.cols) + " (histograms must share one vocabulary)");
   const int nt = resolve_threads(threads);
   const DivergenceKernels& K = divergence_kernels(active_isa());  // once per call
-  const bool symmetric = R == nullptr;
-  const HistMatrix& RR = symmetric ? P : *R;
-  const int64_t Q = P.rows, N = RR.rows;
+  const int64_t Q = P.rows, N = R.rows;
   if (Q == 0 || N == 0) return;
-
   // Dense inputs that are mostly zeros (token histograms usually are) go through the sparse
   // algorithm too: its cost is the shared bins, the dense loop's is every bin of every pair.
-  bool use_dense = metric != Metric::wd && !P.sparse && !RR.sparse;
+  bool use_dense = metric != Metric::wd && !P.sparse && !R.sparse;
   if (use_dense) {
     const double fill = (nonzero_fraction(P, nt, cancel) * static_cast<double>(Q) +
-                         (symmetric ? nonzero_fraction(P, nt, cancel) : nonzero_fraction(RR, nt, cancel)) *
-                             static_cast<double>(N)) / static_cast<double>(Q + N);
+                         B.fill_for(nt, cancel) * static_cast<double>(N)) / static_cast<double>(Q + N);
     use_dense = fill > kDenseFill;
   }
   if (use_dense) {
-    dense_js_kl(P, RR, symmetric, metric, eps, K, nt, cancel, out);
+    dense_js_kl(P, R, false, metric, eps, K, nt, cancel, out);
+    return;
+  }
+  const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
+  const Sparse& SR = B.sparse_for(metric, K, nt, cancel);
+  if (metric == Metric::wd) {
+    // merge cost ~ (nnz_i + nnz_j) branchy steps per pair; CDF cost ~ V cheap vector lanes
+    const double mean_nnz = static_cast<double>(SP.ptr[Q]) / Q + static_cast<double>(SR.ptr[N]) / N;
+    if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SR, false, K, nt, cancel, out);
+    else sparse_wd(SP, SR, false, nt, cancel, out);
+  } else if (Q <= kDirectMaxRows) {
+    direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
+  } else {
+    const auto& post = B.index_for(metric, SR, make_tiles(Q, N, nt), nt, cancel);
+    sparse_js_kl(SP, SR, post, false, metric, eps, K, nt, cancel, out);
+  }
+}
+
+void check_eps(double eps) {
+  if (!(eps >= 0.0) || !std::isfinite(eps))
+    throw std::invalid_argument("divergence: eps must be finite and >= 0, got " + fmt(eps));
+}
+
+}  // namespace
+
+void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double eps, int threads,
+                Cancel* cancel, double* out) {
+  check_eps(eps);
+  check_matrix(P, "P");
+  if (R) {
+    check_matrix(*R, "R");
+    PreparedHistograms::Impl B;
+    B.R = *R;
+    B.eps = eps;
+    divergence_vs_bank(P, B, metric, threads, cancel, out);
+    return;
+  }
+  // R = none: all pairs within P.
+  const int nt = resolve_threads(threads);
+  const DivergenceKernels& K = divergence_kernels(active_isa());  // once per call
+  const int64_t Q = P.rows, N = Q;
+  if (Q == 0) return;
+  bool use_dense = metric != Metric::wd && !P.sparse;
+  if (use_dense) use_dense = nonzero_fraction(P, nt, cancel) > kDenseFill;
+  if (use_dense) {
+    dense_js_kl(P, P, true, metric, eps, K, nt, cancel, out);
   } else {
     const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
-    Sparse SR_own;
-    if (!symmetric) SR_own = build_sparse(RR, "R", metric, eps, K, nt, cancel);
-    const Sparse& SR = symmetric ? SP : SR_own;
     if (metric == Metric::wd) {
-      // merge cost ~ (nnz_i + nnz_j) branchy steps per pair; CDF cost ~ V cheap vector lanes
-      const double mean_nnz = static_cast<double>(SP.ptr[Q]) / Q + static_cast<double>(SR.ptr[N]) / N;
-      if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SR, symmetric, K, nt, cancel, out);
-      else sparse_wd(SP, SR, symmetric, nt, cancel, out);
+      const double mean_nnz = 2.0 * static_cast<double>(SP.ptr[Q]) / Q;
+      if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SP, true, K, nt, cancel, out);
+      else sparse_wd(SP, SP, true, nt, cancel, out);
+    } else if (metric == Metric::js) {
+      // each unordered pair once, through P's own index (one tile)
+      const auto post = build_index(SP, metric, {{0, N}}, nt, cancel);
+      sparse_js_kl(SP, SP, post, true, metric, eps, K, nt, cancel, out);
+    } else {
+      // kl is not symmetric: P against P, both directions.
+      const auto post = build_index(SP, metric, make_tiles(Q, N, nt), nt, cancel);
+      sparse_js_kl(SP, SP, post, false, metric, eps, K, nt, cancel, out);
     }
-    // kl is not symmetric: with R = none it runs as P against P, both directions.
-    else if (!symmetric && Q <= kDirectMaxRows) direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
-    else sparse_js_kl(SP, SR, symmetric && metric == Metric::js, metric, eps, K, nt, cancel, out);
   }
-  if (symmetric)
-    for (int64_t i = 0; i < Q; ++i) out[i * N + i] = 0.0;
+  for (int64_t i = 0; i < Q; ++i) out[i * N + i] = 0.0;
+}
+
+PreparedHistograms::PreparedHistograms(const HistMatrix& R, double eps, int threads, Cancel* cancel)
+    : impl_(nullptr) {
+  check_eps(eps);
+  check_matrix(R, "R");
+  auto impl = std::make_unique<Impl>();
+  impl->eps = eps;
+  HistMatrix& M = impl->R;
+  M = R;
+  const std::size_t esize = R.dtype == DType::f32 ? sizeof(float) : sizeof(double);
+  if (R.sparse) {
+    const int64_t nnz = R.indptr[R.rows];
+    impl->own_indptr.assign(R.indptr, R.indptr + R.rows + 1);
+    impl->own_indices.assign(R.indices, R.indices + nnz);
+    const auto* d = static_cast<const unsigned char*>(R.data);
+    impl->own_data.assign(d, d + nnz * esize);
+    M.indptr = impl->own_indptr.data();
+    M.indices = impl->own_indices.data();
+  } else {
+    impl->own_data.resize(static_cast<std::size_t>(R.rows * R.cols) * esize);
+    for (int64_t r = 0; r < R.rows; ++r)
+      std::memcpy(impl->own_data.data() + r * R.cols * esize,
+                  static_cast<const unsigned char*>(R.data) + r * R.row_stride * esize, R.cols * esize);
+    M.row_stride = R.cols;
+  }
+  M.data = impl->own_data.data();
+  // Reject a bad bank now rather than at its first use.
+  const int nt = resolve_threads(threads);
+  parallel_for(M.rows, 16, nt, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t r = b; r < e; ++r) scan_row(M, "R", static_cast<int64_t>(r), [](int64_t, double) {});
+  });
+  impl_ = impl.release();
+}
+
+PreparedHistograms::~PreparedHistograms() { delete impl_; }
+
+int64_t PreparedHistograms::rows() const { return impl_->R.rows; }
+int64_t PreparedHistograms::cols() const { return impl_->R.cols; }
+double PreparedHistograms::eps() const { return impl_->eps; }
+
+void PreparedHistograms::divergence(const HistMatrix& P, Metric metric, int threads, Cancel* cancel,
+                                    double* out) const {
+  divergence_vs_bank(P, *impl_, metric, threads, cancel, out);
 }
 
 }  // namespace loramix
