@@ -42,15 +42,18 @@ namespace loramix {
 const DivergenceKernels& divergence_kernels(Isa isa) {
   static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::log_f64_scalar,
                                           scalar::js_posting_f64_scalar,
-                                          scalar::kl_posting_f64_scalar, scalar::js_dense_f64_scalar,
+                                          scalar::kl_posting_f64_scalar, scalar::js_terms_f64_scalar,
+                                          scalar::kl_terms_f64_scalar, scalar::js_dense_f64_scalar,
                                           scalar::kl_dense_f64_scalar, scalar::wd_dense_f64_scalar};
 #if defined(LORAMIX_HAVE_X86)
   static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
-                                        avx2::kl_posting_f64_avx2, avx2::js_dense_f64_avx2,
+                                        avx2::kl_posting_f64_avx2, avx2::js_terms_f64_avx2,
+                                        avx2::kl_terms_f64_avx2, avx2::js_dense_f64_avx2,
                                         avx2::kl_dense_f64_avx2, avx2::wd_dense_f64_avx2};
   static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::log_abs_f64_avx512,
                                           avx512::js_posting_f64_avx512,
-                                          avx512::kl_posting_f64_avx512,
+                                          avx512::kl_posting_f64_avx512, avx512::js_terms_f64_avx512,
+                                          avx512::kl_terms_f64_avx512,
                                           avx512::js_dense_f64_avx512, avx512::kl_dense_f64_avx512,
                                           avx512::wd_dense_f64_avx512};
   switch (isa) {
@@ -532,17 +535,19 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>&
   });
 }
 
-// A few rows of P against many of R (one new dataset against a bank): building R's inverted
-// index would cost more than the pairs. Instead each P row is spread over a dense array of bins,
-// and every R row gathers its shared bins from it into a short buffer that the dense kernel sums.
+// A few rows of P against a bank that is not prepared: building R's inverted index would cost
+// more than the pairs. Instead each P row is spread over a dense array of bins, and every R row
+// gathers its shared bins from it into short buffers. The terms are computed by the *_terms
+// kernels (the posting kernels' arithmetic) and summed one by one in bin order, as the index
+// path sums them, so both paths -- and so a prepared bank and a one-off call -- agree bit for bit.
 constexpr int64_t kDirectMaxRows = 2;  // measured: the index wins from 3 rows on (502 x 32k bank)
 
 void direct_js_kl(const Sparse& P, const Sparse& R, Metric metric, double eps,
                   const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
   const int64_t Q = P.rows, N = R.rows, V = P.cols;
   const bool js = metric == Metric::js;
-  // Per P row: x1 = p (js) or c (kl), x2 = w (js) or a (kl); x2 > 0 marks a held bin for kl,
-  // x1 > 0 for js.
+  // Per P row, as its side of the index holds them: js x1 = p, x2 = w (x1 > 0 marks a held
+  // bin); kl x1 = c, x2 = a (x2 > 0 marks it).
   std::vector<double> d1(V), d2(V);
   int64_t max_r = 0;
   for (int64_t j = 0; j < N; ++j) max_r = std::max(max_r, R.nnz(j));
@@ -555,41 +560,33 @@ void direct_js_kl(const Sparse& P, const Sparse& R, Metric metric, double eps,
     }
     parallel_for(N, 16, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
       std::vector<double>& B = buf[w];
-      if (B.empty()) B.resize(4 * static_cast<std::size_t>(max_r));
-      double* bp = B.data();
-      double* bw = bp + max_r;
-      double* bq = bw + max_r;
-      double* bv = bq + max_r;
+      if (B.empty()) B.resize(5 * static_cast<std::size_t>(max_r));
+      double* b1 = B.data();
+      double* b2 = b1 + max_r;
+      double* by = b2 + max_r;
+      double* bv = by + max_r;
+      double* val = bv + max_r;
       for (std::size_t jj = b; jj < e; ++jj) {
         const int64_t j = static_cast<int64_t>(jj);
-        int64_t n = 0;
-        double acc = 0.0;
+        std::size_t n = 0;
         for (int64_t k = R.ptr[j]; k < R.ptr[j + 1]; ++k) {
           const int32_t v = R.idx[k];
           if (js ? d1[v] > 0.0 : d2[v] > 0.0) {  // shared bin
-            if (js) {
-              bp[n] = d1[v];
-              bw[n] = d2[v];
-              bq[n] = R.v1[k];
-              bv[n] = R.v2[k];
-            } else {
-              acc += d1[v] - d2[v] * R.v1[k];
-            }
+            b1[n] = d1[v];
+            b2[n] = d2[v];
+            by[n] = R.v1[k];
+            if (js) bv[n] = R.v2[k];
             ++n;
           }
         }
+        if (js) K.js_terms_f64(b1, b2, by, bv, n, val);
+        else K.kl_terms_f64(b1, b2, by, n, val);
+        double acc = 0.0;
+        for (std::size_t k = 0; k < n; ++k) acc += val[k];
         double& o = out[i * N + j];
-        if (js) {
-          double sums[1] = {0.0};
-          const double* pp[1] = {bp};
-          const double* hp[1] = {bw};
-          K.js_dense_f64(pp, hp, 1, bq, bv, static_cast<std::size_t>(n), sums);
-          o = (P.c1[i] + R.c1[j]) + sums[0];
-        } else if (eps > 0.0) {
-          o = (P.c1[i] + R.c2[j]) + acc;
-        } else {
-          o = n == P.nnz(i) ? acc : kInf;
-        }
+        if (js) o = (P.c1[i] + R.c1[j]) + acc;
+        else if (eps > 0.0) o = (P.c1[i] + R.c2[j]) + acc;
+        else o = static_cast<int64_t>(n) == P.nnz(i) ? acc : kInf;
       }
     });
     for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) d1[P.idx[k]] = d2[P.idx[k]] = 0.0;
@@ -862,6 +859,7 @@ void check_matrix(const HistMatrix& M, const char* name) {
 struct PreparedHistograms::Impl {
   HistMatrix R;  // the caller's arrays (a call's own Impl) or the copies below
   double eps = 0.0;
+  bool one_off = false;  // divergence(P, &R)'s own: nothing it builds is used again
   std::vector<int64_t> own_indptr;
   std::vector<int32_t> own_indices;
   std::vector<unsigned char> own_data;
@@ -928,9 +926,9 @@ void divergence_vs_bank(const HistMatrix& P, PreparedHistograms::Impl& B, Metric
     const double mean_nnz = static_cast<double>(SP.ptr[Q]) / Q + static_cast<double>(SR.ptr[N]) / N;
     if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SR, false, K, nt, cancel, out);
     else sparse_wd(SP, SR, false, nt, cancel, out);
-  } else if (Q <= kDirectMaxRows) {
+  } else if (B.one_off && Q <= kDirectMaxRows) {
     direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
-  } else {
+  } else {  // a prepared bank keeps its index: from one row on, walking it beats the gather
     const auto& post = B.index_for(metric, SR, make_tiles(Q, N, nt), nt, cancel);
     sparse_js_kl(SP, SR, post, false, metric, eps, K, nt, cancel, out);
   }
@@ -952,6 +950,7 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
     PreparedHistograms::Impl B;
     B.R = *R;
     B.eps = eps;
+    B.one_off = true;
     divergence_vs_bank(P, B, metric, threads, cancel, out);
     return;
   }

@@ -109,6 +109,33 @@ void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
   }
 }
 
+void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const double* wq,
+                       std::size_t n, double* val) {
+  const __m256d half = _mm256_set1_pd(0.5);
+  std::size_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const __m256d mid = _mm256_mul_pd(half, _mm256_add_pd(_mm256_loadu_pd(p + k), _mm256_loadu_pd(q + k)));
+    _mm256_storeu_pd(val + k, _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(_mm256_loadu_pd(wp + k),
+                                                                                   _mm256_loadu_pd(wq + k))));
+  }
+  if (k < n) {
+    const __m256i m = tail_mask(n - k);
+    // unused lanes: p = q = 1 keeps the log's argument positive
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256d vp = _mm256_blendv_pd(one, _mm256_maskload_pd(p + k, m), _mm256_castsi256_pd(m));
+    const __m256d vq = _mm256_blendv_pd(one, _mm256_maskload_pd(q + k, m), _mm256_castsi256_pd(m));
+    const __m256d mid = _mm256_mul_pd(half, _mm256_add_pd(vp, vq));
+    const __m256d v = _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(_mm256_maskload_pd(wp + k, m),
+                                                                         _mm256_maskload_pd(wq + k, m)));
+    _mm256_maskstore_pd(val + k, m, v);
+  }
+}
+
+void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val) {
+  // fused, as kl_posting_f64_avx2
+  for (std::size_t k = 0; k < n; ++k) val[k] = __builtin_fma(-a[k], y[k], c[k]);
+}
+
 void kl_posting_f64_avx2(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                          double* acc) {
   if (n == 0) return;

@@ -175,6 +175,29 @@ void js_posting_f64_avx512(double p, double wp, const double* q, const double* w
   }
 }
 
+void js_terms_f64_avx512(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val) {
+  const LogTables t = load_tables1();
+  const __m512d half = _mm512_set1_pd(0.5), one = _mm512_set1_pd(1.0);
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    // unused lanes: p = q = 1 keeps the log's argument positive
+    const __m512d mid = _mm512_mul_pd(
+        half, _mm512_add_pd(_mm512_mask_loadu_pd(one, m, p + k), _mm512_mask_loadu_pd(one, m, q + k)));
+    const __m512d w = _mm512_add_pd(_mm512_maskz_loadu_pd(m, wp + k), _mm512_maskz_loadu_pd(m, wq + k));
+    _mm512_mask_storeu_pd(val + k, m, _mm512_fnmadd_pd(mid, log_abs_f64x8(mid, t), w));
+  }
+}
+
+void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val) {
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m512d v = _mm512_fnmadd_pd(_mm512_maskz_loadu_pd(m, a + k), _mm512_maskz_loadu_pd(m, y + k),
+                                       _mm512_maskz_loadu_pd(m, c + k));
+    _mm512_mask_storeu_pd(val + k, m, v);
+  }
+}
+
 void kl_posting_f64_avx512(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                            double* acc) {
   if (n == 0) return;

@@ -46,6 +46,11 @@
 //   js / kl, dense inputs at least 50% non-zero                  -> dense blocked SIMD loop;
 //   wd, V <= 16 x (mean support of a P row + of an R row)         -> CDF chunks, dense SIMD loop;
 //   wd, otherwise (very sparse rows)                              -> merge of the two index lists.
+//   js / kl, P of 1-2 rows against an unprepared R                -> gather of the shared bins
+//                                                                   per R row (no index built);
+//   js / kl against a PreparedHistograms bank                     -> its kept index, any Q.
+// The gather path and the index compute every term with the same arithmetic and add a pair's
+// terms in the same (bin) order, so all paths of a sparse js / kl call agree bit for bit.
 // kl with R = none runs as P against P (both directions). A CSR side is never densified; a dense
 // side of a mixed call is read as sparse rows.
 #pragma once
@@ -115,6 +120,13 @@ using LogF64Fn = void (*)(const double* x, double* y, std::size_t n);
 // (q[k] == 0 marks padding in runs that cover consecutive rows). Rows increase within a call.
 using JsPostingF64Fn = void (*)(double p, double wp, const double* q, const double* wq,
                                 const int32_t* rows, std::size_t n, double* acc);
+// The same per-term values, one (P bin, R bin) pair per k, with exactly the arithmetic of the
+// posting kernels above (so the few-rows path and the index agree bit for bit):
+//   js: val[k] = wp[k] + wq[k] - m log m, m = (p[k] + q[k]) / 2;   kl: val[k] = c[k] - a[k] y[k].
+using JsTermsF64Fn = void (*)(const double* p, const double* wp, const double* q, const double* wq,
+                              std::size_t n, double* val);
+using KlTermsF64Fn = void (*)(const double* c, const double* a, const double* y, std::size_t n,
+                              double* val);
 // Sparse kl: acc[rows[k]] += c - a * y[k]. Rows distinct within a call.
 using KlPostingF64Fn = void (*)(double c, double a, const double* y, const int32_t* rows,
                                 std::size_t n, double* acc);
@@ -138,6 +150,8 @@ struct DivergenceKernels {
   LogF64Fn log_abs_f64;
   JsPostingF64Fn js_posting_f64;
   KlPostingF64Fn kl_posting_f64;
+  JsTermsF64Fn js_terms_f64;
+  KlTermsF64Fn kl_terms_f64;
   JsDenseF64Fn js_dense_f64;
   KlDenseF64Fn kl_dense_f64;
   WdDenseF64Fn wd_dense_f64;
@@ -147,6 +161,9 @@ namespace scalar {
 void log_f64_scalar(const double* x, double* y, std::size_t n);
 void js_posting_f64_scalar(double p, double wp, const double* q, const double* wq,
                            const int32_t* rows, std::size_t n, double* acc);
+void js_terms_f64_scalar(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val);
+void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val);
 void kl_posting_f64_scalar(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                            double* acc);
 void js_dense_f64_scalar(const double* const* p, const double* const* hp, int nb, const double* q,
@@ -162,6 +179,9 @@ namespace avx2 {
 void log_f64_avx2(const double* x, double* y, std::size_t n);
 void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
                          const int32_t* rows, std::size_t n, double* acc);
+void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val);
+void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val);
 void kl_posting_f64_avx2(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                          double* acc);
 void js_dense_f64_avx2(const double* const* p, const double* const* hp, int nb, const double* q,
@@ -177,6 +197,9 @@ void log_f64_avx512(const double* x, double* y, std::size_t n);
 void log_abs_f64_avx512(const double* x, double* y, std::size_t n);
 void js_posting_f64_avx512(double p, double wp, const double* q, const double* wq,
                            const int32_t* rows, std::size_t n, double* acc);
+void js_terms_f64_avx512(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val);
+void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val);
 void kl_posting_f64_avx512(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                            double* acc);
 void js_dense_f64_avx512(const double* const* p, const double* const* hp, int nb, const double* q,
