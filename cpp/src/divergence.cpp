@@ -640,7 +640,7 @@ void sparse_wd(const Sparse& P, const Sparse& R, bool symmetric, int threads, Ca
 // support entry). The bins go in chunks; per chunk every row's CDF piece is built once
 // (compensated: hi + lo, so the difference of two CDFs near 1 keeps full precision), then all
 // pairs accumulate their chunk sums in a fixed order.
-constexpr int64_t kWdChunk = 512;
+constexpr int64_t kWdChunk = 256;  // 8 rows x 256 bins x (hi, lo) = 32 KB: the P block stays in L1
 
 void cdf_wd(const Sparse& P, const Sparse& R, bool symmetric, const DivergenceKernels& K,
             int threads, Cancel* cancel, double* out) {
