@@ -171,42 +171,93 @@ double scan_row(const HistMatrix& M, const char* name, int64_t r, F&& f) {
   return RowReader<double>{M, name}.scan(r, f);
 }
 
+// Large blocks (>= 2 MiB, on transparent huge pages) freed by one call are kept for the next
+// one, up to kPoolCap bytes in all: a 502 x 502 js uses ~120 MB of such arrays, and the
+// allocator handing them back to the OS made every call fault them in and zero them anew
+// (~7% of a call's CPU time in steady state).
+constexpr std::size_t kHuge = std::size_t(1) << 21;
+constexpr std::size_t kPoolCap = std::size_t(192) << 20;
+
+class BlockPool {
+ public:
+  static BlockPool& get() {
+    static BlockPool* p = new BlockPool;  // never destroyed: no order-of-exit issues
+    return *p;
+  }
+  // A block of at least `bytes` and at most twice that, or nullptr; *got = its size.
+  void* take(std::size_t bytes, std::size_t* got) {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::size_t best = blocks_.size();
+    for (std::size_t k = 0; k < blocks_.size(); ++k)
+      if (blocks_[k].second >= bytes && blocks_[k].second <= 2 * bytes &&
+          (best == blocks_.size() || blocks_[k].second < blocks_[best].second))
+        best = k;
+    if (best == blocks_.size()) return nullptr;
+    void* p = blocks_[best].first;
+    *got = blocks_[best].second;
+    held_ -= *got;
+    blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(best));
+    return p;
+  }
+  void give(void* p, std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (held_ + bytes <= kPoolCap) {
+        blocks_.emplace_back(p, bytes);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<void*, std::size_t>> blocks_;
+  std::size_t held_ = 0;
+};
+
 // A large array that is never value-initialized (every element is written before it is read)
-// and, from 2 MiB up, sits on transparent huge pages: the arrays here are tens of MB per call,
-// and faulting them in 4 KiB pages, each zeroed twice (kernel, then vector::resize), was a
-// sizeable share of a whole 502 x 502 js.
+// and, from 2 MiB up, sits on transparent huge pages, recycled through BlockPool.
 template <class T>
 class Buf {
  public:
   Buf() = default;
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_) { o.p_ = nullptr; o.n_ = 0; o.bytes_ = 0; }
   Buf& operator=(Buf&& o) noexcept {
     if (this != &o) {
-      std::free(p_);
+      release();
       p_ = o.p_;
       n_ = o.n_;
+      bytes_ = o.bytes_;
       o.p_ = nullptr;
       o.n_ = 0;
+      o.bytes_ = 0;
     }
     return *this;
   }
-  ~Buf() { std::free(p_); }
+  ~Buf() { release(); }
   // Discards the contents; the new elements are uninitialized.
   void resize(std::size_t n) {
-    std::free(p_);
-    p_ = nullptr;
+    release();
     n_ = n;
     if (n == 0) return;
     std::size_t bytes = n * sizeof(T);
-    constexpr std::size_t kHuge = std::size_t(1) << 21;
     if (bytes >= kHuge) {
       bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      std::size_t got = 0;
+      if (void* q = BlockPool::get().take(bytes, &got)) {
+        p_ = static_cast<T*>(q);
+        bytes_ = got;
+        return;
+      }
       p_ = static_cast<T*>(std::aligned_alloc(kHuge, bytes));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       if (p_) madvise(p_, bytes, MADV_HUGEPAGE);
 #endif
+      bytes_ = bytes;
     } else {
       p_ = static_cast<T*>(std::malloc(bytes));
     }
@@ -223,8 +274,16 @@ class Buf {
   const T* end() const { return p_ + n_; }
 
  private:
+  void release() {
+    if (p_ && bytes_) BlockPool::get().give(p_, bytes_);
+    else std::free(p_);
+    p_ = nullptr;
+    n_ = 0;
+    bytes_ = 0;
+  }
   T* p_ = nullptr;
   std::size_t n_ = 0;
+  std::size_t bytes_ = 0;  // non-zero: a huge block, returned to the pool
 };
 
 // Normalized sparse rows plus the per-entry / per-row values each metric needs.
