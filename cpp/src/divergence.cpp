@@ -513,9 +513,12 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>&
   // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
   // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
   // bins in increasing bin order, so blocking, tiles and threads never change a result.
-  // 64 rows per block keeps the accumulators (64 x N doubles) in L2; fewer when that would leave
-  // threads without blocks to take.
-  int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(64, Q / (4 * std::max(1, threads))));
+  // Each block streams the whole index once (tens of MB, from L3), so blocks are as large as
+  // keeps the accumulators in L2: up to 256 rows while they stay <= 1 MB (N <= 512), 64 rows
+  // otherwise; fewer when that would leave threads without blocks to take (measured, 502 x
+  // 502 js, 1 thread: 125-row blocks -5% CPU time against 64).
+  const int64_t max_rows = std::max<int64_t>(64, std::min<int64_t>(256, (int64_t(1) << 17) / std::max<int64_t>(1, N)));
+  int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(max_rows, Q / (4 * std::max(1, threads))));
   kBlockRows = std::max<int64_t>(1, std::min<int64_t>(kBlockRows, (int64_t(1) << 22) / N));  // <= 32 MB/thread
   const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
   const int64_t ntiles = static_cast<int64_t>(post.size());
