@@ -262,6 +262,8 @@ void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb
   }
 }
 
+namespace {
+
 // Rows in register-blocked groups of up to 8: each vector of the R row's CDF is loaded once and
 // used by every row of the group (one accumulator per row: the group's independent adds hide
 // each other's latency). The loads, not the 5 vector ops per 8 bins, were the limit.
@@ -281,6 +283,8 @@ inline void wd_rows_f64x8(const double* const* phi, const double* const* plo, co
   }
   for (int b = 0; b < NB; ++b) sums[b] += _mm512_reduce_add_pd(s[b]);
 }
+
+}  // namespace
 
 void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
                          const double* qhi, const double* qlo, std::size_t n, double* sums) {
