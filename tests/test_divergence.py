@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import scipy.stats
 
 from loramix import _core
-from loramix.divergence import CSR, divergence
+from loramix.divergence import CSR, divergence, prepare
 
 METRICS = ("js", "kl", "wd")
 FORMS = ("dense64", "dense32", "csr64", "csr32")
@@ -106,7 +106,8 @@ def test_symmetric_vs_oracle(isa, rng, metric, form, V):
 @pytest.mark.parametrize("eps", [0.0, 1e-10])
 @pytest.mark.parametrize("metric", ("js", "kl"))
 def test_few_rows_path_agrees(isa, rng, metric, eps, V):
-    """Up to 2 rows of P against R go through the direct (gather) path, more through the index."""
+    """Up to 2 rows of P against R go through the direct (gather) path, more through the index;
+    both sum the same terms in the same order, so they agree bit for bit."""
     P, R = random_counts(rng, 5, V, density=0.3), random_counts(rng, 12, V, density=0.5)
     R[0] += 1.0
     csr = sp.csr_matrix
@@ -115,7 +116,7 @@ def test_few_rows_path_agrees(isa, rng, metric, eps, V):
     want32 = oracle(P[:2].astype(np.float32), R, metric, eps)
     for q in (1, 2):
         few = divergence(csr(P[:q]), csr(R), metric, eps=eps)
-        assert_close(few, many[:q], 1e-12)
+        np.testing.assert_array_equal(few, many[:q])
         assert_close(few, want[:q], 1e-12)
         assert_close(divergence(P[:q].astype(np.float32), csr(R), metric, eps=eps), want32[:q], 1e-6)
 
@@ -379,9 +380,90 @@ def test_log_kernel_accuracy(isa, rng):
     assert np.all(err <= np.maximum(2.5 * ulp, 4e-17)), float(np.max(err / np.maximum(ulp, 1e-300)))
 
 
+def test_log_abs_kernel_accuracy(isa, rng):
+    """The sparse js loop's log: only ever called on m <= 1 and weighted by m (sum m <= 1), so it
+    is held to 2 ulp of the result or 2.5e-16 absolute (no relative bound just below 1)."""
+    x = np.concatenate([
+        np.exp(rng.uniform(np.log(1e-308), 0.0, 200000)),
+        rng.uniform(0.0, 1.0, 200000),
+        1.0 - rng.uniform(0.0, 1e-6, 10000),
+        np.array([1.0, 0.75, 0.5, np.nextafter(1.0, 0), np.nextafter(0.5, 0), 1.0 / 1.03125,
+                  5e-324, 2.2250738585072014e-308, 1e-310]),
+        rng.uniform(1e-320, 2e-308, 1000),  # subnormal
+    ])
+    x = x[x > 0]
+    want = np.log(x.astype(np.longdouble))
+    err = np.abs(_core._divergence_log_abs(x).astype(np.longdouble) - want)
+    ulp = np.spacing(np.abs(want.astype(np.float64))).astype(np.longdouble)
+    # measured: avx512 <= 1.1 ulp, or <= 1.3e-16 absolute where |log x| < 1; avx2 = its log_f64
+    assert np.all(err <= np.maximum(2.0 * ulp, 2.5e-16)), float(np.max(err / ulp))
+
+
 def test_core_refuses_silent_copies():
     X = np.ones((3, 4))
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.divergence(X[:, ::2], None, "js", 1e-10, 1)
     with pytest.raises(TypeError, match="dtype"):
         _core.divergence(X.astype(np.int64), None, "js", 1e-10, 1)
+
+
+# ---- prepared bank ------------------------------------------------------------------------------
+@pytest.mark.parametrize("q", [1, 2, 3, 9])
+@pytest.mark.parametrize("density", [0.3, 0.9])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_prepared_equals_unprepared(isa, rng, metric, form, density, q):
+    """Every path (direct, index in tiles, dense loop, wd) gives bit-identical results prepared."""
+    P, R = random_counts(rng, q, 400, density), random_counts(rng, 11, 400, density)
+    R[0] += 1.0
+    Pf, Rf = as_form(P, form), as_form(R, form)
+    bank = prepare(Rf)
+    for threads in (1, 2):  # tiles depend on threads; results must not
+        want = divergence(Pf, Rf, metric, threads=threads)
+        np.testing.assert_array_equal(bank.divergence(Pf, metric, threads=threads), want)
+        np.testing.assert_array_equal(bank.divergence(Pf, metric, threads=threads), want)  # cached
+        np.testing.assert_array_equal(divergence(Pf, bank, metric, threads=threads), want)
+    assert_close(bank.divergence(Pf, metric), oracle(Pf, Rf, metric, 1e-10), rtol_for(form))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_prepared_eps_isa_switch_and_copy(rng, eps):
+    """The bank keeps its own copy of R, and its caches follow the active ISA."""
+    P, R = random_counts(rng, 4, 300, 0.3), random_counts(rng, 6, 300, 0.5)
+    R[0] += 1.0
+    Rc = sp.csr_matrix(R)
+    bank = prepare(Rc, eps=eps)
+    assert bank.shape == (6, 300) and bank.eps == eps and len(bank) == 6
+    want = {m: divergence(P, Rc, m, eps=eps) for m in METRICS}
+    Rc.data[:] = 1.0  # the caller's arrays change; the bank must not
+    before = _core.active_isa()
+    try:
+        for isa in _core.available_isas():
+            _core.set_active_isa(isa)
+            ref = {m: divergence(P, sp.csr_matrix(R), m, eps=eps) for m in METRICS}
+            for m in METRICS:
+                np.testing.assert_array_equal(bank.divergence(P, m), ref[m])
+                assert_close(bank.divergence(P, m), want[m], 1e-12)
+    finally:
+        _core.set_active_isa(before)
+    with pytest.raises(ValueError, match="eps"):
+        divergence(P, bank, "js", eps=eps + 1.0)
+
+
+def test_prepared_rejects_bad_input(rng):
+    R = random_counts(rng, 3, 50, 0.5)
+    R[1, 3] = np.nan
+    with pytest.raises(ValueError, match="row 1 of R holds NaN"):
+        prepare(R)
+    with pytest.raises(ValueError, match="eps"):
+        prepare(random_counts(rng, 3, 50), eps=-1.0)
+    bank = prepare(random_counts(rng, 3, 50))
+    with pytest.raises(ValueError, match="bins"):
+        bank.divergence(random_counts(rng, 2, 51))
+    with pytest.raises(ValueError, match="unknown metric"):
+        bank.divergence(random_counts(rng, 2, 50), "cos")
+    bad = random_counts(rng, 2, 50)
+    bad[0, 0] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        bank.divergence(bad)
+    assert bank.divergence(np.zeros((0, 50))).shape == (0, 3)

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <string>
 
 #include "common.h"
@@ -121,6 +122,40 @@ void register_divergence(py::module_& m) {
       "Low-level divergence kernel; use loramix.divergence.divergence. P/R: C-contiguous 2-D "
       "float32/float64 array or (indptr int64, indices int32, data float32/float64, n_cols). "
       "threads <= 0: default.");
+  // A prepared bank keeps its own copy of R (the caller's arrays may change or go away).
+  py::class_<PreparedHistograms>(m, "PreparedHistograms")
+      .def(py::init([](py::object R, double eps, int threads) {
+             HeldMatrix hr = to_matrix(R, "R");
+             const HistMatrix rm = hr.m;
+             return run_interruptible([&](Cancel& cancel) {
+               return std::make_unique<PreparedHistograms>(rm, eps, threads, &cancel);
+             });
+           }),
+           py::arg("R"), py::arg("eps"), py::arg("threads"),
+           "R: C-contiguous 2-D float32/float64 array or (indptr int64, indices int32, data "
+           "float32/float64, n_cols); copied. threads <= 0: default.")
+      .def_property_readonly("rows", &PreparedHistograms::rows)
+      .def_property_readonly("cols", &PreparedHistograms::cols)
+      .def_property_readonly("eps", &PreparedHistograms::eps)
+      .def(
+          "divergence",
+          [](const PreparedHistograms& self, py::object P, const std::string& metric, int threads) {
+            const Metric met = parse_metric(metric);
+            HeldMatrix hp = to_matrix(P, "P");
+            if (hp.m.cols != self.cols())
+              throw py::value_error("divergence: P has " + std::to_string(hp.m.cols) +
+                                    " columns but R has " + std::to_string(self.cols()));
+            py::array_t<double> out({static_cast<py::ssize_t>(hp.m.rows), static_cast<py::ssize_t>(self.rows())});
+            double* o = out.mutable_data();
+            const HistMatrix pm = hp.m;
+            run_interruptible([&](Cancel& cancel) {
+              self.divergence(pm, met, threads, &cancel, o);
+              return 0;
+            });
+            return out;
+          },
+          py::arg("P"), py::arg("metric"), py::arg("threads"),
+          "P against the prepared bank; same result as divergence(P, R, metric, eps, threads).");
   m.def(
       "_divergence_log",
       [](py::object x) {
@@ -130,6 +165,15 @@ void register_divergence(py::module_& m) {
         return out;
       },
       py::arg("x"), "Test hook: the active ISA's log kernel on a 1-D float64 array of positive finite values.");
+  m.def(
+      "_divergence_log_abs",
+      [](py::object x) {
+        auto a = require_array<double>(x, "x");
+        py::array_t<double> out(a.size());
+        divergence_kernels(active_isa()).log_abs_f64(a.data(), out.mutable_data(), static_cast<std::size_t>(a.size()));
+        return out;
+      },
+      py::arg("x"), "Test hook: the active ISA's log for the sparse js loop (absolute error bound).");
 }
 
 }  // namespace loramix::bind

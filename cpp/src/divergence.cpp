@@ -18,10 +18,16 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -34,15 +40,20 @@
 namespace loramix {
 
 const DivergenceKernels& divergence_kernels(Isa isa) {
-  static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::js_posting_f64_scalar,
-                                          scalar::kl_posting_f64_scalar, scalar::js_dense_f64_scalar,
+  static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::log_f64_scalar,
+                                          scalar::js_posting_f64_scalar,
+                                          scalar::kl_posting_f64_scalar, scalar::js_terms_f64_scalar,
+                                          scalar::kl_terms_f64_scalar, scalar::js_dense_f64_scalar,
                                           scalar::kl_dense_f64_scalar, scalar::wd_dense_f64_scalar};
 #if defined(LORAMIX_HAVE_X86)
-  static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
-                                        avx2::kl_posting_f64_avx2, avx2::js_dense_f64_avx2,
+  static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
+                                        avx2::kl_posting_f64_avx2, avx2::js_terms_f64_avx2,
+                                        avx2::kl_terms_f64_avx2, avx2::js_dense_f64_avx2,
                                         avx2::kl_dense_f64_avx2, avx2::wd_dense_f64_avx2};
-  static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::js_posting_f64_avx512,
-                                          avx512::kl_posting_f64_avx512,
+  static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::log_abs_f64_avx512,
+                                          avx512::js_posting_f64_avx512,
+                                          avx512::kl_posting_f64_avx512, avx512::js_terms_f64_avx512,
+                                          avx512::kl_terms_f64_avx512,
                                           avx512::js_dense_f64_avx512, avx512::kl_dense_f64_avx512,
                                           avx512::wd_dense_f64_avx512};
   switch (isa) {
@@ -160,42 +171,93 @@ double scan_row(const HistMatrix& M, const char* name, int64_t r, F&& f) {
   return RowReader<double>{M, name}.scan(r, f);
 }
 
+// Large blocks (>= 2 MiB, on transparent huge pages) freed by one call are kept for the next
+// one, up to kPoolCap bytes in all: a 502 x 502 js uses ~120 MB of such arrays, and the
+// allocator handing them back to the OS made every call fault them in and zero them anew
+// (~7% of a call's CPU time in steady state).
+constexpr std::size_t kHuge = std::size_t(1) << 21;
+constexpr std::size_t kPoolCap = std::size_t(192) << 20;
+
+class BlockPool {
+ public:
+  static BlockPool& get() {
+    static BlockPool* p = new BlockPool;  // never destroyed: no order-of-exit issues
+    return *p;
+  }
+  // A block of at least `bytes` and at most twice that, or nullptr; *got = its size.
+  void* take(std::size_t bytes, std::size_t* got) {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::size_t best = blocks_.size();
+    for (std::size_t k = 0; k < blocks_.size(); ++k)
+      if (blocks_[k].second >= bytes && blocks_[k].second <= 2 * bytes &&
+          (best == blocks_.size() || blocks_[k].second < blocks_[best].second))
+        best = k;
+    if (best == blocks_.size()) return nullptr;
+    void* p = blocks_[best].first;
+    *got = blocks_[best].second;
+    held_ -= *got;
+    blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(best));
+    return p;
+  }
+  void give(void* p, std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (held_ + bytes <= kPoolCap) {
+        blocks_.emplace_back(p, bytes);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<void*, std::size_t>> blocks_;
+  std::size_t held_ = 0;
+};
+
 // A large array that is never value-initialized (every element is written before it is read)
-// and, from 2 MiB up, sits on transparent huge pages: the arrays here are tens of MB per call,
-// and faulting them in 4 KiB pages, each zeroed twice (kernel, then vector::resize), was a
-// sizeable share of a whole 502 x 502 js.
+// and, from 2 MiB up, sits on transparent huge pages, recycled through BlockPool.
 template <class T>
 class Buf {
  public:
   Buf() = default;
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_) { o.p_ = nullptr; o.n_ = 0; o.bytes_ = 0; }
   Buf& operator=(Buf&& o) noexcept {
     if (this != &o) {
-      std::free(p_);
+      release();
       p_ = o.p_;
       n_ = o.n_;
+      bytes_ = o.bytes_;
       o.p_ = nullptr;
       o.n_ = 0;
+      o.bytes_ = 0;
     }
     return *this;
   }
-  ~Buf() { std::free(p_); }
+  ~Buf() { release(); }
   // Discards the contents; the new elements are uninitialized.
   void resize(std::size_t n) {
-    std::free(p_);
-    p_ = nullptr;
+    release();
     n_ = n;
     if (n == 0) return;
     std::size_t bytes = n * sizeof(T);
-    constexpr std::size_t kHuge = std::size_t(1) << 21;
     if (bytes >= kHuge) {
       bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      std::size_t got = 0;
+      if (void* q = BlockPool::get().take(bytes, &got)) {
+        p_ = static_cast<T*>(q);
+        bytes_ = got;
+        return;
+      }
       p_ = static_cast<T*>(std::aligned_alloc(kHuge, bytes));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       if (p_) madvise(p_, bytes, MADV_HUGEPAGE);
 #endif
+      bytes_ = bytes;
     } else {
       p_ = static_cast<T*>(std::malloc(bytes));
     }
@@ -212,8 +274,16 @@ class Buf {
   const T* end() const { return p_ + n_; }
 
  private:
+  void release() {
+    if (p_ && bytes_) BlockPool::get().give(p_, bytes_);
+    else std::free(p_);
+    p_ = nullptr;
+    n_ = 0;
+    bytes_ = 0;
+  }
   T* p_ = nullptr;
   std::size_t n_ = 0;
+  std::size_t bytes_ = 0;  // non-zero: a huge block, returned to the pool
 };
 
 // Normalized sparse rows plus the per-entry / per-row values each metric needs.
@@ -337,8 +407,9 @@ struct Postings {
 // dense_runs (js only): a bin held by at least kDenseRunShare of the tile's rows gets a run over
 // every row of the tile, absent rows padded with x1 = 0 (kernels skip q == 0). Such runs are
 // contiguous in rows, so the kernel updates the accumulators with plain vector loads/stores
-// instead of gather/scatter, which costs more than the few padded lanes.
-constexpr double kDenseRunShare = 0.6;
+// instead of gather/scatter, which costs more than the few padded lanes. (Measured, 502 x 502
+// js, AVX-512: 0.75 beats 0.6 by ~3% and 0.5 by ~7%; each padded lane costs a full log.)
+constexpr double kDenseRunShare = 0.75;
 
 Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const double* src1,
                         const double* src2, bool dense_runs, int threads, Cancel* cancel) {
@@ -364,8 +435,10 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const double* s
   P.x1.resize(n);
   if (need_x2) P.x2.resize(n);
   // The transposition writes all over the arrays: split it by ranges of bins of about equal
-  // size, one range per task, each task taking its slice of every row (rows are sorted).
-  const int64_t nranges = std::max<int64_t>(1, std::min<int64_t>(4 * threads, R.cols));
+  // size, one range per task, each task taking its slice of every row (rows are sorted). A
+  // range's slice of the arrays (~32k entries, ~640 KB) stays in L2 while it is filled; one
+  // range for the whole index made every write a cache miss.
+  const int64_t nranges = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(4 * threads, n / 32768), R.cols));
   std::vector<int64_t> vcut(nranges + 1, R.cols);
   vcut[0] = 0;
   for (int64_t c = 1, v = 0; c < nranges; ++c) {
@@ -411,18 +484,27 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t Q, int64_t N, int th
   return t;
 }
 
-void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metric, double eps,
-                  const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
+// The inverted index of R for js / kl, in tiles of R rows (one tile when symmetric).
+std::vector<Postings> build_index(const Sparse& R, Metric metric,
+                                  const std::vector<std::pair<int64_t, int64_t>>& tiles, int threads,
+                                  Cancel* cancel) {
+  const bool js = metric == Metric::js;
+  std::vector<Postings> post(tiles.size());
+  for (std::size_t t = 0; t < tiles.size(); ++t)
+    post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(),
+                             js ? R.v2.data() : nullptr, js, threads, cancel);
+  return post;
+}
+
+// post: build_index(R, metric, tiles) (symmetric: of P itself, one tile).
+void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post, bool symmetric,
+                  Metric metric, double eps, const DivergenceKernels& K, int threads, Cancel* cancel,
+                  double* out) {
   const int64_t Q = P.rows, N = R.rows;
   const bool js = metric == Metric::js;
   // symmetric (js with R = none): P's own index serves both sides and a pair (i, j), i < j, is
   // met once, at i's entry in the run of each bin they share, against the entries after it.
-  const auto tiles = symmetric ? std::vector<std::pair<int64_t, int64_t>>{{0, N}} : make_tiles(Q, N, threads);
-  std::vector<Postings> post(tiles.size());
   Postings pown;
-  for (std::size_t t = 0; t < tiles.size(); ++t)
-    post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(),
-                             js ? R.v2.data() : nullptr, js, threads, cancel);
   // P's side of each bin: js (p, w); kl (c, a).
   if (!symmetric)
     pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(),
@@ -432,12 +514,15 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
   // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
   // bins in increasing bin order, so blocking, tiles and threads never change a result.
-  // 64 rows per block keeps the accumulators (64 x N doubles) in L2; fewer when that would leave
-  // threads without blocks to take.
-  int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(64, Q / (4 * std::max(1, threads))));
+  // Each block streams the whole index once (tens of MB, from L3), so blocks are as large as
+  // keeps the accumulators in L2: up to 256 rows while they stay <= 1 MB (N <= 512), 64 rows
+  // otherwise; fewer when that would leave threads without blocks to take (measured, 502 x
+  // 502 js, 1 thread: 125-row blocks -5% CPU time against 64).
+  const int64_t max_rows = std::max<int64_t>(64, std::min<int64_t>(256, (int64_t(1) << 17) / std::max<int64_t>(1, N)));
+  int64_t kBlockRows = std::max<int64_t>(8, std::min<int64_t>(max_rows, Q / (4 * std::max(1, threads))));
   kBlockRows = std::max<int64_t>(1, std::min<int64_t>(kBlockRows, (int64_t(1) << 22) / N));  // <= 32 MB/thread
   const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const int64_t ntiles = static_cast<int64_t>(post.size());
   const int nt = std::max(1, threads);
   const bool count_shared = !js && eps == 0.0;
   struct Scratch {
@@ -513,17 +598,19 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   });
 }
 
-// A few rows of P against many of R (one new dataset against a bank): building R's inverted
-// index would cost more than the pairs. Instead each P row is spread over a dense array of bins,
-// and every R row gathers its shared bins from it into a short buffer that the dense kernel sums.
+// A few rows of P against a bank that is not prepared: building R's inverted index would cost
+// more than the pairs. Instead each P row is spread over a dense array of bins, and every R row
+// gathers its shared bins from it into short buffers. The terms are computed by the *_terms
+// kernels (the posting kernels' arithmetic) and summed one by one in bin order, as the index
+// path sums them, so both paths -- and so a prepared bank and a one-off call -- agree bit for bit.
 constexpr int64_t kDirectMaxRows = 2;  // measured: the index wins from 3 rows on (502 x 32k bank)
 
 void direct_js_kl(const Sparse& P, const Sparse& R, Metric metric, double eps,
                   const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
   const int64_t Q = P.rows, N = R.rows, V = P.cols;
   const bool js = metric == Metric::js;
-  // Per P row: x1 = p (js) or c (kl), x2 = w (js) or a (kl); x2 > 0 marks a held bin for kl,
-  // x1 > 0 for js.
+  // Per P row, as its side of the index holds them: js x1 = p, x2 = w (x1 > 0 marks a held
+  // bin); kl x1 = c, x2 = a (x2 > 0 marks it).
   std::vector<double> d1(V), d2(V);
   int64_t max_r = 0;
   for (int64_t j = 0; j < N; ++j) max_r = std::max(max_r, R.nnz(j));
@@ -536,41 +623,33 @@ void direct_js_kl(const Sparse& P, const Sparse& R, Metric metric, double eps,
     }
     parallel_for(N, 16, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
       std::vector<double>& B = buf[w];
-      if (B.empty()) B.resize(4 * static_cast<std::size_t>(max_r));
-      double* bp = B.data();
-      double* bw = bp + max_r;
-      double* bq = bw + max_r;
-      double* bv = bq + max_r;
+      if (B.empty()) B.resize(5 * static_cast<std::size_t>(max_r));
+      double* b1 = B.data();
+      double* b2 = b1 + max_r;
+      double* by = b2 + max_r;
+      double* bv = by + max_r;
+      double* val = bv + max_r;
       for (std::size_t jj = b; jj < e; ++jj) {
         const int64_t j = static_cast<int64_t>(jj);
-        int64_t n = 0;
-        double acc = 0.0;
+        std::size_t n = 0;
         for (int64_t k = R.ptr[j]; k < R.ptr[j + 1]; ++k) {
           const int32_t v = R.idx[k];
           if (js ? d1[v] > 0.0 : d2[v] > 0.0) {  // shared bin
-            if (js) {
-              bp[n] = d1[v];
-              bw[n] = d2[v];
-              bq[n] = R.v1[k];
-              bv[n] = R.v2[k];
-            } else {
-              acc += d1[v] - d2[v] * R.v1[k];
-            }
+            b1[n] = d1[v];
+            b2[n] = d2[v];
+            by[n] = R.v1[k];
+            if (js) bv[n] = R.v2[k];
             ++n;
           }
         }
+        if (js) K.js_terms_f64(b1, b2, by, bv, n, val);
+        else K.kl_terms_f64(b1, b2, by, n, val);
+        double acc = 0.0;
+        for (std::size_t k = 0; k < n; ++k) acc += val[k];
         double& o = out[i * N + j];
-        if (js) {
-          double sums[1] = {0.0};
-          const double* pp[1] = {bp};
-          const double* hp[1] = {bw};
-          K.js_dense_f64(pp, hp, 1, bq, bv, static_cast<std::size_t>(n), sums);
-          o = (P.c1[i] + R.c1[j]) + sums[0];
-        } else if (eps > 0.0) {
-          o = (P.c1[i] + R.c2[j]) + acc;
-        } else {
-          o = n == P.nnz(i) ? acc : kInf;
-        }
+        if (js) o = (P.c1[i] + R.c1[j]) + acc;
+        else if (eps > 0.0) o = (P.c1[i] + R.c2[j]) + acc;
+        else o = static_cast<int64_t>(n) == P.nnz(i) ? acc : kInf;
       }
     });
     for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) d1[P.idx[k]] = d2[P.idx[k]] = 0.0;
@@ -624,7 +703,7 @@ void sparse_wd(const Sparse& P, const Sparse& R, bool symmetric, int threads, Ca
 // support entry). The bins go in chunks; per chunk every row's CDF piece is built once
 // (compensated: hi + lo, so the difference of two CDFs near 1 keeps full precision), then all
 // pairs accumulate their chunk sums in a fixed order.
-constexpr int64_t kWdChunk = 512;
+constexpr int64_t kWdChunk = 256;  // 8 rows x 256 bins x (hi, lo) = 32 KB: the P block stays in L1
 
 void cdf_wd(const Sparse& P, const Sparse& R, bool symmetric, const DivergenceKernels& K,
             int threads, Cancel* cancel, double* out) {
@@ -839,52 +918,175 @@ void check_matrix(const HistMatrix& M, const char* name) {
 
 }  // namespace
 
-void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double eps, int threads,
-                Cancel* cancel, double* out) {
-  if (!(eps >= 0.0) || !std::isfinite(eps))
-    throw std::invalid_argument("divergence: eps must be finite and >= 0, got " + fmt(eps));
-  check_matrix(P, "P");
-  if (R) {
-    check_matrix(*R, "R");
-    if (R->cols != P.cols)
-      throw std::invalid_argument("divergence: P has " + std::to_string(P.cols) + " columns but R has " +
-                                  std::to_string(R->cols) + " (histograms must share one vocabulary)");
+// ---- the bank side of a call, computed once per (metric, ISA) and kept by PreparedHistograms ----
+struct PreparedHistograms::Impl {
+  HistMatrix R;  // the caller's arrays (a call's own Impl) or the copies below
+  double eps = 0.0;
+  bool one_off = false;  // divergence(P, &R)'s own: nothing it builds is used again
+  std::vector<int64_t> own_indptr;
+  std::vector<int32_t> own_indices;
+  std::vector<unsigned char> own_data;
+  std::mutex mu;
+  std::map<std::pair<int, int>, std::unique_ptr<Sparse>> sparse;  // (metric, isa)
+  // (metric, isa, tile count) -> index in tiles of R rows
+  std::map<std::tuple<int, int, int64_t>, std::unique_ptr<std::vector<Postings>>> index;
+  double fill = -1.0;  // non-zero fraction of a dense R, once computed
+
+  const Sparse& sparse_for(Metric metric, const DivergenceKernels& K, int threads, Cancel* cancel) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto& slot = sparse[{static_cast<int>(metric), static_cast<int>(active_isa())}];
+    if (!slot) slot = std::make_unique<Sparse>(build_sparse(R, "R", metric, eps, K, threads, cancel));
+    return *slot;
   }
+  const std::vector<Postings>& index_for(Metric metric, const Sparse& SR,
+                                         const std::vector<std::pair<int64_t, int64_t>>& tiles,
+                                         int threads, Cancel* cancel) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto& slot = index[{static_cast<int>(metric), static_cast<int>(active_isa()),
+                        static_cast<int64_t>(tiles.size())}];
+    if (!slot) slot = std::make_unique<std::vector<Postings>>(build_index(SR, metric, tiles, threads, cancel));
+    return *slot;
+  }
+  double fill_for(int threads, Cancel* cancel) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (fill < 0.0) fill = nonzero_fraction(R, threads, cancel);
+    return fill;
+  }
+};
+
+namespace {
+
+// P against a bank; both divergence(P, &R) (with a throwaway Impl over the caller's R) and
+// PreparedHistograms::divergence come here, so the two give bit-identical results.
+void divergence_vs_bank(const HistMatrix& P, PreparedHistograms::Impl& B, Metric metric, int threads,
+                        Cancel* cancel, double* out) {
+  const HistMatrix& R = B.R;
+  const double eps = B.eps;
+  check_matrix(P, "P");
+  if (R.cols != P.cols)
+    throw std::invalid_argument("divergence: P has " + std::to_string(P.cols) + " columns but R has " +
+                                std::to_string(R.cols) + " (histograms must share one vocabulary)");
   const int nt = resolve_threads(threads);
   const DivergenceKernels& K = divergence_kernels(active_isa());  // once per call
-  const bool symmetric = R == nullptr;
-  const HistMatrix& RR = symmetric ? P : *R;
-  const int64_t Q = P.rows, N = RR.rows;
+  const int64_t Q = P.rows, N = R.rows;
   if (Q == 0 || N == 0) return;
-
   // Dense inputs that are mostly zeros (token histograms usually are) go through the sparse
   // algorithm too: its cost is the shared bins, the dense loop's is every bin of every pair.
-  bool use_dense = metric != Metric::wd && !P.sparse && !RR.sparse;
+  bool use_dense = metric != Metric::wd && !P.sparse && !R.sparse;
   if (use_dense) {
     const double fill = (nonzero_fraction(P, nt, cancel) * static_cast<double>(Q) +
-                         (symmetric ? nonzero_fraction(P, nt, cancel) : nonzero_fraction(RR, nt, cancel)) *
-                             static_cast<double>(N)) / static_cast<double>(Q + N);
+                         B.fill_for(nt, cancel) * static_cast<double>(N)) / static_cast<double>(Q + N);
     use_dense = fill > kDenseFill;
   }
   if (use_dense) {
-    dense_js_kl(P, RR, symmetric, metric, eps, K, nt, cancel, out);
+    dense_js_kl(P, R, false, metric, eps, K, nt, cancel, out);
+    return;
+  }
+  const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
+  const Sparse& SR = B.sparse_for(metric, K, nt, cancel);
+  if (metric == Metric::wd) {
+    // merge cost ~ (nnz_i + nnz_j) branchy steps per pair; CDF cost ~ V cheap vector lanes
+    const double mean_nnz = static_cast<double>(SP.ptr[Q]) / Q + static_cast<double>(SR.ptr[N]) / N;
+    if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SR, false, K, nt, cancel, out);
+    else sparse_wd(SP, SR, false, nt, cancel, out);
+  } else if (B.one_off && Q <= kDirectMaxRows) {
+    direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
+  } else {  // a prepared bank keeps its index: from one row on, walking it beats the gather
+    const auto& post = B.index_for(metric, SR, make_tiles(Q, N, nt), nt, cancel);
+    sparse_js_kl(SP, SR, post, false, metric, eps, K, nt, cancel, out);
+  }
+}
+
+void check_eps(double eps) {
+  if (!(eps >= 0.0) || !std::isfinite(eps))
+    throw std::invalid_argument("divergence: eps must be finite and >= 0, got " + fmt(eps));
+}
+
+}  // namespace
+
+void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double eps, int threads,
+                Cancel* cancel, double* out) {
+  check_eps(eps);
+  check_matrix(P, "P");
+  if (R) {
+    check_matrix(*R, "R");
+    PreparedHistograms::Impl B;
+    B.R = *R;
+    B.eps = eps;
+    B.one_off = true;
+    divergence_vs_bank(P, B, metric, threads, cancel, out);
+    return;
+  }
+  // R = none: all pairs within P.
+  const int nt = resolve_threads(threads);
+  const DivergenceKernels& K = divergence_kernels(active_isa());  // once per call
+  const int64_t Q = P.rows, N = Q;
+  if (Q == 0) return;
+  bool use_dense = metric != Metric::wd && !P.sparse;
+  if (use_dense) use_dense = nonzero_fraction(P, nt, cancel) > kDenseFill;
+  if (use_dense) {
+    dense_js_kl(P, P, true, metric, eps, K, nt, cancel, out);
   } else {
     const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
-    Sparse SR_own;
-    if (!symmetric) SR_own = build_sparse(RR, "R", metric, eps, K, nt, cancel);
-    const Sparse& SR = symmetric ? SP : SR_own;
     if (metric == Metric::wd) {
-      // merge cost ~ (nnz_i + nnz_j) branchy steps per pair; CDF cost ~ V cheap vector lanes
-      const double mean_nnz = static_cast<double>(SP.ptr[Q]) / Q + static_cast<double>(SR.ptr[N]) / N;
-      if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SR, symmetric, K, nt, cancel, out);
-      else sparse_wd(SP, SR, symmetric, nt, cancel, out);
+      const double mean_nnz = 2.0 * static_cast<double>(SP.ptr[Q]) / Q;
+      if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SP, true, K, nt, cancel, out);
+      else sparse_wd(SP, SP, true, nt, cancel, out);
+    } else if (metric == Metric::js) {
+      // each unordered pair once, through P's own index (one tile)
+      const auto post = build_index(SP, metric, {{0, N}}, nt, cancel);
+      sparse_js_kl(SP, SP, post, true, metric, eps, K, nt, cancel, out);
+    } else {
+      // kl is not symmetric: P against P, both directions.
+      const auto post = build_index(SP, metric, make_tiles(Q, N, nt), nt, cancel);
+      sparse_js_kl(SP, SP, post, false, metric, eps, K, nt, cancel, out);
     }
-    // kl is not symmetric: with R = none it runs as P against P, both directions.
-    else if (!symmetric && Q <= kDirectMaxRows) direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
-    else sparse_js_kl(SP, SR, symmetric && metric == Metric::js, metric, eps, K, nt, cancel, out);
   }
-  if (symmetric)
-    for (int64_t i = 0; i < Q; ++i) out[i * N + i] = 0.0;
+  for (int64_t i = 0; i < Q; ++i) out[i * N + i] = 0.0;
+}
+
+PreparedHistograms::PreparedHistograms(const HistMatrix& R, double eps, int threads, Cancel* cancel)
+    : impl_(nullptr) {
+  check_eps(eps);
+  check_matrix(R, "R");
+  auto impl = std::make_unique<Impl>();
+  impl->eps = eps;
+  HistMatrix& M = impl->R;
+  M = R;
+  const std::size_t esize = R.dtype == DType::f32 ? sizeof(float) : sizeof(double);
+  if (R.sparse) {
+    const int64_t nnz = R.indptr[R.rows];
+    impl->own_indptr.assign(R.indptr, R.indptr + R.rows + 1);
+    impl->own_indices.assign(R.indices, R.indices + nnz);
+    const auto* d = static_cast<const unsigned char*>(R.data);
+    impl->own_data.assign(d, d + nnz * esize);
+    M.indptr = impl->own_indptr.data();
+    M.indices = impl->own_indices.data();
+  } else {
+    impl->own_data.resize(static_cast<std::size_t>(R.rows * R.cols) * esize);
+    for (int64_t r = 0; r < R.rows; ++r)
+      std::memcpy(impl->own_data.data() + r * R.cols * esize,
+                  static_cast<const unsigned char*>(R.data) + r * R.row_stride * esize, R.cols * esize);
+    M.row_stride = R.cols;
+  }
+  M.data = impl->own_data.data();
+  // Reject a bad bank now rather than at its first use.
+  const int nt = resolve_threads(threads);
+  parallel_for(M.rows, 16, nt, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t r = b; r < e; ++r) scan_row(M, "R", static_cast<int64_t>(r), [](int64_t, double) {});
+  });
+  impl_ = impl.release();
+}
+
+PreparedHistograms::~PreparedHistograms() { delete impl_; }
+
+int64_t PreparedHistograms::rows() const { return impl_->R.rows; }
+int64_t PreparedHistograms::cols() const { return impl_->R.cols; }
+double PreparedHistograms::eps() const { return impl_->eps; }
+
+void PreparedHistograms::divergence(const HistMatrix& P, Metric metric, int threads, Cancel* cancel,
+                                    double* out) const {
+  divergence_vs_bank(P, *impl_, metric, threads, cancel, out);
 }
 
 }  // namespace loramix

@@ -109,6 +109,33 @@ void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
   }
 }
 
+void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const double* wq,
+                       std::size_t n, double* val) {
+  const __m256d half = _mm256_set1_pd(0.5);
+  std::size_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const __m256d mid = _mm256_mul_pd(half, _mm256_add_pd(_mm256_loadu_pd(p + k), _mm256_loadu_pd(q + k)));
+    _mm256_storeu_pd(val + k, _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(_mm256_loadu_pd(wp + k),
+                                                                                   _mm256_loadu_pd(wq + k))));
+  }
+  if (k < n) {
+    const __m256i m = tail_mask(n - k);
+    // unused lanes: p = q = 1 keeps the log's argument positive
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256d vp = _mm256_blendv_pd(one, _mm256_maskload_pd(p + k, m), _mm256_castsi256_pd(m));
+    const __m256d vq = _mm256_blendv_pd(one, _mm256_maskload_pd(q + k, m), _mm256_castsi256_pd(m));
+    const __m256d mid = _mm256_mul_pd(half, _mm256_add_pd(vp, vq));
+    const __m256d v = _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(_mm256_maskload_pd(wp + k, m),
+                                                                         _mm256_maskload_pd(wq + k, m)));
+    _mm256_maskstore_pd(val + k, m, v);
+  }
+}
+
+void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val) {
+  // fused, as kl_posting_f64_avx2
+  for (std::size_t k = 0; k < n; ++k) val[k] = __builtin_fma(-a[k], y[k], c[k]);
+}
+
 void kl_posting_f64_avx2(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                          double* acc) {
   if (n == 0) return;
@@ -179,29 +206,44 @@ void kl_dense_f64_avx2(const double* const* p, const double* const* lp, int nb, 
   }
 }
 
+namespace {
+
+// As in the AVX-512 file: rows in register-blocked groups (here of up to 4), each vector of the
+// R row's CDF loaded once for the group, one accumulator per row.
+template <int NB>
+inline void wd_rows_f64x4(const double* const* phi, const double* const* plo, const double* qhi,
+                          const double* qlo, std::size_t n, double* sums) {
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  __m256d s[NB];
+  for (int b = 0; b < NB; ++b) s[b] = _mm256_setzero_pd();
+  std::size_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const __m256d qh = _mm256_loadu_pd(qhi + k), ql = _mm256_loadu_pd(qlo + k);
+    for (int b = 0; b < NB; ++b) {
+      const __m256d d = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(phi[b] + k), qh),
+                                      _mm256_sub_pd(_mm256_loadu_pd(plo[b] + k), ql));
+      s[b] = _mm256_add_pd(s[b], _mm256_andnot_pd(sign, d));
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    alignas(32) double t[4];
+    _mm256_store_pd(t, s[b]);
+    double v = (t[0] + t[1]) + (t[2] + t[3]);
+    for (std::size_t r = k; r < n; ++r) {
+      const double d = (phi[b][r] - qhi[r]) + (plo[b][r] - qlo[r]);
+      v += d < 0.0 ? -d : d;
+    }
+    sums[b] += v;
+  }
+}
+
+}  // namespace
+
 void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int nb,
                        const double* qhi, const double* qlo, std::size_t n, double* sums) {
-  const __m256d sign = _mm256_set1_pd(-0.0);
-  for (int b = 0; b < nb; ++b) {
-    const double* ph = phi[b];
-    const double* pl = plo[b];
-    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-    std::size_t k = 0;
-    for (; k + 4 <= n; k += 4) {
-      const __m256d d = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(ph + k), _mm256_loadu_pd(qhi + k)),
-                                      _mm256_sub_pd(_mm256_loadu_pd(pl + k), _mm256_loadu_pd(qlo + k)));
-      const __m256d a = _mm256_andnot_pd(sign, d);
-      if ((k / 4) & 1) s1 = _mm256_add_pd(s1, a); else s0 = _mm256_add_pd(s0, a);
-    }
-    alignas(32) double t[4];
-    _mm256_store_pd(t, _mm256_add_pd(s0, s1));
-    double s = (t[0] + t[1]) + (t[2] + t[3]);
-    for (; k < n; ++k) {
-      const double d = (ph[k] - qhi[k]) + (pl[k] - qlo[k]);
-      s += d < 0.0 ? -d : d;
-    }
-    sums[b] += s;
-  }
+  int b = 0;
+  for (; b + 4 <= nb; b += 4) wd_rows_f64x4<4>(phi + b, plo + b, qhi, qlo, n, sums + b);
+  for (; b < nb; ++b) wd_rows_f64x4<1>(phi + b, plo + b, qhi, qlo, n, sums + b);
 }
 
 }  // namespace avx2

@@ -20,6 +20,18 @@ void js_posting_f64_scalar(double p, double wp, const double* q, const double* w
   }
 }
 
+void js_terms_f64_scalar(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val) {
+  for (std::size_t k = 0; k < n; ++k) {
+    const double m = 0.5 * (p[k] + q[k]);
+    val[k] = (wp[k] + wq[k]) - m * ::log(m);
+  }
+}
+
+void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val) {
+  for (std::size_t k = 0; k < n; ++k) val[k] = c[k] - a[k] * y[k];
+}
+
 void kl_posting_f64_scalar(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                            double* acc) {
   for (std::size_t k = 0; k < n; ++k) acc[rows[k]] += c - a * y[k];

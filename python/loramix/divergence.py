@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["CSR", "divergence", "METRICS"]
+__all__ = ["CSR", "divergence", "prepare", "PreparedHistograms", "METRICS"]
 
 METRICS = ("js", "kl", "wd")
 
@@ -92,6 +92,69 @@ def _as_core_input(x, what: str):
     return np.ascontiguousarray(a, dtype=_value_dtype(a.dtype, what))
 
 
+def _check_metric(metric) -> None:
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+
+
+def _check_eps(eps) -> float:
+    eps = float(eps)
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _n_threads(threads) -> int:
+    if threads is None:
+        return 0
+    if isinstance(threads, bool) or int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    return int(threads)
+
+
+def _n_cols(x) -> int:
+    return x[3] if isinstance(x, tuple) else x.shape[1]
+
+
+class PreparedHistograms:
+    """A bank of histograms ``R`` (N x V) prepared once for many ``divergence(P, R)`` calls.
+
+    Holds, in the compiled core, a copy of ``R`` and -- built at the first query of each metric
+    and then kept -- its normalized rows, per-row one-sided sums and inverted index: the part
+    of a call that grows with N. ``bank.divergence(P, metric)`` returns exactly (bit for bit)
+    what ``divergence(P, R, metric, bank.eps)`` returns; ``divergence(P, bank, metric)`` is the
+    same call. ``R`` is validated here (ValueError). Queries may run from several threads.
+    """
+
+    def __init__(self, R, eps: float = 1e-10, *, threads: int | None = None):
+        self.eps = _check_eps(eps)
+        r = _as_core_input(R, "R")
+        self._core = _core.PreparedHistograms(r, self.eps, _n_threads(threads))
+        self.shape = (int(self._core.rows), int(self._core.cols))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"PreparedHistograms(shape={self.shape}, eps={self.eps!r})"
+
+    def divergence(self, P, metric: str = "js", *, threads: int | None = None) -> np.ndarray:
+        """Divergences (Q, N) between the rows of ``P`` and the bank; see :func:`divergence`."""
+        _check_metric(metric)
+        nthreads = _n_threads(threads)
+        p = _as_core_input(P, "P")
+        if _n_cols(p) != self.shape[1]:
+            raise ValueError(
+                f"P has {_n_cols(p)} bins but R has {self.shape[1]} (histograms must share one vocabulary)"
+            )
+        return self._core.divergence(p, metric, nthreads)
+
+
+def prepare(R, eps: float = 1e-10, *, threads: int | None = None) -> PreparedHistograms:
+    """``PreparedHistograms(R, eps)``: prepare a bank once, query it with ``.divergence(P, metric)``."""
+    return PreparedHistograms(R, eps, threads=threads)
+
+
 def divergence(P, R=None, metric: str = "js", eps: float = 1e-10, *, threads: int | None = None):
     """Divergences between the rows of ``P`` (Q x V) and the rows of ``R`` (N x V).
 
@@ -114,26 +177,23 @@ def divergence(P, R=None, metric: str = "js", eps: float = 1e-10, *, threads: in
     * ``"wd"``: sum_v |CDF_p(v) - CDF_q(v)| over the V ordered bins of the normalized rows without
       eps (``scipy.stats.wasserstein_distance`` on token ids).
 
+    ``R`` may be a :class:`PreparedHistograms` (see :func:`prepare`): the bank's preparation
+    (normalization, per-row sums, inverted index) is then done once, not per call; ``eps`` must
+    equal the bank's.
+
     Raises ValueError for NaN/inf/negative values, an all-zero row, a width mismatch, an
     unknown metric or a negative eps; TypeError for unsupported dtypes. ``threads=None`` uses
     ``LORAMIX_NUM_THREADS`` or all cores; the GIL is released and Ctrl-C interrupts the call.
     """
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
-    eps = float(eps)
-    if not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if threads is None:
-        nthreads = 0
-    else:
-        if isinstance(threads, bool) or int(threads) != threads or threads < 1:
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-        nthreads = int(threads)
+    _check_metric(metric)
+    eps = _check_eps(eps)
+    nthreads = _n_threads(threads)
+    if isinstance(R, PreparedHistograms):
+        if eps != R.eps:
+            raise ValueError(f"eps={eps} differs from the prepared bank's eps={R.eps}")
+        return R.divergence(P, metric, threads=threads)
     p = _as_core_input(P, "P")
     r = None if R is None else _as_core_input(R, "R")
-    vp = p[3] if isinstance(p, tuple) else p.shape[1]
-    if r is not None:
-        vr = r[3] if isinstance(r, tuple) else r.shape[1]
-        if vp != vr:
-            raise ValueError(f"P has {vp} bins but R has {vr} (histograms must share one vocabulary)")
+    if r is not None and _n_cols(p) != _n_cols(r):
+        raise ValueError(f"P has {_n_cols(p)} bins but R has {_n_cols(r)} (histograms must share one vocabulary)")
     return _core.divergence(p, r, metric, eps, nthreads)

@@ -21,7 +21,12 @@
 //
 // Accuracy (all ISAs): every quantity is computed in float64, whatever the input dtype. Logs use
 // std::log (scalar) or a 16-entry table + degree-9 polynomial log (AVX2/AVX-512) with error
-// < 2 ulp, or < 2e-17 absolute near x = 1 (positive finite arguments, subnormals included). Per
+// < 2 ulp, or < 2e-17 absolute near x = 1 (positive finite arguments, subnormals included);
+// the AVX-512 sparse js loop, the hot one, uses a shorter log (reduction to [1, 2), 16-entry
+// table, degree-8 polynomial) whose error on 0 < x <= 1 is < 1.5 ulp of the result, or
+// < 2.5e-16 absolute where |log x| < 1 (no relative bound just below 1): it only ever takes
+// log m with m <= 1 and weighs it by m, sum m <= 1, so a pair's error stays a few ulp of
+// (ln 2 + entropies) as before. Per
 // pair the absolute error against a float64 oracle of the same formula is a few ulp of the
 // magnitudes summed: about 1e-15 (ln 2 + entropies) for js, 1e-15 log(1/eps) for kl (its
 // one-sided sums F, G are ~log(1/eps) and cancel for nearly identical rows), 1e-16 V for wd
@@ -41,6 +46,11 @@
 //   js / kl, dense inputs at least 50% non-zero                  -> dense blocked SIMD loop;
 //   wd, V <= 16 x (mean support of a P row + of an R row)         -> CDF chunks, dense SIMD loop;
 //   wd, otherwise (very sparse rows)                              -> merge of the two index lists.
+//   js / kl, P of 1-2 rows against an unprepared R                -> gather of the shared bins
+//                                                                   per R row (no index built);
+//   js / kl against a PreparedHistograms bank                     -> its kept index, any Q.
+// The gather path and the index compute every term with the same arithmetic and add a pair's
+// terms in the same (bin) order, so all paths of a sparse js / kl call agree bit for bit.
 // kl with R = none runs as P against P (both directions). A CSR side is never densified; a dense
 // side of a mixed call is read as sparse rows.
 #pragma once
@@ -75,14 +85,48 @@ struct HistMatrix {
 void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double eps, int threads,
                 Cancel* cancel, double* out);
 
+// A bank R (N x V) prepared once for many calls `P against R`: it keeps a copy of R and, built at
+// first use for each (metric, active ISA) and then kept, R's normalized rows with their
+// per-row sums and its inverted index -- the part of divergence(P, &R) that grows with N.
+// divergence(P, &R) itself runs through the same code on a throwaway bank, so
+// bank.divergence(P, m, ...) equals divergence(P, &R, m, bank.eps(), ...) bit for bit.
+// The constructor validates every row of R (std::invalid_argument). Queries may run
+// concurrently (lazy builds are serialized). Not copyable.
+class PreparedHistograms {
+ public:
+  PreparedHistograms(const HistMatrix& R, double eps, int threads, Cancel* cancel);
+  ~PreparedHistograms();
+  PreparedHistograms(const PreparedHistograms&) = delete;
+  PreparedHistograms& operator=(const PreparedHistograms&) = delete;
+  int64_t rows() const;
+  int64_t cols() const;
+  double eps() const;
+  // out: Q x rows() row-major float64, as divergence(P, &R, metric, eps(), ...).
+  void divergence(const HistMatrix& P, Metric metric, int threads, Cancel* cancel, double* out) const;
+
+  struct Impl;
+
+ private:
+  Impl* impl_;
+};
+
 // ---- Kernels (one implementation per ISA; dispatch once per call on active_isa()). ----------
 // y[k] = log(x[k]) for positive finite x (including subnormals).
 using LogF64Fn = void (*)(const double* x, double* y, std::size_t n);
+// log_abs_f64: the log the sparse js loop uses, for 0 < x <= 1: 2 ulp, or 2.5e-16 absolute
+// where |log x| < 1 (see Accuracy). Same signature as LogF64Fn.
 // Sparse js, one bin shared by P-row value p (with eps) and a run of R rows from the inverted
 // index: acc[rows[k]] += wp + wq[k] - m log m,  m = (p + q[k]) / 2, for every k with q[k] > 0
 // (q[k] == 0 marks padding in runs that cover consecutive rows). Rows increase within a call.
 using JsPostingF64Fn = void (*)(double p, double wp, const double* q, const double* wq,
                                 const int32_t* rows, std::size_t n, double* acc);
+// The same per-term values, one (P bin, R bin) pair per k, with exactly the arithmetic of the
+// posting kernels above (so the few-rows path and the index agree bit for bit):
+//   js: val[k] = wp[k] + wq[k] - m log m, m = (p[k] + q[k]) / 2;   kl: val[k] = c[k] - a[k] y[k].
+using JsTermsF64Fn = void (*)(const double* p, const double* wp, const double* q, const double* wq,
+                              std::size_t n, double* val);
+using KlTermsF64Fn = void (*)(const double* c, const double* a, const double* y, std::size_t n,
+                              double* val);
 // Sparse kl: acc[rows[k]] += c - a * y[k]. Rows distinct within a call.
 using KlPostingF64Fn = void (*)(double c, double a, const double* y, const int32_t* rows,
                                 std::size_t n, double* acc);
@@ -103,8 +147,11 @@ using WdDenseF64Fn = void (*)(const double* const* phi, const double* const* plo
 
 struct DivergenceKernels {
   LogF64Fn log_f64;
+  LogF64Fn log_abs_f64;
   JsPostingF64Fn js_posting_f64;
   KlPostingF64Fn kl_posting_f64;
+  JsTermsF64Fn js_terms_f64;
+  KlTermsF64Fn kl_terms_f64;
   JsDenseF64Fn js_dense_f64;
   KlDenseF64Fn kl_dense_f64;
   WdDenseF64Fn wd_dense_f64;
@@ -114,6 +161,9 @@ namespace scalar {
 void log_f64_scalar(const double* x, double* y, std::size_t n);
 void js_posting_f64_scalar(double p, double wp, const double* q, const double* wq,
                            const int32_t* rows, std::size_t n, double* acc);
+void js_terms_f64_scalar(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val);
+void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val);
 void kl_posting_f64_scalar(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                            double* acc);
 void js_dense_f64_scalar(const double* const* p, const double* const* hp, int nb, const double* q,
@@ -129,6 +179,9 @@ namespace avx2 {
 void log_f64_avx2(const double* x, double* y, std::size_t n);
 void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
                          const int32_t* rows, std::size_t n, double* acc);
+void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val);
+void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val);
 void kl_posting_f64_avx2(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                          double* acc);
 void js_dense_f64_avx2(const double* const* p, const double* const* hp, int nb, const double* q,
@@ -141,8 +194,12 @@ void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int n
 
 namespace avx512 {
 void log_f64_avx512(const double* x, double* y, std::size_t n);
+void log_abs_f64_avx512(const double* x, double* y, std::size_t n);
 void js_posting_f64_avx512(double p, double wp, const double* q, const double* wq,
                            const int32_t* rows, std::size_t n, double* acc);
+void js_terms_f64_avx512(const double* p, const double* wp, const double* q, const double* wq,
+                         std::size_t n, double* val);
+void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val);
 void kl_posting_f64_avx512(double c, double a, const double* y, const int32_t* rows, std::size_t n,
                            double* acc);
 void js_dense_f64_avx512(const double* const* p, const double* const* hp, int nb, const double* q,
