@@ -65,7 +65,7 @@ def test_cosine_metric_is_cosine_weights_and_loads_in_peft(w, bank, tmp_path):
     assert res.top(1)[0][0] == "m0" and res.weights[3] == 0
     assert _tiny.load_report(w.model, tmp_path / "cos") == ([], [])
     prov = json.loads((tmp_path / "cos" / "loramix.json").read_text())
-    assert prov["metric"] == "cosine"
+    assert prov["metric"] == "cosine" and prov["metric_options"] == {"threads": "2"}
     # normalized pipeline on cosine distances = the paper's normalized formula on 1 - cos
     res2 = generate(q, bank, tmp_path / "cos2", metric="cosine", metric_options=MO, mode="concat")
     np.testing.assert_allclose(res2.weights, W.mixing_weights(1 - embed.cosine_scores(qe[None], E)[0]),
@@ -135,6 +135,10 @@ def test_train_combiner_then_neural_generate(w, bank, tmp_path):
     full = comb.weights(combiner.pair_features({"js": Djs[:1]}, embedding_cos=embed.cosine_scores(Q[:1], E))[0])[0]
     np.testing.assert_allclose(r2.weights[keep], full[keep] / full[keep].sum(), atol=1e-6)
     assert np.count_nonzero(r2.weights) == 2
+    # leave-one-out as the other pipelines: the member trained on the very same data gets 0
+    r3 = generate(w.members["m1"] / "dataset.jsonl", bank, tmp_path / "loo", pipeline="neural",
+                  leave_one_out=True, metric_options=MO)
+    assert r3.weights[1] == 0 and np.count_nonzero(r3.weights) == 3 and np.isclose(r3.weights.sum(), 1)
 
 
 def test_stale_combiner_detected(w, bank, tmp_path):
@@ -157,11 +161,15 @@ def test_stale_combiner_detected(w, bank, tmp_path):
 def test_cli_generation_never_imports_torch(w, bank, cache, tmp_path):
     b3 = _tiny.copy_bank(bank, tmp_path / "bank3")
     out = tmp_path / "out"
+    p = Profile.load(b3 / "m2" / "profile.npz")
+    p.embedding = None
+    p.save(b3 / "m2" / "profile.npz")
     code = f"""
 import json, sys
 from loramix.cli import main
-assert main(["bank", "train-combiner", {str(b3)!r}, "--metric", "js,kl", "--space", "delta", "--hidden", "4",
-             "--max-epochs", "20", "--json"]) == 0
+assert main(["bank", "build", {str(b3)!r}, "--tokenizer", {str(w.tokenizer)!r}, "--embeddings"]) == 0
+assert main(["bank", "train-combiner", {str(b3)!r}, "--metric", "js,kl", "--cosine", "--space", "delta",
+             "--hidden", "4", "--max-epochs", "20", "--json"]) == 0
 assert main(["generate", {str(w.queries['music_q'])!r}, "--bank", {str(b3)!r}, "-o", {str(out / 'n')!r},
              "--pipeline", "neural", "--mode", "concat", "--json"]) == 0
 assert main(["generate", {str(w.queries['music_q'])!r}, "--bank", {str(b3)!r}, "-o", {str(out / 'c')!r},
@@ -175,5 +183,7 @@ assert not bad, bad
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"space": "delta"' in r.stdout and '"combiner_fresh": true' in r.stdout
-    assert json.loads((out / "n" / "loramix.json").read_text())["metric"] == "js,kl"
+    prov = json.loads((out / "n" / "loramix.json").read_text())
+    assert Profile.load(b3 / "m2" / "profile.npz").embedding is not None
+    assert prov["metric"] == "js,kl,cosine" and prov["combiner"] == str(b3 / COMBINER_NAME)
     assert _tiny.load_report(w.model, out / "n") == ([], [])

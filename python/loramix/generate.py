@@ -205,6 +205,9 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
+    for k in ("metric_options", "combiner"):   # cosine's encoder options, neural's model
+        if extra.get(k):
+            d[k] = extra[k]
     return d
 
 
@@ -365,6 +368,9 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         out.mkdir(parents=True, exist_ok=True)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
              "exclude": names_q[q], "distances": D[q],
+             "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
+             any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
+             "combiner": popts.get("combiner_path"),
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
     mixer, kw = mix_adapters, {}

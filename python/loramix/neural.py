@@ -154,6 +154,7 @@ def _prepare(bank, metric, options: dict):
     comb = opts.get("combiner")
     if comb is None or isinstance(comb, (str, Path)):
         path = Path(comb) if comb else combiner_path(bank)
+        opts["combiner_path"] = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"no neural combiner at {path}; train one: loramix bank train-combiner {bank.path}")
         comb = combiner.NeuralCombiner.load(path, expected_bank_hash=bank.hash)
@@ -167,7 +168,8 @@ def _prepare(bank, metric, options: dict):
 
 
 @wts.register_pipeline("neural", input="matrices", prepare=_prepare)
-def neural(distances: dict, *, exclude=None, combiner=None, temperature: float = 1.0, **_) -> np.ndarray:
+def neural(distances: dict, *, exclude=None, combiner=None, temperature: float = 1.0, combiner_path=None,
+           **_) -> np.ndarray:
     """Weights from the trained combiner on the features of ``distances`` (ONNX Runtime).
     ``temperature`` is not used (the combiner learned its own scale)."""
     if combiner is None:
