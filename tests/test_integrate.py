@@ -135,6 +135,8 @@ def test_train_combiner_then_neural_generate(w, bank, tmp_path):
     full = comb.weights(combiner.pair_features({"js": Djs[:1]}, embedding_cos=embed.cosine_scores(Q[:1], E))[0])[0]
     np.testing.assert_allclose(r2.weights[keep], full[keep] / full[keep].sum(), atol=1e-6)
     assert np.count_nonzero(r2.weights) == 2
+    with pytest.raises(W.WeightsError, match="trained with quantize=None"):   # features must match training
+        generate(qs[0], bank, tmp_path / "nq", pipeline="neural", metric_options={"quantize": "int8"})
     # leave-one-out as the other pipelines: the member trained on the very same data gets 0
     r3 = generate(w.members["m1"] / "dataset.jsonl", bank, tmp_path / "loo", pipeline="neural",
                   leave_one_out=True, metric_options=MO)

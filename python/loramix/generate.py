@@ -324,6 +324,10 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     metrics = [metric]
     if pipeline in wts.PIPELINE_PREPARE:   # e.g. neural: its metrics and model come from the bank
         metrics, popts, extra = wts.PIPELINE_PREPARE[pipeline](bank, metric, popts)
+        clash = [k for k, v in extra.items() if k in mopts and mopts[k] is not None and str(mopts[k]) != str(v)]
+        if clash:
+            raise wts.WeightsError(f"pipeline {pipeline} was trained with {', '.join(f'{k}={extra[k]}' for k in clash)}; "
+                                   "generate with the same options or retrain it")
         mopts = {**{k: v for k, v in extra.items() if v is not None}, **mopts}
         metric = ",".join(metrics)
     queries = None
