@@ -52,6 +52,7 @@ from .weights import mixing_weights, register_metric, register_pipeline  # noqa:
 # ``loramix.generate(...)`` is the function (as the README shows); the module stays importable
 # with ``from loramix.generate import ...``.
 from .generate import GenerateResult, generate, mix_adapters  # noqa: E402
+from .neural import train_bank_combiner  # noqa: E402
 
 __all__ = [
     "info", "__version__",
@@ -60,5 +61,5 @@ __all__ = [
     "f32_to_bf16", "bf16_to_f32", "f32_to_f16", "f16_to_f32",
     "Bank", "build_bank", "Profile", "build_profile",
     "mixing_weights", "register_pipeline", "register_metric",
-    "generate", "mix_adapters", "GenerateResult",
+    "generate", "mix_adapters", "GenerateResult", "train_bank_combiner",
 ]

@@ -3,6 +3,7 @@
     loramix bank build DIR --tokenizer PATH      profile the members, write DIR/bank.json
     loramix bank pull REPO_ID... --to DIR        download adapters (+ datasets) from the Hub
     loramix bank info DIR                        what a bank holds
+    loramix bank train-combiner DIR              train the bank's neural combiner (pipeline neural)
     loramix profile DATASET --bank DIR -o F.npz  a dataset's token profile
     loramix generate DATASET... --bank DIR -o OUT
     loramix explain OUT                          top contributors + a PNG bar chart
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--fields", type=_fields, default=("input", "output"), help="text fields, comma-separated")
     b.add_argument("--base-model", default=None, help="the bank's base model (default: most members')")
     b.add_argument("--split", default="train")
+    b.add_argument("--embeddings", action="store_true",
+                   help="also store the members' sentence embeddings (metric cosine) in their profiles")
+    b.add_argument("--encoder", default=None, help="with --embeddings: a BERT-family folder (default MiniLM)")
+    b.add_argument("--quantize", default=None, choices=["int8", "int8-block"])
     pl = bsub.add_parser("pull", help="download adapters and their datasets from the Hub", parents=[common])
     pl.add_argument("repo_ids", nargs="+")
     pl.add_argument("--to", required=True)
@@ -55,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokenizer", default=None, help="build the bank afterwards with this tokenizer")
     i = bsub.add_parser("info", help="what a bank holds", parents=[common])
     i.add_argument("dir")
+    tc = bsub.add_parser("train-combiner", help="train the bank's neural combiner (pipeline neural)",
+                         parents=[common])
+    tc.add_argument("dir")
+    tc.add_argument("--metric", type=_fields, default=("js",), help="token metrics, comma-separated (js,kl,wd,mmd)")
+    tc.add_argument("--cosine", action="store_true", help="add the sentence-embedding cosine features")
+    tc.add_argument("--space", default="factors", choices=["factors", "delta"],
+                    help="reconstruct members in factor space (mode factors) or delta space (concat/svd)")
+    tc.add_argument("--hidden", type=int, default=16)
+    tc.add_argument("--max-epochs", type=int, default=500)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--encoder", default=None, help="with --cosine: a BERT-family folder (default MiniLM)")
+    tc.add_argument("--quantize", default=None, choices=["int8", "int8-block"])
 
     pr = sub.add_parser("profile", help="a dataset's token profile (.npz)", parents=[common])
     pr.add_argument("dataset")
@@ -71,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("-o", "--out", required=True,
                     help="output adapter folder (with several datasets: a folder of adapters)")
     ge.add_argument("--pipeline", default="normalized",
-                    help="attentional | normalized (the paper's best) | any registered pipeline")
-    ge.add_argument("--metric", default="js", help="js | kl | wd | mmd | any registered metric")
+                    help="attentional | normalized (the paper's best) | neural (bank train-combiner) | any registered")
+    ge.add_argument("--metric", default="js", help="js | kl | wd | mmd | cosine (sentence embeddings) | any registered metric")
     ge.add_argument("--mode", default="factors", choices=["factors", "concat", "svd"])
     ge.add_argument("--top-k", type=int, default=None, help="keep the k nearest members, renormalized")
     ge.add_argument("--temperature", type=float, default=1.0, help="softmin temperature")
@@ -85,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
     ge.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    ge.add_argument("--encoder", default=None, help="metric cosine: a BERT-family encoder folder (default MiniLM)")
+    ge.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="metric cosine: int8 encoder")
+    ge.add_argument("--combiner", default=None, help="pipeline neural: combiner .onnx (default BANK/combiner.onnx)")
     ge.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                     help="run the batch on this Dask scheduler (pip install 'loramix[dask]'); bank and "
                          "outputs must be on a filesystem every worker sees")
@@ -115,6 +135,19 @@ def _run(args) -> int:
                          "base_model": doc["base_model"], "bank_hash": doc["bank_hash"]},
                   f"bank {args.dir}: {len(doc['members'])} members, base model {doc['base_model']}, "
                   f"hash {doc['bank_hash'][:12]}")
+            if args.embeddings:
+                from . import semantic
+
+                semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize)
+        elif args.bank_cmd == "train-combiner":
+            from . import neural
+
+            s = neural.train_bank_combiner(args.dir, args.metric, cosine=args.cosine, space=args.space,
+                                           hidden=args.hidden, encoder=args.encoder, quantize=args.quantize,
+                                           seed=args.seed, max_epochs=args.max_epochs)
+            _emit(args, s, f"{s['combiner']}: features {', '.join(s['features'])}; {s['epochs']} epochs, best "
+                  f"{s['best_epoch']}: train loss {s['best_train_loss']:.4g}, val loss {s['best_val_loss']:.4g} "
+                  f"(normalized pipeline {s['normalized_val_loss']:.4g})")
         elif args.bank_cmd == "pull":
             from . import hub
 
@@ -127,7 +160,10 @@ def _run(args) -> int:
             _emit(args, doc, "\n".join(f"{r['name']}: {r['adapter']}"
                                        + (f" + {r['dataset']}" if r["dataset"] else "") for r in recs))
         else:
-            s = bankmod.Bank.open(args.dir).summary()
+            from . import neural
+
+            b = bankmod.Bank.open(args.dir)
+            s = {**b.summary(), **neural.combiner_status(b)}
             _emit(args, s, "\n".join(f"{k}: {v}" for k, v in s.items() if k != "member_names")
                   + "\nmembers: " + ", ".join(s["member_names"]))
     elif args.cmd == "profile":
@@ -154,7 +190,10 @@ def _run(args) -> int:
                        temperature=args.temperature, dtype=args.dtype, rank=args.rank,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
-                       scheduler=args.scheduler)
+                       scheduler=args.scheduler,
+                       metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
+                                       if v is not None},
+                       pipeline_options={"combiner": args.combiner} if args.combiner else None)
         res = res if many else [res]
         docs = [r.to_dict() for r in res]
         _emit(args, {"adapters": docs} if many else docs[0],

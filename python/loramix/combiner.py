@@ -438,7 +438,7 @@ class NeuralCombiner:
         if expected_bank_hash is not None and meta.get("loramix.bank_hash") != expected_bank_hash:
             raise StaleCombinerError(
                 f"{path}: neural combiner is stale: trained on bank {meta.get('loramix.bank_hash')!r}, "
-                f"the bank is now {expected_bank_hash!r}; retrain it (loramix train-combiner)")
+                f"the bank is now {expected_bank_hash!r}; retrain it (loramix bank train-combiner BANK)")
         t = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
         params = MLPParams(t["mean"], t["std"], t["W1"], t["b1"], t["w2"].reshape(-1), t["skip"].reshape(-1))
         return cls(params, json.loads(meta["loramix.feature_names"]), meta, threads=threads)

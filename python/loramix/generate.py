@@ -25,6 +25,8 @@ from . import peft_io
 from . import profile as prof
 from . import weights as wts
 from .bank import Bank
+from . import semantic as _semantic  # noqa: F401,E402 - registers the "cosine" metric
+from . import neural as _neural  # noqa: F401,E402 - registers the "neural" pipeline
 
 PROVENANCE_NAME = "loramix.json"
 
@@ -203,6 +205,9 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
+    for k in ("metric_options", "combiner"):   # cosine's encoder options, neural's model
+        if extra.get(k):
+            d[k] = extra[k]
     return d
 
 
@@ -272,7 +277,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
-             scheduler=None, client=None, distributed_options: dict | None = None):
+             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
@@ -285,6 +290,11 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
     the batch on that Dask cluster (:mod:`loramix.distributed`; ``distributed_options`` go to
     :func:`loramix.distributed.mix_adapters`); the result is identical to a local run.
+    ``metric="cosine"``: 1 − cosine of dataset sentence embeddings (ONNX Runtime);
+    ``metric_options`` go to an embedding metric (``encoder`` folder, ``quantize``, ``cap``,
+    ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
+    (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
+    metrics it was trained with (``metric`` is then ignored).
     """
     dist = scheduler is not None or client is not None
     bank = _as_bank(bank)
@@ -309,20 +319,38 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
     if pipeline not in wts.PIPELINES:
         raise wts.WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(wts.PIPELINES))}")
+    popts = dict(pipeline_options or {})
+    mopts = dict(metric_options or {})
+    metrics = [metric]
+    if pipeline in wts.PIPELINE_PREPARE:   # e.g. neural: its metrics and model come from the bank
+        metrics, popts, extra = wts.PIPELINE_PREPARE[pipeline](bank, metric, popts)
+        clash = [k for k, v in extra.items() if k in mopts and mopts[k] is not None and str(mopts[k]) != str(v)]
+        if clash:
+            raise wts.WeightsError(f"pipeline {pipeline} was trained with {', '.join(f'{k}={extra[k]}' for k in clash)}; "
+                                   "generate with the same options or retrain it")
+        mopts = {**{k: v for k, v in extra.items() if v is not None}, **mopts}
+        metric = ",".join(metrics)
     queries = None
-    if metric in wts.METRICS and wts.METRICS[metric][1] != "histogram":
-        # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
-        fn = wts.METRICS[metric][0]
-        D = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split), dtype=np.float64))
-    else:
-        queries = [_profile_query(d, bank, fields, split, progress, profile_cache) for d in items]
-        v = max([bank.vocab_size] + [q.vocab_size for q in queries])
-        qm = prof.stack(queries, v)
-        bm = bank.profiles()
-        if bm.shape[1] != v:
-            import scipy.sparse as sp
-            bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
-        D = wts.distances(qm, bm, metric)
+    Ds = {}
+    for m in metrics:
+        if m not in wts.METRICS:
+            raise wts.WeightsError(f"unknown metric {m!r}; known: {', '.join(sorted(wts.METRICS))}")
+        if wts.METRICS[m][1] != "histogram":
+            # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
+            fn = wts.METRICS[m][0]
+            Ds[m] = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split, cache=profile_cache,
+                                                **mopts), dtype=np.float64))
+            continue
+        if queries is None:
+            queries = [_profile_query(d, bank, fields, split, progress, profile_cache) for d in items]
+            v = max([bank.vocab_size] + [q.vocab_size for q in queries])
+            qm = prof.stack(queries, v)
+            bm = bank.profiles()
+            if bm.shape[1] != v:
+                import scipy.sparse as sp
+                bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
+        Ds[m] = wts.distances(qm, bm, m)
+    D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
     if per_dataset and len(exclude) != len(items):
         raise ValueError(f"{len(exclude)} exclude lists for {len(items)} datasets")
@@ -338,12 +366,15 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             hit = np.flatnonzero(member_hashes == h) if h else []
             excl[q, hit] = True
             names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
-    W = wts.mixing_weights(D, pipeline, temperature=temperature, top_k=top_k, exclude=excl,
-                           **(pipeline_options or {}))
+    W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
+                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, **popts)
     if many:
         out.mkdir(parents=True, exist_ok=True)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
              "exclude": names_q[q], "distances": D[q],
+             "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
+             any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
+             "combiner": popts.get("combiner_path"),
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
     mixer, kw = mix_adapters, {}

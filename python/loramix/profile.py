@@ -70,6 +70,11 @@ class Profile:
     source: str = ""
     fields: tuple = ds.DEFAULT_FIELDS
     meta: dict = field(default_factory=dict)
+    #: dataset sentence embedding (mean of example embeddings, float32), computed lazily by
+    #: :mod:`loramix.semantic` for the ``cosine`` metric / ``neural`` pipeline, and the identity
+    #: of what made it (encoder weights hash, quantization, sampling): another key = recompute.
+    embedding: np.ndarray | None = None
+    embedding_key: str = ""
 
     @property
     def n_tokens(self) -> int:
@@ -89,12 +94,14 @@ class Profile:
             "tokenizer_hash": self.tokenizer_hash, "dataset_hash": self.dataset_hash,
             "fingerprint": self.fingerprint, "n_examples": int(self.n_examples),
             "source": self.source, "fields": list(self.fields), "meta": self.meta,
+            "embedding_key": self.embedding_key if self.embedding is not None else "",
         }
+        extra = {} if self.embedding is None else {"embedding": np.asarray(self.embedding, np.float32)}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, ids=self.ids.astype(np.int64), counts=self.counts.astype(np.int64),
-                         header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+                         header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **extra)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -108,6 +115,7 @@ class Profile:
             with np.load(Path(path), allow_pickle=False) as z:
                 header = json.loads(bytes(z["header"]).decode())
                 ids, counts = z["ids"], z["counts"]
+                emb = z["embedding"] if "embedding" in z.files else None
         except (OSError, ValueError, KeyError) as e:
             raise ProfileError(f"profile {path}: unreadable ({e})") from None
         if header.get("format") != PROFILE_FORMAT:
@@ -116,7 +124,8 @@ class Profile:
                    tokenizer_hash=header["tokenizer_hash"], dataset_hash=header.get("dataset_hash", ""),
                    fingerprint=header.get("fingerprint", ""), n_examples=int(header.get("n_examples", 0)),
                    source=header.get("source", ""), fields=tuple(header.get("fields", ds.DEFAULT_FIELDS)),
-                   meta=header.get("meta", {}))
+                   meta=header.get("meta", {}), embedding=emb,
+                   embedding_key=header.get("embedding_key", "") if emb is not None else "")
 
     def check_tokenizer(self, tok_hash: str, what: str = "") -> None:
         if self.tokenizer_hash != tok_hash:

@@ -7,7 +7,12 @@ weights. Both are plain functions registered by name, so other modules can add o
     @register_pipeline("neural")
     def neural(d: np.ndarray, *, temperature: float = 1.0, **options) -> np.ndarray: ...
 
-    register_metric("cosine", fn, kind="embedding")   # fn(query_features, bank_features) -> (Q, N)
+    register_metric("cosine", fn, kind="embedding")   # fn(datasets, bank, *, fields, split, ...) -> (Q, N)
+
+A pipeline registered with ``input="matrices"`` (the ``neural`` one) gets every query row at once
+and several distance matrices: ``fn(distances: dict[metric, (Q, N)], *, exclude (Q, N) bool,
+temperature, **options) -> (Q, N)``; its ``prepare(bank, metric, options) -> (metrics, options, metric_options)``
+says which metrics generate must compute (it may load a model into the options).
 
 :func:`mixing_weights` applies a pipeline row by row, with leave-one-out exclusion (excluded
 members get weight 0 and do not enter the row's statistics), then top-k (keep the k nearest by
@@ -27,6 +32,8 @@ import numpy as np
 
 PipelineFn = Callable[..., np.ndarray]
 PIPELINES: dict[str, PipelineFn] = {}
+PIPELINE_INPUT: dict[str, str] = {}        # name -> "row" (one distance row) | "matrices"
+PIPELINE_PREPARE: dict[str, Callable] = {}  # name -> prepare(bank, metric, options) (see above)
 METRICS: dict[str, tuple[Callable, str]] = {}
 
 
@@ -34,9 +41,17 @@ class WeightsError(ValueError):
     """Weights that cannot be used (NaN, all zero, nothing left to mix)."""
 
 
-def register_pipeline(name: str):
+def register_pipeline(name: str, *, input: str = "row", prepare: Callable | None = None):
+    """Register a pipeline. ``input="row"``: ``fn(d_row, *, temperature, **options) -> weights``
+    on the allowed members of one row. ``input="matrices"``: see the module docstring."""
+    if input not in ("row", "matrices"):
+        raise ValueError("input must be 'row' or 'matrices'")
+
     def deco(fn: PipelineFn) -> PipelineFn:
         PIPELINES[name] = fn
+        PIPELINE_INPUT[name] = input
+        if prepare is not None:
+            PIPELINE_PREPARE[name] = prepare
         return fn
     return deco
 
@@ -46,9 +61,9 @@ def register_metric(name: str, fn: Callable, kind: str = "histogram") -> Callabl
 
     ``kind="histogram"``: ``fn(query_counts (Q, V), bank_counts (N, V)) -> (Q, N)`` on token
     profiles (dense or CSR). Any other kind (e.g. ``"embedding"`` for a cosine metric on
-    sentence embeddings): ``fn(datasets, bank, *, fields, split) -> (Q, N)``, given the query
-    datasets as passed to :func:`loramix.generate.generate` and the opened bank, so it can
-    compute and cache its own features.
+    sentence embeddings): ``fn(datasets, bank, *, fields, split, cache=None, **metric_options)
+    -> (Q, N)``, given the query datasets as passed to :func:`loramix.generate.generate`, the
+    opened bank and its ``profile_cache`` folder, so it can compute and cache its own features.
     """
     METRICS[name] = (fn, kind)
     return fn
@@ -90,9 +105,17 @@ def mixing_weights(distances, pipeline: str = "normalized", *, temperature: floa
     """Weights (Q, N) from distances (Q, N) (a 1-D row gives a 1-D result).
 
     ``exclude``: a boolean mask (Q, N) or (N,) of members left out (leave-one-out).
+    ``distances`` may be a dict metric name -> (Q, N): a ``"matrices"`` pipeline gets all of them,
+    a row pipeline (and top-k) uses the first.
     """
     if pipeline not in PIPELINES:
         raise WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(PIPELINES))}")
+    mats = None
+    if isinstance(distances, dict):
+        if not distances:
+            raise WeightsError("no distance matrices given")
+        mats = {k: np.atleast_2d(np.asarray(v, dtype=np.float64)) for k, v in distances.items()}
+        distances = next(iter(distances.values()))
     d = np.asarray(distances, dtype=np.float64)
     one = d.ndim == 1
     d = np.atleast_2d(d)
@@ -104,6 +127,20 @@ def mixing_weights(distances, pipeline: str = "normalized", *, temperature: floa
     mask = np.zeros((q, n), bool) if exclude is None else np.broadcast_to(np.asarray(exclude, bool), (q, n))
     fn = PIPELINES[pipeline]
     w = np.zeros((q, n))
+    if PIPELINE_INPUT.get(pipeline, "row") == "matrices":
+        if np.any(mask.all(axis=1)):
+            raise WeightsError("every member is excluded; nothing left to mix")
+        for k, m in (mats or {}).items():
+            if m.shape != (q, n) or not np.all(np.isfinite(m)):
+                raise WeightsError(f"distances {k!r}: shape {m.shape} (expected {(q, n)}) or NaN/inf")
+        w = np.asarray(fn(mats or {"d": d}, exclude=np.array(mask), temperature=temperature, **options),
+                       dtype=np.float64).reshape(q, n)
+        w = np.where(mask, 0.0, w)
+        for i in range(q):
+            if top_k is not None:
+                w[i] = _top_k(d[i], w[i], np.flatnonzero(~mask[i]), top_k)
+        check_weights(w)
+        return w[0] if one else w
     for i in range(q):
         keep = np.flatnonzero(~mask[i])
         if keep.size == 0:
