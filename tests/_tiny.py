@@ -18,6 +18,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the loramix under test was imported from: the source tree (dev loop, PYTHONPATH=python)
+# or site-packages (CI installs the package). Subprocesses must import the same one.
+import loramix as _loramix  # noqa: E402
+
+PKG_PARENT = Path(_loramix.__file__).resolve().parents[1]
 
 TOPICS = {
     "animals": "cat dog horse cow sheep goat bird fish mouse lion tiger bear wolf fox deer".split(),
@@ -226,9 +231,9 @@ def copy_bank(src: Path, dst: Path) -> Path:
 
 
 def run_cli(*args, env=None, cwd=None):
-    """``python -m loramix.cli ARGS`` in a subprocess with PYTHONPATH=python."""
+    """``python -m loramix.cli ARGS`` in a subprocess importing the loramix under test."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests")])
+    e["PYTHONPATH"] = os.pathsep.join([str(PKG_PARENT), str(ROOT / "tests")])
     e.pop("HF_HUB_OFFLINE", None)
     if env:
         e.update(env)

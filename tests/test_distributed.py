@@ -290,6 +290,6 @@ def test_cli_scheduler(w, queries, client, tmp_path, tmp_path_factory):
 def test_core_never_imports_dask():
     code = ("import sys, loramix.generate, loramix.cli, loramix.mix, loramix.bank\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]\n")
-    env = {**os.environ, "PYTHONPATH": f"{_tiny.ROOT / 'python'}:{_tiny.ROOT / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": f"{_tiny.PKG_PARENT}:{_tiny.ROOT / 'tests'}"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=WAIT)
     assert r.returncode == 0, r.stderr

@@ -221,7 +221,7 @@ def test_generation_never_imports_torch(w, tmp_path):
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    env = {"PYTHONPATH": f"{_tiny.ROOT / 'python'}:{_tiny.ROOT / 'tests'}"}
+    env = {"PYTHONPATH": f"{_tiny.PKG_PARENT}:{_tiny.ROOT / 'tests'}"}
     import os
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, **env}, timeout=120)

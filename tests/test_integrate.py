@@ -181,7 +181,7 @@ bad = [m for m in ("torch", "transformers", "sentence_transformers", "gt_all_min
 assert not bad, bad
 """
     env = dict(os.environ, LORAMIX_CACHE=str(cache), LORAMIX_NUM_THREADS=str(THREADS),
-               PYTHONPATH=os.pathsep.join([str(_tiny.ROOT / "python")]))
+               PYTHONPATH=os.pathsep.join([str(_tiny.PKG_PARENT)]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"space": "delta"' in r.stdout and '"combiner_fresh": true' in r.stdout
