@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,21 +401,13 @@ class NeuralCombiner:
     def save(self, path: str | os.PathLike, *, bank_hash: str, pipeline: Mapping | None = None) -> Path:
         """Write the combiner as an .onnx file (atomic) whose metadata carry the bank hash, the
         feature names and the pipeline description."""
-        import onnx
-
         if not bank_hash:
             raise ValueError("bank_hash is required: it is how a stale combiner is detected")
+        from .embed import _atomic_save
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         model = self.onnx_model(bank_hash, pipeline)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            onnx.save_model(model, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        _atomic_save(model, path)
         self.metadata = {p.key: p.value for p in model.metadata_props}
         return path
 

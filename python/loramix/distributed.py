@@ -109,9 +109,8 @@ import numpy as np
 
 from . import mix as mixmod
 from . import peft_io
-from . import weights as wts
 from .bank import Bank, BankError, file_sha256
-from .generate import (PROVENANCE_NAME, GenerateResult, OutputError, _as_bank, _stage, _swap_in,
+from .generate import (PROVENANCE_NAME, weight_matrix, GenerateResult, OutputError, _as_bank, _stage, _swap_in,
                        _version, check_output, finish_stage, weights_metadata)
 
 SPLITS = ("auto", "modules", "targets")
@@ -422,17 +421,7 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     bank = _as_bank(bank)
-    if isinstance(weights, dict):
-        w = np.zeros(len(bank.members))
-        for name, v in weights.items():
-            w[bank.index(name)] = v
-        weights = w
-    W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    if isinstance(outs, (str, os.PathLike)):
-        outs = [outs]
-    if W.shape != (len(outs), len(bank.members)):
-        raise wts.WeightsError(f"weights have shape {W.shape}, expected ({len(outs)}, {len(bank.members)})")
-    wts.check_weights(W)
+    W, outs = weight_matrix(bank, weights, outs)
     dtype_name = mixmod.normalize_dtype(dtype, bank.dtype)
     infos = mixmod.plan(bank, W, mode, rank)
     keys = [target_key(bank.hash, W[q], mode, rank, dtype_name) for q in range(len(outs))]

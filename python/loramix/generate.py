@@ -131,12 +131,11 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: int | None = None,
-                 dtype: str | None = None, overwrite: bool = False, provenance: Sequence[dict] | None = None,
-                 progress: bool = False) -> list[GenerateResult]:
-    """Mix ``bank`` with explicit ``weights`` (Q, N), or a dict name → weight for one output,
-    into PEFT adapter folders ``outs`` (one per row). The lower layer of :func:`generate`."""
-    bank = _as_bank(bank)
+def weight_matrix(bank: Bank, weights, outs):
+    """``(W, outs)``: explicit weights as a checked (Q, N) float64 matrix, one row per output.
+
+    ``weights`` is a (Q, N) or (N,) array, or a dict member name → weight for one output.
+    """
     if isinstance(weights, dict):
         w = np.zeros(len(bank.members))
         for name, v in weights.items():
@@ -145,9 +144,20 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     if isinstance(outs, (str, os.PathLike)):
         outs = [outs]
+    outs = list(outs)
     if W.shape != (len(outs), len(bank.members)):
         raise wts.WeightsError(f"weights have shape {W.shape}, expected ({len(outs)}, {len(bank.members)})")
     wts.check_weights(W)
+    return W, outs
+
+
+def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: int | None = None,
+                 dtype: str | None = None, overwrite: bool = False, provenance: Sequence[dict] | None = None,
+                 progress: bool = False) -> list[GenerateResult]:
+    """Mix ``bank`` with explicit ``weights`` (Q, N), or a dict name → weight for one output,
+    into PEFT adapter folders ``outs`` (one per row). The lower layer of :func:`generate`."""
+    bank = _as_bank(bank)
+    W, outs = weight_matrix(bank, weights, outs)
     outs = [check_output(o, bank, overwrite) for o in outs]
     if len(set(outs)) != len(outs):
         raise OutputError("two outputs share one path")
