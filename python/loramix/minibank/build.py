@@ -1,0 +1,323 @@
+"""Build a mini bank: tokenizer, tiny Mistral base model, one PEFT LoRA per task, all on CPU.
+
+Layout written under ``out``::
+
+    base/            config.json, generation_config.json, model.safetensors (bf16),
+                     tokenizer.json, tokenizer_config.json
+    bank/<task>/     adapter_config.json, adapter_model.safetensors (fp32),
+                     train.jsonl, valid.jsonl, test.jsonl   (Lots-of-LoRAs format)
+    build_manifest.json   suite name + fingerprint, seeds, configs, per-task family, sha256 of
+                          every file above
+
+Determinism: every random draw comes from a seed derived from the suite seed and a label;
+torch runs with ``use_deterministic_algorithms(True)`` and a fixed thread count, so rebuilding on
+the same machine and library versions gives byte-identical files. (Different CPUs/BLAS may round
+float sums differently; the manifest records the versions used.)
+
+The base model is trained once in fp32, rounded to bf16 (what ships), and every adapter is
+trained against that bf16-rounded base, so the bank is consistent with the shipped base.
+Every adapter starts from the same LoRA init (``lora.init_seed``), as in a bank produced by one
+training script with a fixed seed; only the data order differs by task.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .suite import generate_pretrain, generate_task, load_suite, seed_for, suite_fingerprint, task_specs
+
+__all__ = ["build", "file_hashes", "scaled_suite", "MANIFEST"]
+
+MANIFEST = "build_manifest.json"
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def _log(msg: str) -> None:
+    print(f"[minibank {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the manifest, keyed by posix relative path."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): sha256(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def scaled_suite(suite: dict, scale: str) -> dict:
+    """``full`` (as is) or ``tiny`` (two tasks of two families, few steps: a fast rebuild check)."""
+    if scale == "full":
+        return suite
+    if scale != "tiny":
+        raise ValueError(f"unknown scale {scale!r}")
+    s = json.loads(json.dumps(suite))
+    s["families"] = [dict(f, tasks=f["tasks"][:2]) for f in s["families"][:2]]
+    s["splits"] = {"train": 24, "valid": 4, "test": 4}
+    s["pretrain"]["lines"] = 200
+    s["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    s["tokenizer"]["vocab_size"] = 300
+    s["base_training"].update(steps=6, batch_size=8, warmup=2)
+    s["lora"].update(steps=4, batch_size=4, warmup=1)
+    s["name"] = suite["name"] + "-tiny"
+    return s
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _train_tokenizer(texts: list[str], cfg: dict):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg["vocab_size"], min_frequency=cfg["min_frequency"],
+                                  special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    # like Mistral's tokenizer: <s> prepended, no </s> (training appends it to answers)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", bos), ("</s>", eos)])
+    return tok
+
+
+def _set_determinism(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def _batches(rng: random.Random, n: int, bs: int, steps: int):
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < bs:
+            more = list(range(n))
+            rng.shuffle(more)
+            order += more
+        yield order[:bs]
+        order = order[bs:]
+
+
+def _collate(seqs: list[tuple[list[int], list[int]]], pad_id: int):
+    """(ids, labels) pairs -> right-padded tensors; labels -100 where no loss."""
+    import torch
+
+    L = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (s, lb) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        lab[i, :len(lb)] = torch.tensor(lb)
+        att[i, :len(s)] = 1
+    return ids, att, lab
+
+
+def _lr(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def _train(model, params, data, cfg: dict, seed: int, pad_id: int, label: str, log_every: int = 0):
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0),
+                            betas=(0.9, 0.98))
+    rng = random.Random(seed)
+    model.train()
+    ema = None
+    for step, idx in enumerate(_batches(rng, len(data), cfg["batch_size"], cfg["steps"])):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+        ids, att, lab = _collate([data[i] for i in idx], pad_id)
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if log_every and (step + 1) % log_every == 0:
+            _log(f"{label} step {step + 1}/{cfg['steps']} loss {ema:.3f}")
+    model.eval()
+    return ema
+
+
+def encode_example(tok, prompt: str, answer: str | None, eos_id: int) -> tuple[list[int], list[int]]:
+    """``<s> prompt`` then `` answer</s>``; loss on the answer and ``</s>`` only."""
+    p = tok.encode(prompt).ids
+    if answer is None:
+        return p, []
+    a = tok.encode(" " + answer, add_special_tokens=False).ids + [eos_id]
+    return p + a, [-100] * len(p) + a
+
+
+def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", threads: int | None = None,
+          force: bool = False) -> dict:
+    """Build the bank for ``suite`` into ``out`` and return the manifest."""
+    import peft
+    import tokenizers
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    t_start = time.time()
+    suite = scaled_suite(load_suite(suite) if isinstance(suite, str) else suite, scale)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty (use force=True / --force)")
+        shutil.rmtree(out)
+    threads = threads or suite.get("threads", 2)
+    _set_determinism(threads)
+    specs = task_specs(suite)
+    _log(f"suite {suite['name']}: {len(specs)} tasks in {len(suite['families'])} families -> {out}")
+
+    # 1. data
+    bank = out / "bank"
+    data = {}
+    for spec in specs:
+        d = generate_task(suite, spec)
+        data[spec["name"]] = d
+        tdir = bank / spec["name"]
+        tdir.mkdir(parents=True)
+        for split, rows in d.items():
+            _write_jsonl(tdir / f"{split}.jsonl", rows)
+    corpus = generate_pretrain(suite, suite["pretrain"]["lines"])
+
+    # 2. tokenizer (pre-training corpus + task training splits: it only has to spell them)
+    tok_texts = corpus + [r["input"] + " " + r["output"][0] for n in data for r in data[n]["train"]]
+    tok = _train_tokenizer(tok_texts, suite["tokenizer"])
+    pad_id, bos_id, eos_id = (tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>"))
+    _log(f"tokenizer: {tok.get_vocab_size()} tokens")
+
+    # 3. base model
+    base_dir = out / "base"
+    mc = suite["model"]
+    config = MistralConfig(vocab_size=tok.get_vocab_size(), bos_token_id=bos_id, eos_token_id=eos_id,
+                           pad_token_id=pad_id, sliding_window=None, attention_dropout=0.0,
+                           hidden_act="silu", rms_norm_eps=1e-6, initializer_range=0.02, **mc)
+    torch.manual_seed(seed_for(suite["seed"], "base-init") % (2**31))
+    model = MistralForCausalLM(config).float()
+    pre = []
+    for line in corpus:
+        if "\nOutput:" in line:  # a prompt + answer: same tokenization as the tasks
+            prompt, ans = line.split("\nOutput: ", 1)
+            ids, _ = encode_example(tok, prompt + "\nOutput:", ans, eos_id)
+        else:
+            ids = tok.encode(line).ids + [eos_id]
+        pre.append((ids, ids))  # LM loss on every token
+    bt = suite["base_training"]
+    nparams = sum(p.numel() for p in model.parameters())
+    _log(f"pre-training base ({nparams / 1e6:.2f} M params) for {bt['steps']} steps")
+    loss = _train(model, list(model.parameters()), pre, bt, seed_for(suite["seed"], "base-order"),
+                  pad_id, "base", log_every=max(1, bt["steps"] // 10))
+    with torch.no_grad():  # what ships is bf16; adapters train against exactly that
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.to(torch.bfloat16).save_pretrained(base_dir, safe_serialization=True)
+    model.float()
+    model.generation_config.save_pretrained(base_dir)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>", pad_token="<pad>", padding_side="left",
+                                     model_max_length=mc["max_position_embeddings"])
+    hf_tok.save_pretrained(base_dir)
+    _log(f"base done, loss {loss:.3f}")
+
+    # 4. one LoRA per task
+    lc = suite["lora"]
+    lcfg = dict(r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
+                target_modules=list(lc["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    results = {}
+    for i, spec in enumerate(specs):
+        t0 = time.time()
+        name = spec["name"]
+        torch.manual_seed(lc["init_seed"])
+        pm = get_peft_model(model, LoraConfig(**lcfg))
+        rows = [encode_example(tok, r["input"], r["output"][0], eos_id) for r in data[name]["train"]]
+        params = [p for p in pm.parameters() if p.requires_grad]
+        loss = _train(pm, params, rows, lc, seed_for(suite["seed"], "lora-order", name), pad_id, name)
+        tdir = bank / name
+        pm.save_pretrained(tdir, safe_serialization=True)
+        _fix_adapter_dir(tdir)
+        model = pm.unload()  # the untouched base back, LoRA layers removed
+        results[name] = {"train_loss": round(loss, 4)}
+        _log(f"[{i + 1}/{len(specs)}] {name}: loss {loss:.3f} ({time.time() - t0:.1f}s)")
+
+    manifest = {
+        "suite": suite["name"],
+        "suite_fingerprint": suite_fingerprint(suite),
+        "scale": scale,
+        "seed": suite["seed"],
+        "threads": threads,
+        "tasks": {s["name"]: {"family": s["family"], "op": s["op"], **results[s["name"]]} for s in specs},
+        "families": [f["name"] for f in suite["families"]],
+        "config": {k: suite[k] for k in ("splits", "tokenizer", "model", "base_training", "lora")},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "tokenizers": tokenizers.__version__},
+        "build_seconds": round(time.time() - t_start, 1),
+        "files": file_hashes(out),
+    }
+    with open(out / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    _log(f"done in {manifest['build_seconds']:.0f}s")
+    return manifest
+
+
+def _fix_adapter_dir(tdir: Path) -> None:
+    """Keep the two adapter files only, with a relative base path and no build-time noise."""
+    readme = tdir / "README.md"
+    if readme.exists():
+        readme.unlink()
+    cfg_path = tdir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "../../base"  # relative to the adapter dir
+    cfg.pop("revision", None)
+    if isinstance(cfg.get("target_modules"), list):  # PEFT writes a set: order varies by process
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m loramix.minibank build")
+    ap.add_argument("--suite", default="default", help="'default', a .json file or a .py file/module defining SUITE")
+    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--scale", default="full", choices=["full", "tiny"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    a = ap.parse_args(argv)
+    build(a.suite, a.out, scale=a.scale, threads=a.threads, force=a.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
