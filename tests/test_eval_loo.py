@@ -121,10 +121,11 @@ def test_leave_one_out_runs_resumes_and_refuses_other_settings(tiny, tmp_path):
     root, cache = tiny
     out = tmp_path / "loo"
     kw = dict(tasks=["last_fruit_1", "second_animal_2"], limit=2, pipelines=["normalized"], metrics=["js"],
-              modes=("factors", "svd"), cache=cache, max_new_tokens=4)
+              modes=("factors", "svd"), cache=cache, max_new_tokens=4, temperatures=[0.5])
     logs = []
     s = eval_loo.leave_one_out(root, out, log=logs.append, **kw)
-    names = {"base", "task-lora", "uniform", "nearest-js", "normalized-js", "normalized-js-svd"}
+    names = {"base", "task-lora", "uniform", "nearest-js", "normalized-js", "normalized-js-svd",
+             "normalized-js-T0.5"}
     assert set(s["systems"]) == names
     rows = _rows(out / "results.csv")
     assert len(rows) == 2 * len(names) and {r["n"] for r in rows} == {"2"}
@@ -148,6 +149,12 @@ def test_leave_one_out_runs_resumes_and_refuses_other_settings(tiny, tmp_path):
     assert not [m for m in logs if m.startswith("[")]
     with pytest.raises(ValueError, match="other settings"):
         eval_loo.leave_one_out(root, out, **{**kw, "limit": 3})
+    w = json.loads((out / "weights.json").read_text())["weights"]
+    assert max(w["normalized-js-T0.5"]["last_fruit_1"]) > max(w["normalized-js"]["last_fruit_1"])
+    v = eval_loo.leave_one_out(root, tmp_path / "valid", split="valid", keep_adapters=True, **kw)
+    prov = json.loads((tmp_path / "valid" / "adapters" / "last_fruit_1" / "normalized-js-T0.5" / "loramix.json").read_text())
+    assert prov["temperature"] == 0.5 and prov["weights"]["last_fruit_1"] == 0
+    assert v["systems"]["base"]["examples"] == 4
 
 
 def test_summary_findings_from_a_results_table(tmp_path):
@@ -156,7 +163,8 @@ def test_summary_findings_from_a_results_table(tmp_path):
         w = csv.writer(fh)
         w.writerow(["task", "system", "n", "rougeL", "exact", "subseq"])
         for t in range(20):
-            for s, mu in (("base", 0.1), ("normalized-js", 0.5), ("attentional-js", 0.3), ("task-lora", 0.9)):
+            for s, mu in (("base", 0.1), ("normalized-js", 0.5), ("attentional-js", 0.3), ("task-lora", 0.9),
+                          ("normalized-js-T0.1", 0.7), ("nearest-js", 0.8)):
                 w.writerow([f"t{t}", s, 4, mu + rng.normal(0, 0.03), 0, 0])
     s = eval_loo.summarize_results(tmp_path)
     f = s["findings"]

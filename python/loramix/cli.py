@@ -103,10 +103,13 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--tasks", nargs="+", default=None, help="held-out tasks (default: every task with a test split)")
     lo.add_argument("--out", default="loramix-loo", help="results folder; an interrupted run resumes there")
     lo.add_argument("--limit", type=int, default=48, help="test examples per task, the first N (0: all)")
+    lo.add_argument("--split", default="test", help="scored split (valid: for tuning without the test split)")
     lo.add_argument("--pipelines", nargs="+", default=None, help="default: every registered pipeline")
     lo.add_argument("--metrics", nargs="+", default=None, help="default: every registered metric")
     lo.add_argument("--systems", nargs="+", default=None, help="only these systems (+ base and task-lora)")
     lo.add_argument("--temperature", type=float, default=1.0)
+    lo.add_argument("--temperatures", type=float, nargs="+", default=(),
+                    help="extra temperatures for the default pipeline and metric (systems normalized-js-T<t>)")
     lo.add_argument("--top-k", type=int, default=None)
     lo.add_argument("--max-new-tokens", type=int, default=24)
     lo.add_argument("--max-prompt-tokens", type=int, default=512)
@@ -138,7 +141,8 @@ def _run_eval_demo(args, progress: bool) -> int:
     from .eval_loo import leave_one_out, markdown_table
 
     log = None if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    s = leave_one_out(args.bank, args.out, tasks=args.tasks, limit=args.limit or None, base=args.base,
+    s = leave_one_out(args.bank, args.out, tasks=args.tasks, split=args.split, limit=args.limit or None,
+                      temperatures=args.temperatures, base=args.base,
                       pipelines=args.pipelines, metrics=args.metrics, systems=args.systems,
                       temperature=args.temperature, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                       max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,

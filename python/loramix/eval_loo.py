@@ -38,6 +38,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -58,7 +59,7 @@ __all__ = ["System", "BankPaths", "resolve_bank", "plan_systems", "loo_weights",
 DEFAULT_PIPELINE = "normalized"
 DEFAULT_METRIC = "js"
 MODES = ("factors", "concat", "svd")
-TEST_NAMES = ("test.jsonl", "test.json", "test.csv", "test.parquet")
+SPLIT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # modules that register extra pipelines/metrics when imported (if present in this install)
 PLUGIN_MODULES = ("neural", "embed", "embedding", "combiner")
 _PIPELINE_ORDER = ("attentional", "normalized", "neural")
@@ -162,11 +163,16 @@ def resolve_bank(path, *, base=None, cache=None) -> BankPaths:
     return BankPaths(index_in_cache(members, tok, cache), members, base, manifest)
 
 
-def test_split(member_dir: Path) -> Path | None:
-    for n in TEST_NAMES:
-        if (member_dir / n).is_file():
-            return member_dir / n
+def eval_split(member_dir: Path, split: str = "test") -> Path | None:
+    """The member's ``<split>.jsonl`` (or .json/.csv/.parquet), if it has one."""
+    for suf in SPLIT_SUFFIXES:
+        if (Path(member_dir) / f"{split}{suf}").is_file():
+            return Path(member_dir) / f"{split}{suf}"
     return None
+
+
+def test_split(member_dir: Path) -> Path | None:
+    return eval_split(member_dir, "test")
 
 
 def train_split(member_dir: Path) -> Path | None:
@@ -187,6 +193,7 @@ class System:
     pipeline: str | None = None
     metric: str | None = None
     mode: str | None = None
+    temperature: float | None = None   # None: the run's temperature
 
     @property
     def mixed(self) -> bool:
@@ -220,7 +227,10 @@ def available_metrics() -> list[str]:
 
 def plan_systems(pipelines: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
                  modes: Sequence[str] = MODES, *, default_pipeline: str = DEFAULT_PIPELINE,
-                 default_metric: str = DEFAULT_METRIC, baselines: bool = True) -> list[System]:
+                 default_metric: str = DEFAULT_METRIC, baselines: bool = True,
+                 temperatures: Sequence[float] = ()) -> list[System]:
+    """The systems compared: base, task LoRA, baselines, every pipeline × metric (``factors``),
+    the other modes and any extra ``temperatures`` (``<p>-<m>-T<t>``) for the default pair."""
     pipelines = list(pipelines) if pipelines else available_pipelines()
     metrics = list(metrics) if metrics else available_metrics()
     out = [System("base", "base"), System("task-lora", "task")]
@@ -234,6 +244,9 @@ def plan_systems(pipelines: Sequence[str] | None = None, metrics: Sequence[str] 
         if mode != "factors":
             out.append(System(f"{default_pipeline}-{default_metric}-{mode}", "mix",
                               default_pipeline, default_metric, mode))
+    for t in temperatures:
+        out.append(System(f"{default_pipeline}-{default_metric}-T{t:g}", "mix", default_pipeline,
+                          default_metric, "factors", temperature=float(t)))
     return out
 
 
@@ -287,7 +300,8 @@ def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
                     dd = np.where(mask, np.inf, d)
                     w[np.arange(len(rows)), np.argmin(dd, axis=1)] = 1.0
                 else:
-                    w = wts.mixing_weights(d, s.pipeline, temperature=temperature, top_k=top_k,
+                    w = wts.mixing_weights(d, s.pipeline, top_k=top_k,
+                                           temperature=s.temperature or temperature,
                                            exclude=mask, **(pipeline_options or {}))
             wts.check_weights(w)
             W[s.name] = {t: w[q] for q, t in enumerate(tasks)}
@@ -410,7 +424,7 @@ def _predict_peft(model, tok, prompts, names, adapters, gen_kw):
 
 # --------------------------------------------------------------------------- the run
 
-RESULT_KEYS = ("limit", "temperature", "top_k", "max_new_tokens", "max_prompt_tokens", "bank_hash",
+RESULT_KEYS = ("split", "limit", "temperature", "top_k", "max_new_tokens", "max_prompt_tokens", "bank_hash",
                "pipeline_options")
 
 
@@ -449,7 +463,8 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, limit: int | None = 48,
+def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str = "test",
+                  limit: int | None = 48, temperatures: Sequence[float] = (),
                   base=None, pipelines: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
                   modes: Sequence[str] = MODES, systems: Sequence[str] | None = None,
                   temperature: float = 1.0, top_k: int | None = None, pipeline_options: dict | None = None,
@@ -466,20 +481,20 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, limit: int |
     if bp.base is None:
         raise FileNotFoundError("no base model folder found next to the bank; pass --base")
     b = Bank.open(bp.bank)
-    with_test = [m.name for m in b.members if test_split(m.path) is not None]
+    with_test = [m.name for m in b.members if eval_split(m.path, split) is not None]
     if tasks:
         missing = [t for t in tasks if t not in b.names]
         if missing:
             raise ValueError(f"no such task(s) in the bank: {', '.join(missing)}")
         no_test = [t for t in tasks if t not in with_test]
         if no_test:
-            raise ValueError(f"task(s) without a test split: {', '.join(no_test)}")
+            raise ValueError(f"task(s) without a {split} split: {', '.join(no_test)}")
         tasks = list(tasks)
     else:
         tasks = with_test
     if not tasks:
-        raise ValueError(f"bank {bp.members}: no member has a test split ({', '.join(TEST_NAMES)})")
-    plan = plan_systems(pipelines, metrics, modes)
+        raise ValueError(f"bank {bp.members}: no member has a {split} split ({split}.jsonl ...)")
+    plan = plan_systems(pipelines, metrics, modes, temperatures=temperatures)
     if systems:
         unknown = set(systems) - {s.name for s in plan}
         if unknown:
@@ -489,7 +504,7 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, limit: int |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"bank": str(bp.members), "index": str(bp.bank), "base": str(bp.base), "bank_hash": b.hash,
-           "limit": limit, "temperature": temperature, "top_k": top_k,
+           "split": split, "limit": limit, "temperature": temperature, "top_k": top_k,
            "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
            "pipeline_options": pipeline_options or None,
            "tasks": tasks, "systems": [asdict(s) for s in plan]}
@@ -515,7 +530,7 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, limit: int |
             if not todo:
                 continue
             tt = time.time()
-            examples = ev.load_examples(test_split(b.members[b.index(task)].path), limit=limit)
+            examples = ev.load_examples(eval_split(b.members[b.index(task)].path, split), limit=limit)
             adapters = {}
             tdir = adapters_root / task
             for mode in MODES:
@@ -524,7 +539,8 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, limit: int |
                     outs = [tdir / s.name for s in group]
                     mix_adapters(b, np.stack([W[s.name][task] for s in group]), outs, mode=mode,
                                  overwrite=True, provenance=[{"pipeline": s.pipeline, "metric": s.metric,
-                                                              "temperature": temperature, "top_k": top_k,
+                                                              "temperature": s.temperature or temperature,
+                                                              "top_k": top_k,
                                                               "dataset": task, "exclude": [task]}
                                                              for s in group])
                     adapters.update({s.name: o for s, o in zip(group, outs)})
@@ -622,7 +638,10 @@ def summarize_results(out, *, tasks: Sequence[str] | None = None, systems: Seque
 
 
 def _is_generated(name: str) -> bool:
-    return name not in ("base", "task-lora", "uniform") and not name.startswith("nearest-")
+    """A generated system at the run's settings (not a baseline, not a temperature-sweep variant:
+    the headline must not pick its temperature on the test split)."""
+    return (name not in ("base", "task-lora", "uniform") and not name.startswith("nearest-")
+            and not re.search(r"-T[0-9.e+-]+$", name))
 
 
 def _findings(res: dict) -> dict:
