@@ -92,6 +92,29 @@ def test_random_vs_oracle(isa, rng, metric, form, V, density):
     assert_close(got, want, rtol_for(form))
 
 
+@pytest.mark.parametrize("V", [1, 7, 16, 17, 33, 32001])
+@pytest.mark.parametrize("form", ("dense32", "csr64"))
+@pytest.mark.parametrize("metric", METRICS)
+def test_symmetric_vs_oracle(isa, rng, metric, form, V):
+    X = random_counts(rng, 6, V, density=0.4)
+    want = oracle(as_form(X, form), None, metric, 1e-10)
+    np.fill_diagonal(want, 0.0)
+    assert_close(divergence(as_form(X, form), None, metric), want, rtol_for(form))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-10])
+@pytest.mark.parametrize("metric", ("js", "kl"))
+def test_few_rows_path_agrees(isa, rng, metric, eps):
+    """Up to 4 rows of P against R go through the direct (gather) path, more through the index."""
+    P, R = random_counts(rng, 5, 400, density=0.3), random_counts(rng, 30, 400, density=0.5)
+    R[0] += 1.0
+    csr = sp.csr_matrix
+    few = divergence(csr(P[:4]), csr(R), metric, eps=eps)
+    many = divergence(csr(P), csr(R), metric, eps=eps)[:4]
+    assert_close(few, many, 1e-12)
+    assert_close(few, oracle(P[:4], R, metric, eps), 1e-12)
+
+
 @pytest.mark.parametrize("density", [0.2, 0.8])
 @pytest.mark.parametrize("eps", [0.0, 1e-10, 1e-3])
 @pytest.mark.parametrize("form", FORMS)

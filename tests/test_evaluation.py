@@ -56,7 +56,7 @@ def test_results_table_resumes(tmp_path):
     t.add("x", "base", {"rougeL": [1.0, 0.0], "exact": [1, 0], "subseq": [1, 1]})
     t2 = ResultsTable(p)
     assert t2.done("x", "base") and not t2.done("x", "own")
-    assert float(t2.get("x", "base")["rougeL"]) == 0.5
+    assert t2.get("x", "base")["rougeL"] == 0.5 and t2.get("x", "base")["n"] == 2
     t2.add("x", "own", {"rougeL": [1.0], "exact": [1], "subseq": [1]})
     assert len(p.read_text().splitlines()) == 3  # one header
 

@@ -49,6 +49,12 @@ def main() -> int:
         fams = {f: fams[f] for f in a.families.split(",")}
     model, tok = load_base(bank)
     table = ResultsTable(a.csv or tempfile.mktemp(suffix=".csv"))
+    side = Path(str(table.path) + ".examples.jsonl")  # per-example Rouge-L, for the pooled CI
+    ex_scores = {}
+    if side.exists():
+        for line in side.read_text().splitlines():
+            r = json.loads(line)
+            ex_scores[(r["task"], r["system"])] = np.array(r["rougeL"])
     per = {"base": {}, "own": {}, "family_mix": {}}
     tmp = Path(tempfile.mkdtemp())
     for fam, tasks in fams.items():
@@ -61,15 +67,22 @@ def main() -> int:
                 if not table.done(t, system):
                     s = evaluate_adapter(None, ad, ex, model=model, tokenizer=tok, max_new_tokens=24)
                     r = table.add(t, system, s)
-                    if system != "base" or True:
-                        print(f"{t:22s} {system:11s} rougeL {r['rougeL']:.3f} exact {r['exact']:.3f}  e.g. {s['predictions'][0]!r} vs {ex[0]['output'][0]!r}", flush=True)
-                r = table.get(t, system)
-                per[system][t] = {"rougeL": np.array([float(r["rougeL"])])}
+                    with open(side, "a") as fh:
+                        fh.write(json.dumps({"task": t, "system": system, "rougeL": s["rougeL"].tolist()}) + "\n")
+                    ex_scores[(t, system)] = s["rougeL"]
+                    print(f"{t:22s} {system:11s} rougeL {r['rougeL']:.3f} exact {r['exact']:.3f}  e.g. {s['predictions'][0]!r} vs {ex[0]['output'][0]!r}", flush=True)
+                per[system][t] = {"rougeL": ex_scores[(t, system)]}
+    print(f"{'family':18s} " + " ".join(f"{k:>10s}" for k in per))
+    for fam, tasks in fams.items():
+        vals = [np.mean([per[k][t]["rougeL"].mean() for t in tasks if t in per[k]]) if any(t in per[k] for t in tasks) else float("nan") for k in per]
+        print(f"{fam:18s} " + " ".join(f"{v:10.3f}" for v in vals))
     for system, d in per.items():
         if d:
             s = summarize(d)
+            e = s["evaluate_style"]
             print(f"{system:11s} mean rougeL over {s['tasks']} tasks {s['mean_over_tasks']:.3f} "
-                  f"CI95 [{s['ci95_over_tasks'][0]:.3f}, {s['ci95_over_tasks'][1]:.3f}]")
+                  f"CI95 over tasks [{s['ci95_over_tasks'][0]:.3f}, {s['ci95_over_tasks'][1]:.3f}]; "
+                  f"evaluate-style (BCa, pooled examples) [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]")
     return 0
 
 

@@ -493,6 +493,70 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
   });
 }
 
+// A few rows of P against many of R (one new dataset against a bank): building R's inverted
+// index would cost more than the pairs. Instead each P row is spread over a dense array of bins,
+// and every R row gathers its shared bins from it into a short buffer that the dense kernel sums.
+constexpr int64_t kDirectMaxRows = 4;
+
+void direct_js_kl(const Sparse& P, const Sparse& R, Metric metric, double eps,
+                  const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
+  const int64_t Q = P.rows, N = R.rows, V = P.cols;
+  const bool js = metric == Metric::js;
+  // Per P row: x1 = p (js) or c (kl), x2 = w (js) or a (kl); x2 > 0 marks a held bin for kl,
+  // x1 > 0 for js.
+  std::vector<double> d1(V), d2(V);
+  int64_t max_r = 0;
+  for (int64_t j = 0; j < N; ++j) max_r = std::max(max_r, R.nnz(j));
+  const int nt = std::max(1, threads);
+  std::vector<std::vector<double>> buf(nt);
+  for (int64_t i = 0; i < Q; ++i) {
+    for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) {
+      d1[P.idx[k]] = js ? P.v1[k] : P.v2[k];
+      d2[P.idx[k]] = js ? P.v2[k] : P.a[k];
+    }
+    parallel_for(N, 16, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
+      std::vector<double>& B = buf[w];
+      if (B.empty()) B.resize(4 * static_cast<std::size_t>(max_r));
+      double* bp = B.data();
+      double* bw = bp + max_r;
+      double* bq = bw + max_r;
+      double* bv = bq + max_r;
+      for (std::size_t jj = b; jj < e; ++jj) {
+        const int64_t j = static_cast<int64_t>(jj);
+        int64_t n = 0;
+        double acc = 0.0;
+        for (int64_t k = R.ptr[j]; k < R.ptr[j + 1]; ++k) {
+          const int32_t v = R.idx[k];
+          if (js ? d1[v] > 0.0 : d2[v] > 0.0) {  // shared bin
+            if (js) {
+              bp[n] = d1[v];
+              bw[n] = d2[v];
+              bq[n] = R.v1[k];
+              bv[n] = R.v2[k];
+            } else {
+              acc += d1[v] - d2[v] * R.v1[k];
+            }
+            ++n;
+          }
+        }
+        double& o = out[i * N + j];
+        if (js) {
+          double sums[1] = {0.0};
+          const double* pp[1] = {bp};
+          const double* hp[1] = {bw};
+          K.js_dense_f64(pp, hp, 1, bq, bv, static_cast<std::size_t>(n), sums);
+          o = (P.c1[i] + R.c1[j]) + sums[0];
+        } else if (eps > 0.0) {
+          o = (P.c1[i] + R.c2[j]) + acc;
+        } else {
+          o = n == P.nnz(i) ? acc : kInf;
+        }
+      }
+    });
+    for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) d1[P.idx[k]] = d2[P.idx[k]] = 0.0;
+  }
+}
+
 // sum_v |A_v - B_v| over the union of the two supports (the CDF difference is constant between
 // consecutive support bins; after the last one both CDFs are 1).
 double wd_pair(const Sparse& P, int64_t i, const Sparse& R, int64_t j) {
@@ -795,6 +859,7 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
       else sparse_wd(SP, SR, symmetric, nt, cancel, out);
     }
     // kl is not symmetric: with R = none it runs as P against P, both directions.
+    else if (!symmetric && Q <= kDirectMaxRows) direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
     else sparse_js_kl(SP, SR, symmetric && metric == Metric::js, metric, eps, K, nt, cancel, out);
   }
   if (symmetric)

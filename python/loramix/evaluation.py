@@ -219,6 +219,10 @@ class ResultsTable:
         if self.path.exists():
             with open(self.path, newline="") as fh:
                 for r in csv.DictReader(fh):
+                    r = dict(r)
+                    r["n"] = int(r["n"])
+                    for k in ("rougeL", "exact", "subseq"):
+                        r[k] = float(r[k])
                     self.rows[(r["task"], r["system"])] = r
 
     def done(self, task: str, system: str) -> bool:
