@@ -111,6 +111,27 @@ def test_mixed_adapter_batch_equals_one_adapter_at_a_time(opened):
         assert preds[name] == one["predictions"]
     assert not any("lora" in n for n, _ in model.named_modules())
 
+    # slots reused across calls: tensors copied into a slot give what a fresh load gives
+    aset = eval_loo.AdapterSet(model)
+    c, d = bank.members[1], bank.members[3]
+    gen = dict(max_new_tokens=6)
+    first = aset.predict(tok, exs, {"x": a.path, "y": b.path}, **gen)
+    slot_x = aset.slots["x"][0]
+    again = aset.predict(tok, exs, {"x": c.path, "y": d.path}, **gen)
+    assert aset.slots["x"][0] == slot_x   # reused, not reloaded
+    import torch
+    from safetensors.torch import load_file
+
+    params = dict(aset.pm.named_parameters())
+    want = load_file(str(c.path / "adapter_model.safetensors"))
+    for k, v in want.items():
+        assert torch.equal(params[k.replace(".weight", f".{slot_x}.weight")], v)
+    assert not torch.equal(want[next(iter(want))], load_file(str(a.path / "adapter_model.safetensors"))[next(iter(want))])
+    model = aset.close()
+    for name, folder in (("x", c.path), ("y", d.path)):
+        assert again[name] == ev.evaluate_adapter(None, folder, exs, model=model, tokenizer=tok, **gen)["predictions"]
+    assert first["x"] == preds["a"] and not any("lora" in n for n, _ in model.named_modules())
+
 
 def _rows(path):
     with open(path, newline="") as fh:

@@ -383,43 +383,97 @@ def generate_mixed(model, tok, prompts: Sequence[str], adapter_names: Sequence[s
     return res
 
 
+def _adapter_config(folder) -> dict:
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    for k in ("base_model_name_or_path", "revision", "inference_mode"):
+        cfg.pop(k, None)
+    return cfg
+
+
+class AdapterSet:
+    """A base model with named adapter slots, for scoring many adapters with one model.
+
+    :meth:`predict` attaches the given adapters (name → folder) and generates for every one of
+    them (and the base model) in mixed-adapter batches. Slots stay attached between calls: an
+    adapter whose config equals its slot's has only its tensors copied in (PEFT's
+    ``load_adapter`` re-walks the whole model per adapter, which costs more than generating on
+    a small model); otherwise the slot is loaded afresh. :meth:`close` removes every LoRA layer
+    and returns the plain base model."""
+
+    def __init__(self, model):
+        self.model = model
+        self.pm = None
+        self.slots: dict[str, tuple[str, dict]] = {}
+        self._count = 0
+
+    def _n_tensors(self, an: str) -> int:
+        return sum(1 for n, _ in self.pm.named_parameters()
+                   if n.endswith(f".{an}.weight") and (".lora_A." in n or ".lora_B." in n))
+
+    def _attach(self, name: str, folder) -> str:
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        cfg = _adapter_config(folder)
+        slot = self.slots.get(name)
+        if slot is not None and slot[1] == cfg:
+            an = slot[0]
+            sd = load_file(str(Path(folder) / "adapter_model.safetensors"))
+            try:
+                if len(sd) == self._n_tensors(an):   # every tensor of the slot is replaced
+                    set_peft_model_state_dict(self.pm, sd, adapter_name=an)
+                    return an
+            except RuntimeError:   # shapes differ after all: load afresh
+                pass
+        if slot is not None:
+            self.pm.delete_adapter(slot[0])
+            del self.slots[name]
+        self._count += 1
+        an = f"a{self._count}"   # plain module keys
+        if self.pm is None:
+            self.pm = PeftModel.from_pretrained(self.model, str(folder), adapter_name=an, is_trainable=False)
+        else:
+            self.pm.load_adapter(str(folder), adapter_name=an, is_trainable=False)
+        self.slots[name] = (an, cfg)
+        return an
+
+    def predict(self, tok, examples: Sequence[dict], adapters: dict, *, with_base: bool = True,
+                **gen_kw) -> dict[str, list[str]]:
+        prompts = [e["input"] for e in examples]
+        names = (["base"] if with_base else []) + list(adapters)
+        with quiet_hf():
+            if not adapters and self.pm is None:
+                out = generate_mixed(self.model, tok, prompts, None, **gen_kw)
+            else:
+                peft_names = {name: self._attach(name, folder) for name, folder in adapters.items()}
+                rows, an_rows = [], []
+                for name in names:
+                    rows += prompts
+                    an_rows += [peft_names.get(name, "__base__")] * len(prompts)
+                out = generate_mixed(self.pm, tok, rows, an_rows, **gen_kw)
+        n = len(prompts)
+        return {name: out[k * n:(k + 1) * n] for k, name in enumerate(names)}
+
+    def close(self):
+        if self.pm is not None:
+            with quiet_hf():
+                self.model = self.pm.unload()   # LoRA layers out again: the plain base model
+            self.pm = None
+            self.slots.clear()
+        return self.model
+
+
 def predict_systems(model, tok, examples: Sequence[dict], adapters: dict, *, with_base: bool = True,
                     **gen_kw):
     """Predictions of the base model (key ``"base"`` if ``with_base``) and of each adapter
     folder in ``adapters`` (name → folder) on ``examples``, in one mixed-adapter generation.
     Returns ``(predictions by name, model)``: the model as it was, adapters removed again."""
-    prompts = [e["input"] for e in examples]
-    names = (["base"] if with_base else []) + list(adapters)
-    if not adapters:
-        preds = generate_mixed(model, tok, prompts, None, **gen_kw)
-        return {"base": preds} if with_base else {}, model
-    with quiet_hf():
-        return _predict_peft(model, tok, prompts, names, adapters, gen_kw)
-
-
-def _predict_peft(model, tok, prompts, names, adapters, gen_kw):
-    from peft import PeftModel
-
-    pm = None
-    peft_names = {}
+    aset = AdapterSet(model)
     try:
-        for k, (name, folder) in enumerate(adapters.items()):
-            an = f"a{k}"   # PEFT module keys: keep them plain
-            peft_names[name] = an
-            if pm is None:
-                pm = PeftModel.from_pretrained(model, str(folder), adapter_name=an, is_trainable=False)
-            else:
-                pm.load_adapter(str(folder), adapter_name=an, is_trainable=False)
-        rows, an_rows = [], []
-        for name in names:
-            rows += prompts
-            an_rows += [peft_names.get(name, "__base__")] * len(prompts)
-        out = generate_mixed(pm, tok, rows, an_rows, **gen_kw)
+        preds = aset.predict(tok, examples, adapters, with_base=with_base, **gen_kw)
     finally:
-        if pm is not None:
-            model = pm.unload()   # LoRA layers out again: the plain base model
-    n = len(prompts)
-    return {name: out[k * n:(k + 1) * n] for k, name in enumerate(names)}, model
+        model = aset.close()
+    return preds, model
 
 
 # --------------------------------------------------------------------------- the run
@@ -522,7 +576,7 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
 
     table = ev.ResultsTable(out / "results.csv")
     ex_file = out / "examples.jsonl"
-    model = tok = None
+    aset = tok = None
     adapters_root = out / "adapters" if keep_adapters else Path(tempfile.mkdtemp(prefix="loramix-loo-"))
     try:
         for k, task in enumerate(tasks, 1):
@@ -546,12 +600,12 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
                     adapters.update({s.name: o for s, o in zip(group, outs)})
             if any(s.kind == "task" for s in todo):
                 adapters["task-lora"] = b.members[b.index(task)].path
-            if model is None:
+            if aset is None:
                 model, tok = load_base(bp.base, threads=threads)
-            preds, model = predict_systems(model, tok, examples, adapters,
-                                           with_base=any(s.kind == "base" for s in todo),
-                                           max_new_tokens=max_new_tokens,
-                                           max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+                aset = AdapterSet(model)
+            preds = aset.predict(tok, examples, adapters, with_base=any(s.kind == "base" for s in todo),
+                                 max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                                 batch_size=batch_size)
             refs = [e["output"] for e in examples]
             lines, scores = [], {}
             for s in todo:
