@@ -42,6 +42,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     out = r.stdout
     assert out.startswith("loramix demo: a LoRA for the held-out task 'second_animal_1'")
     assert "Top contributors" in out and "second_animal_2" in out and "same family" in out
+    assert "of the weight is on the 1 other 'second_animal' tasks" in out
     adapter = tmp_path / "loramix-demo-adapter"
     assert f"Adapter written to {adapter}" in out
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

@@ -103,7 +103,7 @@ def _add_eval_demo(sub, common) -> None:
     esub = ev.add_subparsers(dest="eval_cmd", required=True)
     lo = esub.add_parser("leave-one-out", parents=[common],
                          help="hold out each task, generate its adapter from the rest, score on its test split")
-    lo.add_argument("--bank", required=True, help="a mini-bank folder (base/ + bank/) or a bank folder")
+    lo.add_argument("--bank", required=True, help="a mini-bank folder (base/ + bank/), a bank folder, or 'default' (the shipped mini bank)")
     lo.add_argument("--base", default=None, help="base model folder (default: BANK/base or next to the bank)")
     lo.add_argument("--tasks", nargs="+", default=None, help="held-out tasks (default: every task with a test split)")
     lo.add_argument("--out", default="loramix-loo", help="results folder; an interrupted run resumes there")

@@ -12,7 +12,6 @@ Nothing is written inside the package folder (it may be read-only): a bank witho
 """
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ DEFAULT_EXAMPLES = 24
 
 def default_root() -> Path:
     """The shipped mini bank (``loramix/data/minibank``)."""
-    return Path(str(importlib.resources.files("loramix").joinpath("data", "minibank")))
+    return eval_loo.default_bank_root()
 
 
 def eval_available() -> bool:
@@ -94,6 +93,12 @@ def run_demo(task: str | None = None, out=DEFAULT_OUT, *, bank_root=None, evalua
                            **({"same_family": same} if families else {})})
     echo("\n".join(_table(["#", "member", "weight", metric] + (["same family"] if families else []),
                           rows, [">", "<", ">", ">", "<"])))
+    if families.get(task):
+        fam = [i for i, m in enumerate(bank.names) if m != task and families.get(m) == families[task]]
+        mass = float(res.weights[fam].sum())
+        doc["family_weight"] = mass
+        echo(f"  {mass:.0%} of the weight is on the {len(fam)} other '{families[task]}' tasks "
+             f"({len(fam) / max(1, int((res.weights > 0).sum())):.0%} of the members mixed).")
     rank = max(res.ranks.values()) if res.ranks else None
     echo("")
     echo(f"Adapter written to {res.out} (PEFT LoRA, rank {rank}, mode {res.mode}); "

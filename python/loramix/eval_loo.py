@@ -131,11 +131,19 @@ def index_in_cache(members: Path, tokenizer: Path, cache: Path | None = None) ->
     return dest
 
 
+def default_bank_root() -> Path:
+    """The mini bank shipped with the package (``loramix/data/minibank``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("loramix").joinpath("data", "minibank")))
+
+
 def resolve_bank(path, *, base=None, cache=None) -> BankPaths:
-    """``path``: a mini-bank folder (``base/`` + ``bank/<task>/``) or a bank folder of member
-    folders (with or without ``bank.json``). Without a ``bank.json`` the index is built in the
-    cache (:func:`index_in_cache`) with the base model's tokenizer."""
-    p = Path(path)
+    """``path``: a mini-bank folder (``base/`` + ``bank/<task>/``), a bank folder of member
+    folders (with or without ``bank.json``), or ``"default"`` (the shipped mini bank). Without a
+    ``bank.json`` the index is built in the cache (:func:`index_in_cache`) with the base
+    model's tokenizer."""
+    p = default_bank_root() if str(path) == "default" else Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"bank {p}: no such folder")
     if (p / "bank").is_dir() and not (p / BANK_FILE).is_file():
