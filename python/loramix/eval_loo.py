@@ -691,7 +691,9 @@ def summarize_results(out, *, tasks: Sequence[str] | None = None, systems: Seque
                   for t in ts if t in ws]
             d["weights"] = {k: float(np.mean([x[k] for x in st])) for k in st[0]}
         res[s] = d
+    fams = wdoc.get("families") or None
     summary = {"systems": res, "findings": _findings(res),
+               "by_family": _by_family(res, fams) if fams else None,
                "ci": "percentile bootstrap of the mean over per-task means (10,000 resamples, seed 0)",
                "evaluate_style_ci": "scipy.stats.bootstrap BCa over pooled examples, as HF evaluate "
                                     "reports strategy='bootstrap'; ignores clustering by task"}
@@ -718,7 +720,25 @@ def _findings(res: dict) -> dict:
         tl = res["task-lora"]["rougeL"]
         f.update({"task_lora_rougeL": tl[0], "best_below_task_lora_ci_disjoint": b[2] < tl[1],
                   "gap_closed": (b[0] - bl[0]) / (tl[0] - bl[0]) if tl[0] != bl[0] else None})
+        pb, pt = gen[best]["per_task"], res["task-lora"]["per_task"]
+        common = [t for t in pb if t in pt]
+        if common:   # paired over tasks: task heterogeneity cancels
+            f["task_lora_minus_best"] = _ci([pt[t] - pb[t] for t in common])
+    if "delta_vs_base" in gen[best]:
+        f["best_minus_base"] = gen[best]["delta_vs_base"]
     return f
+
+
+def _by_family(res: dict, families: dict) -> dict:
+    """Mean per-task Rouge-L per family of held-out tasks, per system."""
+    out = {}
+    for s, d in res.items():
+        acc: dict[str, list] = {}
+        for t, v in d["per_task"].items():
+            if families.get(t):
+                acc.setdefault(families[t], []).append(v)
+        out[s] = {f: float(np.mean(v)) for f, v in sorted(acc.items())}
+    return out
 
 
 def _fmt_ci(v) -> str:
@@ -747,11 +767,25 @@ def markdown_table(summary: dict) -> str:
         for s, w in wrows:
             lines.append(f"| {s} | {w['top1']:.3f} | {w['effective_members']:.1f} |"
                          + (f" {w.get('family_mass', float('nan')):.3f} |" if fam else ""))
+    bf = summary.get("by_family")
+    if bf:
+        show = [x for x in ("base", "uniform", f"nearest-{DEFAULT_METRIC}", f"{DEFAULT_PIPELINE}-{DEFAULT_METRIC}",
+                            summary.get("findings", {}).get("best_generated"), "task-lora") if x in bf]
+        show = list(dict.fromkeys(show))
+        fams = sorted({f for s in show for f in bf[s]})
+        lines += ["", "Rouge-L by family of the held-out task (mean over its tasks):", "",
+                  "| family | " + " | ".join(show) + " |", "|---|" + "---|" * len(show)]
+        for fam in fams:
+            lines.append(f"| {fam} | " + " | ".join(f"{bf[s].get(fam, float('nan')):.3f}" for s in show) + " |")
     f = summary.get("findings") or {}
     if f:
         lines += ["", f"Best generated system: **{f['best_generated']}**, Rouge-L {f['best_rougeL']:.3f} "
                   f"vs base {f['base_rougeL']:.3f}: 95% CIs "
                   f"{'do not overlap' if f['best_above_base_ci_disjoint'] else 'overlap (or it is not above)'}."]
+        if "best_minus_base" in f:
+            lines.append(f"Paired over tasks, best generated − base: {_fmt_ci(f['best_minus_base'])}.")
+        if "task_lora_minus_best" in f:
+            lines.append(f"Paired over tasks, task LoRA − best generated: {_fmt_ci(f['task_lora_minus_best'])}.")
         if "task_lora_rougeL" in f:
             gap = f.get("gap_closed")
             lines.append(f"Task-trained LoRAs: {f['task_lora_rougeL']:.3f}; best generated below them with "
