@@ -105,3 +105,30 @@ def test_shipped_adapter_loads_with_peft():
     pm = PeftModel.from_pretrained(base, str(DEFAULT_DIR / "bank" / task))
     n = sum(1 for k, _ in pm.named_parameters() if "lora_" in k)
     assert n == 2 * 3 * SUITE["model"]["num_hidden_layers"]
+
+
+@shipped
+def test_shipped_tokenizer_is_what_the_suite_trains():
+    from loramix.minibank.build import _train_tokenizer
+
+    specs = task_specs(SUITE)
+    corpus = generate_pretrain(SUITE, SUITE["pretrain"]["lines"])
+    texts = corpus + [r["input"] + " " + r["output"][0]
+                      for s in specs for r in generate_task(SUITE, s)["train"]]
+    tok = json.loads(_train_tokenizer(texts, SUITE["tokenizer"]).to_str())
+    shipped = json.loads((DEFAULT_DIR / "base" / "tokenizer.json").read_text())
+    assert tok["model"]["vocab"] == shipped["model"]["vocab"]
+    assert tok["model"]["merges"] == shipped["model"]["merges"]
+
+
+@shipped
+def test_shipped_task_lora_beats_base():
+    pytest.importorskip("peft")
+    from loramix.evaluation import evaluate_adapter, load_base, load_examples
+
+    model, tok = load_base(DEFAULT_DIR)
+    task = "last_fruit_1"
+    ex = load_examples(DEFAULT_DIR / "bank" / task / "test.jsonl", limit=16)
+    base = evaluate_adapter(None, None, ex, model=model, tokenizer=tok, max_new_tokens=8)
+    own = evaluate_adapter(None, DEFAULT_DIR / "bank" / task, ex, model=model, tokenizer=tok, max_new_tokens=8)
+    assert own["rougeL"].mean() > base["rougeL"].mean() + 0.5
