@@ -42,7 +42,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     out = r.stdout
     assert out.startswith("loramix demo: a LoRA for the held-out task 'second_animal_1'")
     assert "Top contributors" in out and "second_animal_2" in out and "same family" in out
-    assert "of the weight is on the 1 other 'second_animal' tasks" in out
+    assert "of the weight is on the 1 other 'second_animal' task(s), 1 of the 3 members." in out
     adapter = tmp_path / "loramix-demo-adapter"
     assert f"Adapter written to {adapter}" in out
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -68,3 +68,18 @@ def test_demo_end_to_end(tiny, tmp_path):
 def test_demo_without_a_shipped_bank_says_what_to_do(tmp_path):
     r = _demo(["--bank-root", str(tmp_path / "missing")], tmp_path, tmp_path / "cache")
     assert r.returncode == 1 and "python -m loramix.minibank build" in r.stderr
+
+
+def test_demo_on_the_shipped_bank_without_eval(tmp_path):
+    from loramix.demo import DEFAULT_TASK, default_root
+
+    root = default_root()
+    if not (root / "bank").is_dir():
+        pytest.skip("the default mini bank is not in this checkout")
+    before = _listing(root)
+    r = _demo(["--no-eval", "--json"], tmp_path, tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["task"] == DEFAULT_TASK and doc["family_weight"] > 0.9 and doc["temperature"] == 0.25
+    assert (tmp_path / "loramix-demo-adapter" / "adapter_model.safetensors").is_file()
+    assert _listing(root) == before

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_demo(sub, common) -> None:
-    from .demo import DEFAULT_EXAMPLES, DEFAULT_OUT, DEFAULT_TEMPERATURE
+    from .demo import DEFAULT_EXAMPLES, DEFAULT_OUT, DEFAULT_TASK, DEFAULT_TEMPERATURE
 
     ev = sub.add_parser("eval", help="evaluate generated adapters", parents=[common])
     esub = ev.add_subparsers(dest="eval_cmd", required=True)
@@ -123,12 +123,13 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--keep-adapters", action="store_true", help="keep generated adapters in OUT/adapters")
     de = sub.add_parser("demo", parents=[common],
                         help="generate an adapter for a held-out task of the shipped mini bank")
-    de.add_argument("--task", default=None, help="held-out task (default: reverse_color_4)")
+    de.add_argument("--task", default=None, help=f"held-out task (default: {DEFAULT_TASK})")
     de.add_argument("--out", default=DEFAULT_OUT, help=f"adapter folder (default: ./{DEFAULT_OUT})")
     de.add_argument("--overwrite", action="store_true", help="replace an existing output")
     de.add_argument("--no-eval", action="store_true", help="skip scoring (needs torch, transformers, peft)")
     de.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, help="test examples scored")
-    de.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    de.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                    help=f"softmin temperature (default {DEFAULT_TEMPERATURE:g}, tuned on the valid split)")
     de.add_argument("--top-k", type=int, default=None)
     de.add_argument("--bank-root", default=None, help="another mini bank (default: the shipped one)")
 
