@@ -83,3 +83,13 @@ def test_demo_on_the_shipped_bank_without_eval(tmp_path):
     assert doc["task"] == DEFAULT_TASK and doc["family_weight"] > 0.9 and doc["temperature"] == 0.25
     assert (tmp_path / "loramix-demo-adapter" / "adapter_model.safetensors").is_file()
     assert _listing(root) == before
+
+
+def test_cli_help_states_the_demo_defaults(capsys):
+    from loramix import cli, demo
+
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default: {demo.DEFAULT_TASK}" in text and f"default: ./{demo.DEFAULT_OUT}" in text
+    assert f"default: {demo.DEFAULT_TEMPERATURE:g}," in text and f"default: {demo.DEFAULT_EXAMPLES})" in text

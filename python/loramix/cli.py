@@ -97,8 +97,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_demo(sub, common) -> None:
-    from .demo import DEFAULT_EXAMPLES, DEFAULT_OUT, DEFAULT_TASK, DEFAULT_TEMPERATURE
-
     ev = sub.add_parser("eval", help="evaluate generated adapters", parents=[common])
     esub = ev.add_subparsers(dest="eval_cmd", required=True)
     lo = esub.add_parser("leave-one-out", parents=[common],
@@ -123,13 +121,14 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--keep-adapters", action="store_true", help="keep generated adapters in OUT/adapters")
     de = sub.add_parser("demo", parents=[common],
                         help="generate an adapter for a held-out task of the shipped mini bank")
-    de.add_argument("--task", default=None, help=f"held-out task (default: {DEFAULT_TASK})")
-    de.add_argument("--out", default=DEFAULT_OUT, help=f"adapter folder (default: ./{DEFAULT_OUT})")
+    # defaults live in loramix.demo (not imported here: the CLI starts fast)
+    de.add_argument("--task", default=None, help="held-out task (default: tail_tool_1)")
+    de.add_argument("--out", default=None, help="adapter folder (default: ./loramix-demo-adapter)")
     de.add_argument("--overwrite", action="store_true", help="replace an existing output")
     de.add_argument("--no-eval", action="store_true", help="skip scoring (needs torch, transformers, peft)")
-    de.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, help="test examples scored")
-    de.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                    help=f"softmin temperature (default {DEFAULT_TEMPERATURE:g}, tuned on the valid split)")
+    de.add_argument("--examples", type=int, default=None, help="test examples scored (default: 24)")
+    de.add_argument("--temperature", type=float, default=None,
+                    help="softmin temperature (default: 0.25, tuned on the valid split)")
     de.add_argument("--top-k", type=int, default=None)
     de.add_argument("--bank-root", default=None, help="another mini bank (default: the shipped one)")
 
@@ -138,9 +137,11 @@ def _run_eval_demo(args, progress: bool) -> int:
     if args.cmd == "demo":
         from .demo import run_demo
 
-        doc = run_demo(args.task, args.out, bank_root=args.bank_root, evaluate=not args.no_eval,
-                       overwrite=args.overwrite, examples=args.examples, temperature=args.temperature,
-                       top_k=args.top_k, echo=(lambda m: None) if args.json else print)
+        opts = {k: v for k, v in (("out", args.out), ("examples", args.examples),
+                                  ("temperature", args.temperature)) if v is not None}
+        doc = run_demo(args.task, bank_root=args.bank_root, evaluate=not args.no_eval,
+                       overwrite=args.overwrite, top_k=args.top_k,
+                       echo=(lambda m: None) if args.json else print, **opts)
         if args.json:
             print(json.dumps(doc, indent=1, default=str))
         return 0
