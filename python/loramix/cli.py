@@ -7,6 +7,8 @@
     loramix profile DATASET --bank DIR -o F.npz  a dataset's token profile
     loramix generate DATASET... --bank DIR -o OUT
     loramix explain OUT                          top contributors + a PNG bar chart
+    loramix eval leave-one-out --bank DIR        held-out comparison over a bank with test splits
+    loramix demo [--task NAME]                   the built-in job on the shipped mini bank
 
 Errors end with a one-line ``loramix: error: ...`` and a non-zero exit (``--debug`` shows the
 traceback). ``--json`` prints one JSON document on stdout for scripts; progress goes to stderr.
@@ -113,7 +115,70 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("out")
     ex.add_argument("--png", default=None, help="bar chart path (default: OUT/weights.png)")
     ex.add_argument("--top", type=int, default=10)
+    _add_eval_demo(sub, common)
     return p
+
+
+def _add_eval_demo(sub, common) -> None:
+    ev = sub.add_parser("eval", help="evaluate generated adapters", parents=[common])
+    esub = ev.add_subparsers(dest="eval_cmd", required=True)
+    lo = esub.add_parser("leave-one-out", parents=[common],
+                         help="hold out each task, generate its adapter from the rest, score on its test split")
+    lo.add_argument("--bank", required=True, help="a mini-bank folder (base/ + bank/), a bank folder, or 'default' (the shipped mini bank)")
+    lo.add_argument("--base", default=None, help="base model folder (default: BANK/base or next to the bank)")
+    lo.add_argument("--tasks", nargs="+", default=None, help="held-out tasks (default: every task with a test split)")
+    lo.add_argument("--out", default="loramix-loo", help="results folder; an interrupted run resumes there")
+    lo.add_argument("--limit", type=int, default=48, help="test examples per task, the first N (0: all)")
+    lo.add_argument("--split", default="test", help="scored split (valid: for tuning without the test split)")
+    lo.add_argument("--pipelines", nargs="+", default=None, help="default: every registered pipeline")
+    lo.add_argument("--metrics", nargs="+", default=None, help="default: every registered metric")
+    lo.add_argument("--systems", nargs="+", default=None, help="only these systems (+ base and task-lora)")
+    lo.add_argument("--temperature", type=float, default=1.0)
+    lo.add_argument("--temperatures", type=float, nargs="+", default=(),
+                    help="extra temperatures for the default pipeline and metric (systems normalized-js-T<t>)")
+    lo.add_argument("--top-k", type=int, default=None)
+    lo.add_argument("--max-new-tokens", type=int, default=24)
+    lo.add_argument("--max-prompt-tokens", type=int, default=512)
+    lo.add_argument("--batch-size", type=int, default=512, help="rows per generation batch (all systems share it)")
+    lo.add_argument("--threads", type=int, default=None, help="torch threads")
+    lo.add_argument("--keep-adapters", action="store_true", help="keep generated adapters in OUT/adapters")
+    de = sub.add_parser("demo", parents=[common],
+                        help="generate an adapter for a held-out task of the shipped mini bank")
+    # defaults live in loramix.demo (not imported here: the CLI starts fast)
+    de.add_argument("--task", default=None, help="held-out task (default: tail_tool_1)")
+    de.add_argument("--out", default=None, help="adapter folder (default: ./loramix-demo-adapter)")
+    de.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    de.add_argument("--no-eval", action="store_true", help="skip scoring (needs torch, transformers, peft)")
+    de.add_argument("--examples", type=int, default=None, help="test examples scored (default: 24)")
+    de.add_argument("--temperature", type=float, default=None,
+                    help="softmin temperature (default: 0.25, tuned on the valid split)")
+    de.add_argument("--top-k", type=int, default=None)
+    de.add_argument("--bank-root", default=None, help="another mini bank (default: the shipped one)")
+
+
+def _run_eval_demo(args, progress: bool) -> int:
+    if args.cmd == "demo":
+        from .demo import run_demo
+
+        opts = {k: v for k, v in (("out", args.out), ("examples", args.examples),
+                                  ("temperature", args.temperature)) if v is not None}
+        doc = run_demo(args.task, bank_root=args.bank_root, evaluate=not args.no_eval,
+                       overwrite=args.overwrite, top_k=args.top_k,
+                       echo=(lambda m: None) if args.json else print, **opts)
+        if args.json:
+            print(json.dumps(doc, indent=1, default=str))
+        return 0
+    from .eval_loo import leave_one_out, markdown_table
+
+    log = None if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    s = leave_one_out(args.bank, args.out, tasks=args.tasks, split=args.split, limit=args.limit or None,
+                      temperatures=args.temperatures, base=args.base,
+                      pipelines=args.pipelines, metrics=args.metrics, systems=args.systems,
+                      temperature=args.temperature, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                      max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
+                      threads=args.threads, keep_adapters=args.keep_adapters, log=log)
+    _emit(args, s, markdown_table(s) + f"\n\nresults in {args.out}/ (results.csv, table.md, summary.json)")
+    return 0
 
 
 def _emit(args, doc: dict, text: str) -> None:
@@ -125,6 +190,8 @@ def _emit(args, doc: dict, text: str) -> None:
 
 def _run(args) -> int:
     progress = not args.quiet and not args.json and sys.stderr.isatty()
+    if args.cmd in ("eval", "demo"):
+        return _run_eval_demo(args, progress)
     if args.cmd == "bank":
         from . import bank as bankmod
 
