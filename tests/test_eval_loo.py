@@ -210,3 +210,94 @@ def test_cli_leave_one_out(tiny, tmp_path):
                           "--tasks", "nope", "--out", str(tmp_path / "o2")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "no such task(s) in the bank: nope" in bad.stderr
+
+
+# --------------------------------------------------------------------------- neural, fold-trained
+
+def _families(bp):
+    return {t: v.get("family") for t, v in bp.manifest["tasks"].items()}
+
+
+def test_fold_assignment_is_seeded_and_stratified():
+    tasks = [f"{f}_{i}" for f in "abc" for i in range(6)]
+    fams = {t: t.split("_")[0] for t in tasks}
+    a = eval_loo.fold_assignment(tasks, 6, seed=3, families=fams)
+    assert a == eval_loo.fold_assignment(tasks, 6, seed=3, families=fams)
+    assert a != eval_loo.fold_assignment(tasks, 6, seed=4, families=fams)
+    for f in "abc":   # each family spread over the folds: one task of it per fold
+        assert sorted(a[t] for t in tasks if fams[t] == f) == list(range(6))
+    assert set(eval_loo.fold_assignment(tasks, 100).values()) == set(range(len(tasks)))   # K >= N: LOO
+
+
+def test_fold_members_leave_out_held_out_tasks_and_same_data(opened):
+    _, bank = opened
+    names = bank.names
+    fold_of = {t: k % 2 for k, t in enumerate(names)}
+    h = names[0]
+    twin = names[1]   # pretend fold 1's first task was trained on the data of fold 0's first task
+    old = bank.members[1].info.get("dataset_hash")
+    bank.members[1].info["dataset_hash"] = bank.members[0].info["dataset_hash"]
+    try:
+        fm = eval_loo.fold_members(bank, names, fold_of)
+    finally:
+        bank.members[1].info["dataset_hash"] = old
+    assert fm[0]["held_out"] == [t for t in names if fold_of[t] == 0]
+    assert h not in fm[0]["train_members"] and twin not in fm[0]["train_members"]
+    assert h not in fm[1]["train_members"] and twin not in fm[1]["train_members"]
+    for f in fm:
+        assert not set(f["held_out"]) & set(f["train_members"])
+
+
+def test_neural_fold_combiners_never_see_the_held_out_task(opened, tmp_path):
+    from loramix import neural
+    from loramix.generate import generate
+
+    bp, bank = opened
+    systems = eval_loo.plan_systems(["normalized", "neural"], ["js"], ("factors",), neural_metrics=["js"])
+    assert [s.name for s in systems if s.kind == "neural"] == ["neural-js"]
+    fams = _families(bp)
+    W, errors, info = eval_loo.neural_loo_weights(bank, bank.names, systems, folds=4, seed=0, families=fams)
+    assert not errors and set(W) == {"neural-js"}
+    assert info["systems"]["neural-js"]["features"] == neural.feature_names_for(["js"]) == ["js", "js:z"]
+    combs = info["systems"]["neural-js"]["combiners"]
+    D = neural.distance_matrices(bank, ["js"])
+    mask = eval_loo.exclusion_mask(bank, list(range(len(bank.names))))
+    for f, fm in enumerate(info["fold_members"]):
+        assert fm["held_out"] and not set(fm["held_out"]) & set(fm["train_members"])
+        assert all(info["fold_of"][t] == f for t in fm["held_out"])
+        # the combiner equals one trained on exactly the training members
+        tr = [bank.index(n) for n in fm["train_members"]]
+        comb, hist, _ = neural.fit_combiner(D, neural.bank_gram(bank), tr, hidden=16, seed=f)
+        np.testing.assert_array_equal(comb.params.W1, combs[f].params.W1)
+        q = [bank.index(t) for t in fm["held_out"]]
+        X, _ = neural.features_from({"js": D["js"][q]}, exclude=mask[q])
+        want = combs[f].weights(X, mask[q])
+        for k, t in enumerate(fm["held_out"]):
+            np.testing.assert_allclose(W["neural-js"][t], want[k], rtol=0, atol=1e-6)
+            assert W["neural-js"][t][bank.index(t)] == 0
+        # and generate(..., pipeline="neural", exclude=[task]) with that fold's combiner agrees
+        path = combs[f].save(tmp_path / f"fold{f}.onnx", bank_hash=bank.hash, pipeline={"metrics": ["js"]})
+        t = fm["held_out"][0]
+        r = generate(eval_loo.train_split(bank.members[bank.index(t)].path), bank, tmp_path / f"g{f}",
+                     pipeline="neural", metric="js", exclude=[t], pipeline_options={"combiner": str(path)})
+        np.testing.assert_allclose(r.weights, W["neural-js"][t], rtol=0, atol=1e-6)
+    W2, _, _ = eval_loo.neural_loo_weights(bank, bank.names, systems, folds=4, seed=0, families=fams)
+    for t in bank.names:   # deterministic
+        np.testing.assert_array_equal(W2["neural-js"][t], W["neural-js"][t])
+
+
+def test_leave_one_out_has_the_neural_system(tiny, tmp_path):
+    root, cache = tiny
+    out = tmp_path / "loo"
+    s = eval_loo.leave_one_out(root, out, tasks=["last_fruit_1", "second_animal_2"], limit=2,
+                               pipelines=["normalized", "neural"], metrics=["js"], modes=("factors",),
+                               cache=cache, max_new_tokens=3, neural_folds=6, neural_seed=1)
+    assert "neural-js" in s["systems"] and not s["skipped_systems"]
+    assert {r["system"] for r in _rows(out / "results.csv")} >= {"neural-js", "normalized-js"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["neural"]["folds"] == 2 and run["neural"]["seed"] == 1 and run["neural"]["hidden"] == 16
+    assert run["neural"]["features"] == {"neural-js": ["js", "js:z"]}
+    nj = json.loads((out / "neural.json").read_text())
+    for fm in nj["fold_members"]:
+        assert not set(fm["held_out"]) & set(fm["train_members"])
+    assert "| neural-js |" in (out / "table.md").read_text()

@@ -142,6 +142,12 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--batch-size", type=int, default=512, help="rows per generation batch (all systems share it)")
     lo.add_argument("--threads", type=int, default=None, help="torch threads")
     lo.add_argument("--keep-adapters", action="store_true", help="keep generated adapters in OUT/adapters")
+    lo.add_argument("--neural-metrics", nargs="*", default=["js"],
+                    help="feature sets of the neural systems, one system each ('js', 'js+cosine'; none: no "
+                         "neural systems); combiners trained per fold without the held-out tasks")
+    lo.add_argument("--neural-folds", type=int, default=6, help="K of the K-fold combiner training over tasks")
+    lo.add_argument("--neural-seed", type=int, default=0, help="seed of the fold split and the combiners")
+    lo.add_argument("--neural-hidden", type=int, default=16, help="hidden units of the fold combiners")
     de = sub.add_parser("demo", parents=[common],
                         help="generate an adapter for a held-out task of the shipped mini bank")
     # defaults live in loramix.demo (not imported here: the CLI starts fast)
@@ -176,7 +182,9 @@ def _run_eval_demo(args, progress: bool) -> int:
                       pipelines=args.pipelines, metrics=args.metrics, systems=args.systems,
                       temperature=args.temperature, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                       max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
-                      threads=args.threads, keep_adapters=args.keep_adapters, log=log)
+                      threads=args.threads, keep_adapters=args.keep_adapters,
+                      neural_metrics=args.neural_metrics, neural_folds=args.neural_folds,
+                      neural_seed=args.neural_seed, neural_hidden=args.neural_hidden, log=log)
     _emit(args, s, markdown_table(s) + f"\n\nresults in {args.out}/ (results.csv, table.md, summary.json)")
     return 0
 

@@ -61,7 +61,9 @@ DEFAULT_METRIC = "js"
 MODES = ("factors", "concat", "svd")
 SPLIT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # modules that register extra pipelines/metrics when imported (if present in this install)
-PLUGIN_MODULES = ("neural", "embed", "embedding", "combiner")
+PLUGIN_MODULES = ("neural", "semantic", "embed", "embedding", "combiner")
+NEURAL_METRICS = ("js",)   # feature sets of the neural systems (``+`` joins metrics)
+NEURAL_FOLDS = 6
 _PIPELINE_ORDER = ("attentional", "normalized", "neural")
 _METRIC_ORDER = ("js", "kl", "wd", "mmd", "cosine")
 
@@ -197,7 +199,7 @@ class System:
     weights), ``uniform`` or ``nearest``; mixed kinds have a ``mode``."""
 
     name: str
-    kind: str
+    kind: str   # base, task, mix, neural, uniform, nearest
     pipeline: str | None = None
     metric: str | None = None
     mode: str | None = None
@@ -205,7 +207,7 @@ class System:
 
     @property
     def mixed(self) -> bool:
-        return self.kind in ("mix", "uniform", "nearest")
+        return self.kind in ("mix", "neural", "uniform", "nearest")
 
 
 def load_plugins() -> None:
@@ -236,9 +238,14 @@ def available_metrics() -> list[str]:
 def plan_systems(pipelines: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
                  modes: Sequence[str] = MODES, *, default_pipeline: str = DEFAULT_PIPELINE,
                  default_metric: str = DEFAULT_METRIC, baselines: bool = True,
-                 temperatures: Sequence[float] = ()) -> list[System]:
+                 temperatures: Sequence[float] = (),
+                 neural_metrics: Sequence[str] | None = NEURAL_METRICS) -> list[System]:
     """The systems compared: base, task LoRA, baselines, every pipeline × metric (``factors``),
-    the other modes and any extra ``temperatures`` (``<p>-<m>-T<t>``) for the default pair."""
+    the other modes and any extra ``temperatures`` (``<p>-<m>-T<t>``) for the default pair.
+    The ``neural`` pipeline is not crossed with every metric: it gets one system per feature set
+    in ``neural_metrics`` (``neural-js``, ``neural-js+cosine``; fold-trained combiners, see
+    :func:`neural_loo_weights`), when it is among the pipelines."""
+    explicit = bool(pipelines)
     pipelines = list(pipelines) if pipelines else available_pipelines()
     metrics = list(metrics) if metrics else available_metrics()
     out = [System("base", "base"), System("task-lora", "task")]
@@ -246,8 +253,14 @@ def plan_systems(pipelines: Sequence[str] | None = None, metrics: Sequence[str] 
         out.append(System("uniform", "uniform", mode="factors"))
         out.append(System(f"nearest-{default_metric}", "nearest", metric=default_metric, mode="factors"))
     for p in pipelines:
+        if p == "neural":
+            continue
         for m in metrics:
             out.append(System(f"{p}-{m}", "mix", p, m, "factors"))
+    if "neural" in pipelines or (not explicit and neural_metrics):
+        for spec in neural_metrics or ():
+            parts = _neural_parts(spec)
+            out.append(System(f"neural-{'+'.join(parts)}", "neural", "neural", "+".join(parts), "factors"))
     for mode in modes:
         if mode != "factors":
             out.append(System(f"{default_pipeline}-{default_metric}-{mode}", "mix",
@@ -269,6 +282,112 @@ def _distances(bank: Bank, rows: list[int], metric: str, train_paths: list) -> n
     if D.shape != (len(rows), len(bank.members)) or not np.all(np.isfinite(D)):
         raise wts.WeightsError(f"metric {metric} gave distances of shape {D.shape} or non-finite ones")
     return D
+
+
+def _neural_parts(spec: str) -> list[str]:
+    parts = [x for x in re.split(r"[+,]", str(spec)) if x]
+    if not parts:
+        raise ValueError(f"empty neural feature set {spec!r}")
+    return parts
+
+
+def fold_assignment(tasks: Sequence[str], k: int = NEURAL_FOLDS, *, seed: int = 0,
+                 families: dict | None = None) -> dict[str, int]:
+    """Task → fold (0..k-1), seeded. Stratified by family where families are known: the tasks
+    are shuffled, grouped by family, and dealt round-robin, so each family is spread across the
+    folds and a fold's combiner has trained on the held-out task's siblings — as the paper's
+    leave-one-out training (and a bank that gets one new dataset) does. ``k >= len(tasks)``:
+    one task per fold (leave-one-out)."""
+    tasks = list(tasks)
+    k = max(1, min(int(k), len(tasks)))
+    rng = np.random.default_rng(seed)
+    order = [tasks[i] for i in rng.permutation(len(tasks))]
+    if families:
+        fam_rank = {}
+        for t in order:
+            fam_rank.setdefault(families.get(t) or "", len(fam_rank))
+        order = sorted(order, key=lambda t: fam_rank[families.get(t) or ""])   # stable: shuffled within
+    return {t: j % k for j, t in enumerate(order)}
+
+
+def fold_members(bank: Bank, tasks: Sequence[str], fold_of: dict) -> list[dict]:
+    """Per fold: its held-out tasks and the members its combiner may train on — every member but
+    the held-out tasks and those trained on the same data as one of them (:func:`exclusion_mask`)."""
+    mask = exclusion_mask(bank, [bank.index(t) for t in tasks])
+    out = []
+    for f in range(max(fold_of.values()) + 1):
+        q = [k for k, t in enumerate(tasks) if fold_of[t] == f]
+        train = np.flatnonzero(~mask[q].any(axis=0))
+        out.append({"held_out": [tasks[k] for k in q], "train_members": [bank.names[i] for i in train]})
+    return out
+
+
+def neural_loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *, folds: int = NEURAL_FOLDS,
+                       seed: int = 0, hidden: int = 16, families: dict | None = None, gram=None,
+                       metric_options: dict | None = None, threads=None,
+                       log: Callable[[str], None] | None = None) -> tuple[dict, dict, dict]:
+    """Weights of the ``neural`` systems with K-fold combiners: ``(weights, errors, info)``.
+
+    The tasks are split into ``folds`` (:func:`fold_assignment`). For each fold, a combiner is
+    trained (:func:`loramix.neural.fit_combiner`, seed ``seed``) on the bank-vs-bank distances and
+    the Gram matrix restricted to the fold's *training members*: every member except the fold's
+    held-out tasks and any member trained on the same data as one of them (same dataset hash,
+    :func:`exclusion_mask`). Each held-out task then gets the combiner's weights over the whole
+    bank, its own adapter and same-data members excluded — exactly ``generate(...,
+    pipeline="neural", exclude=[task])`` with that fold's combiner. The Gram matrix (factor space,
+    as the ``factors`` mix) is computed once and sliced per fold. ``info``: folds, training
+    members per fold, feature names, training summaries and the combiners themselves."""
+    from . import neural
+
+    log = log or (lambda m: None)
+    todo = [s for s in systems if s.kind == "neural"]
+    W, errors = {}, {}
+    info = {"folds": int(folds), "seed": int(seed), "hidden": int(hidden), "space": "factors", "systems": {}}
+    if not todo:
+        return W, errors, info
+    rows = [bank.index(t) for t in tasks]
+    mask = exclusion_mask(bank, rows)
+    fold_of = fold_assignment(tasks, folds, seed=seed, families=families)
+    info["fold_of"] = fold_of
+    nf = max(fold_of.values()) + 1
+    try:
+        G = np.asarray(gram if gram is not None else neural.bank_gram(bank, "factors", threads), np.float64)
+    except Exception as e:   # noqa: BLE001
+        return W, {s.name: f"{type(e).__name__}: {e}" for s in todo}, info
+    D: dict[str, np.ndarray] = {}
+    folds_doc = info["fold_members"] = fold_members(bank, tasks, fold_of)
+    for s in todo:
+        parts = _neural_parts(s.metric)
+        try:
+            for m in parts:
+                if m not in D:
+                    D.update(neural.distance_matrices(bank, [m], metric_options=metric_options))
+            dists = {m: D[m] for m in parts}
+            w = np.zeros((len(rows), len(bank.members)))
+            combs, hists = [], []
+            for f in range(nf):
+                q = [k for k, t in enumerate(tasks) if fold_of[t] == f]
+                train = np.array([bank.index(n) for n in folds_doc[f]["train_members"]], dtype=np.int64)
+                comb, hist, fnames = neural.fit_combiner(dists, G, train, hidden=hidden, seed=seed + f,
+                                                         threads=threads)
+                qr = [rows[k] for k in q]
+                X, xnames = neural.features_from({m: dists[m][qr] for m in parts}, exclude=mask[q])
+                if xnames != comb.feature_names:
+                    raise wts.WeightsError(f"features {xnames} differ from the combiner's {comb.feature_names}")
+                w[q] = comb.weights(X, mask[q])
+                combs.append(comb)
+                hists.append({"epochs": len(hist.epoch), "best_epoch": hist.best_epoch,
+                              "best_val_loss": hist.best_val_loss, "normalized_val_loss": hist.baseline_val_loss,
+                              "seconds": round(hist.seconds, 2)})
+                log(f"{s.name}: fold {f + 1}/{nf}: trained on {len(train)} members, held out {len(q)}; "
+                    f"val loss {hist.best_val_loss:.4f} (normalized pipeline {hist.baseline_val_loss:.4f})")
+            wts.check_weights(w)
+            W[s.name] = {t: w[k] for k, t in enumerate(tasks)}
+            info["systems"][s.name] = {"metrics": parts, "features": fnames, "training": hists,
+                                       "combiners": combs}
+        except Exception as e:   # noqa: BLE001 - one broken system must not end the run
+            errors[s.name] = f"{type(e).__name__}: {e}"
+    return W, errors, info
 
 
 def exclusion_mask(bank: Bank, rows: list[int]) -> np.ndarray:
@@ -293,7 +412,7 @@ def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
     mask = exclusion_mask(bank, rows)
     D, W, errors = {}, {}, {}
     for s in systems:
-        if not s.mixed:
+        if not s.mixed or s.kind == "neural":
             continue
         try:
             if s.kind == "uniform":
@@ -487,7 +606,7 @@ def predict_systems(model, tok, examples: Sequence[dict], adapters: dict, *, wit
 # --------------------------------------------------------------------------- the run
 
 RESULT_KEYS = ("split", "limit", "temperature", "top_k", "max_new_tokens", "max_prompt_tokens", "bank_hash",
-               "pipeline_options")
+               "pipeline_options", "neural")
 
 
 def _check_run(out: Path, cfg: dict) -> None:
@@ -532,6 +651,8 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
                   temperature: float = 1.0, top_k: int | None = None, pipeline_options: dict | None = None,
                   max_new_tokens: int = 24, max_prompt_tokens: int = 512, batch_size: int = 512,
                   threads: int | None = None, keep_adapters: bool = False, cache=None,
+                  neural_metrics: Sequence[str] | None = NEURAL_METRICS, neural_folds: int = NEURAL_FOLDS,
+                  neural_seed: int = 0, neural_hidden: int = 16,
                   log: Callable[[str], None] | None = None) -> dict:
     """Run the leave-one-out comparison; returns the summary (also written to ``out``)."""
     from . import evaluation as ev
@@ -556,7 +677,7 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
         tasks = with_test
     if not tasks:
         raise ValueError(f"bank {bp.members}: no member has a {split} split ({split}.jsonl ...)")
-    plan = plan_systems(pipelines, metrics, modes, temperatures=temperatures)
+    plan = plan_systems(pipelines, metrics, modes, temperatures=temperatures, neural_metrics=neural_metrics)
     if systems:
         unknown = set(systems) - {s.name for s in plan}
         if unknown:
@@ -570,14 +691,31 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
            "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
            "pipeline_options": pipeline_options or None,
            "tasks": tasks, "systems": [asdict(s) for s in plan]}
+    families = {t: v.get("family") for t, v in (bp.manifest or {}).get("tasks", {}).items()} or None
+    neural_sys = [s for s in plan if s.kind == "neural"]
+    if neural_sys:
+        from .neural import feature_names_for
+
+        fold_of = fold_assignment(tasks, neural_folds, seed=neural_seed, families=families)
+        cfg["neural"] = {"folds": max(fold_of.values()) + 1, "seed": neural_seed, "hidden": neural_hidden,
+                         "space": "factors", "stratified_by_family": bool(families),
+                         "features": {s.name: feature_names_for(_neural_parts(s.metric)) for s in neural_sys},
+                         "fold_of": fold_of}
     _check_run(out, cfg)
 
     W, _, errors = loo_weights(b, tasks, plan, temperature=temperature, top_k=top_k,
                                pipeline_options=pipeline_options)
+    if neural_sys:
+        NW, nerr, ninfo = neural_loo_weights(b, tasks, neural_sys, folds=neural_folds, seed=neural_seed,
+                                             hidden=neural_hidden, families=families, threads=threads, log=log)
+        W.update(NW)
+        errors.update(nerr)
+        ndoc = {k: v for k, v in ninfo.items() if k != "systems"}
+        ndoc["systems"] = {n: {k: v for k, v in d.items() if k != "combiners"} for n, d in ninfo["systems"].items()}
+        (out / "neural.json").write_text(json.dumps(ndoc, indent=1) + "\n")
     for name, err in errors.items():
         log(f"skipping system {name}: {err}")
     plan = [s for s in plan if s.name not in errors]
-    families = {t: v.get("family") for t, v in (bp.manifest or {}).get("tasks", {}).items()} or None
     wdoc = {s: {t: [float(x) for x in w] for t, w in per.items()} for s, per in W.items()}
     (out / "weights.json").write_text(json.dumps({"members": b.names, "families": families,
                                                   "weights": wdoc}) + "\n")

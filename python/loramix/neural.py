@@ -101,11 +101,39 @@ def bank_gram(bank, space: str = "factors", threads=None) -> np.ndarray:
     return combiner.delta_gram(modules(), n)
 
 
+def feature_names_for(names: Sequence[str]) -> list[str]:
+    """The feature names :func:`features_from` gives for these metrics (``cosine`` last, as ``cos``)."""
+    out = []
+    for m in [m for m in names if m != COSINE] + ([COSINE] if COSINE in names else []):
+        b = "cos" if m == COSINE else m
+        out += [b, b + ":z"]
+    return out
+
+
+def fit_combiner(dists: dict[str, np.ndarray], gram: np.ndarray, members=None, *, hidden: int = 16,
+                 seed: int = 0, max_epochs: int = 500, patience: int = 50, val_frac: float = 0.2,
+                 threads=None):
+    """Train a combiner on the bank-vs-bank distances ``dists`` (N×N per metric) and Gram matrix
+    (N×N), restricted to the bank rows ``members`` (indices; default all): both are sliced to that
+    subset before any feature is computed, so nothing of the other members is seen.
+    Returns ``(combiner, history, feature_names)``."""
+    from . import combiner
+
+    n = np.asarray(gram).shape[0]
+    idx = np.arange(n) if members is None else np.asarray(members, dtype=np.int64)
+    sub = np.ix_(idx, idx)
+    D = {k: np.asarray(v, np.float64)[sub] for k, v in dists.items()}
+    X, fnames = features_from(D, exclude=np.eye(len(idx), dtype=bool))
+    comb, hist = combiner.train_combiner(X, np.asarray(gram, np.float64)[sub], hidden=hidden, seed=seed,
+                                         max_epochs=max_epochs, patience=patience, val_frac=val_frac,
+                                         feature_names=fnames, threads=threads)
+    return comb, hist, fnames
+
+
 def train_bank_combiner(bank, metrics: Sequence[str] = ("js",), *, cosine: bool = False, space: str = "factors",
                         hidden: int = 16, encoder=None, quantize=None, seed: int = 0, max_epochs: int = 500,
                         patience: int = 50, val_frac: float = 0.2, out=None, threads=None) -> dict:
     """Train and save the bank's combiner; returns a summary (path, features, training curve)."""
-    from . import combiner
     from .bank import Bank
 
     bank = bank if isinstance(bank, Bank) else Bank.open(bank)
@@ -117,11 +145,9 @@ def train_bank_combiner(bank, metrics: Sequence[str] = ("js",), *, cosine: bool 
     names = list(metrics) + ([COSINE] if cosine else [])
     mo = {"encoder": str(encoder) if encoder else None, "quantize": quantize}
     D = distance_matrices(bank, names, metric_options=mo)
-    n = len(bank.members)
-    X, fnames = features_from(D, exclude=np.eye(n, dtype=bool))
     G = bank_gram(bank, space, threads)
-    comb, hist = combiner.train_combiner(X, G, hidden=hidden, seed=seed, max_epochs=max_epochs, patience=patience,
-                                         val_frac=val_frac, feature_names=fnames, threads=threads)
+    comb, hist, fnames = fit_combiner(D, G, hidden=hidden, seed=seed, max_epochs=max_epochs, patience=patience,
+                                      val_frac=val_frac, threads=threads)
     recipe = {"metrics": names, "space": space, "mode": "factors" if space == "factors" else "concat",
               "encoder": mo["encoder"], "quantize": quantize, "hidden": hidden}
     path = Path(out) if out else combiner_path(bank)
