@@ -8,8 +8,11 @@ test split (the first ``limit`` examples) it is compared with
 
 - ``base``: the base model alone; ``task-lora``: the task's own adapter (the upper bound);
 - ``<pipeline>-<metric>``: every registered pipeline × every registered metric (discovered
-  from :mod:`loramix.weights` at run time, so ``neural`` / ``cosine`` appear once registered),
+  from :mod:`loramix.weights` at run time; ``cosine`` comes from :mod:`loramix.semantic`),
   ``factors`` mode (the paper's mix);
+- ``neural-<metrics>``: the neural combiner, one system per feature set (``neural-js``,
+  ``neural-js+cosine``), its combiners trained K-fold over the tasks so that none has seen the
+  task it mixes for (:func:`neural_loo_weights`);
 - ``<pipeline>-<metric>-<mode>``: the other mix modes (``concat``, ``svd``) for the default
   pipeline and metric;
 - ``uniform`` (plain average of every other member) and ``nearest-<metric>`` (the single
