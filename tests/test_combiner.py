@@ -101,7 +101,7 @@ def test_factor_gram_matches_explicit(rng):
 
 
 def test_factor_gram_reads_safetensors(tmp_path, rng):
-    tensors = pytest.importorskip("loramix.tensors")
+    from loramix import tensors
     from safetensors.numpy import save_file
 
     mats = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3)]

@@ -17,7 +17,7 @@ import pytest
 
 import _tiny
 
-distributed = pytest.importorskip("distributed")
+import distributed
 
 from loramix import distributed as ld  # noqa: E402
 from loramix import tensors  # noqa: E402

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import _tiny
+
 from loramix import eval_loo
 from loramix import weights as wts
 
-pytest.importorskip("peft")
+import peft  # noqa: F401  (the test extra installs it; never skip)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -198,7 +200,7 @@ def test_summary_findings_from_a_results_table(tmp_path):
 
 def test_cli_leave_one_out(tiny, tmp_path):
     root, cache = tiny
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "LORAMIX_CACHE": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(_tiny.PKG_PARENT), "LORAMIX_CACHE": str(cache)}
     r = subprocess.run([sys.executable, "-m", "loramix.cli", "eval", "leave-one-out", "--bank", str(root),
                         "--tasks", "last_fruit_2", "--limit", "2", "--systems", "normalized-js",
                         "--max-new-tokens", "3", "--out", str(tmp_path / "o")],

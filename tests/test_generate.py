@@ -23,7 +23,7 @@ def w(tmp_path_factory):
 
 
 def test_generate_api_matches_pipeline_and_loads_in_peft(w, tmp_path):
-    pytest.importorskip("peft")
+    import peft  # noqa: F401
     b = Bank.open(w.bank)
     q = w.queries["animals_q"]
     res = generate(q, w.bank, tmp_path / "out", top_k=3, exclude=["m3"])

@@ -14,13 +14,13 @@ def dist(rng):
 
 
 def test_attentional_equals_torch_softmin(dist):
-    torch = pytest.importorskip("torch")
+    import torch
     ref = torch.nn.Softmin(dim=-1)(torch.tensor(dist, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(W.mixing_weights(dist, "attentional"), ref, rtol=0, atol=1e-12)
 
 
 def test_normalized_equals_standard_scaler_then_softmin(dist):
-    torch = pytest.importorskip("torch")
+    import torch
     from sklearn.preprocessing import StandardScaler
 
     z = np.stack([StandardScaler().fit_transform(row.reshape(-1, 1)).ravel() for row in dist])
@@ -29,7 +29,7 @@ def test_normalized_equals_standard_scaler_then_softmin(dist):
 
 
 def test_temperature_topk_exclude(dist):
-    torch = pytest.importorskip("torch")
+    import torch
     row = dist[0]
     t = 0.3
     ref = torch.nn.Softmin(dim=-1)(torch.tensor(row / t)).numpy()
