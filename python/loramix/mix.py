@@ -100,11 +100,21 @@ def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInf
 
 
 def _module_index(bank) -> dict[str, list[int]]:
+    """Module name → indices of the members holding it, in natural module order. Computed once
+    per opened bank (members never change after ``Bank.open``): a mix asks for it several times."""
+    cached = getattr(bank, "_loramix_module_index", None)
+    if cached is not None:
+        return cached
     out: dict[str, list[int]] = {}
     for i, m in enumerate(bank.members):
         for name in m.modules:
             out.setdefault(name, []).append(i)
-    return dict(sorted(out.items(), key=lambda kv: peft_io.natural_key(kv[0])))
+    out = dict(sorted(out.items(), key=lambda kv: peft_io.natural_key(kv[0])))
+    try:
+        bank._loramix_module_index = out
+    except AttributeError:  # a bank-like object without a writable __dict__
+        pass
+    return out
 
 
 def _shape(bank, holders, name):
@@ -193,7 +203,8 @@ def _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads)
 
 def factors_inputs(bank, W, name, holders, targets, r_out):
     """The sources and weights of one ``factors`` core call: ``(a_src, b_src, wa, wb)``."""
-    used = [i for i in holders if np.any(W[targets, i] != 0)]
+    h = np.asarray(holders)
+    used = h[(W[np.ix_(targets, h)] != 0).any(axis=0)].tolist()   # one numpy call, not one per member
     a_src, b_src, scale = [], [], []
     for i in used:
         m = bank.members[i]
