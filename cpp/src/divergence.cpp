@@ -346,18 +346,27 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metri
 // consecutive support bins; after the last one both CDFs are 1).
 double wd_pair(const Sparse& P, int64_t i, const Sparse& R, int64_t j) {
   int64_t x = P.ptr[i], xe = P.ptr[i + 1], y = R.ptr[j], ye = R.ptr[j + 1];
-  double d = 0.0, s = 0.0;
+  // d = A_v - B_v is a running sum over up to V bins: carried compensated (TwoSum), or its
+  // rounding error would grow with V and be multiplied by the gaps.
+  double d = 0.0, dc = 0.0;
+  CompSum s;
   int64_t prev = 0;
+  auto add = [&](double t) {
+    const double u = d + t;
+    const double bp = u - d;
+    dc += (d - (u - bp)) + (t - bp);
+    d = u;
+  };
   while (x < xe || y < ye) {
     const int64_t vx = x < xe ? P.idx[x] : std::numeric_limits<int64_t>::max();
     const int64_t vy = y < ye ? R.idx[y] : std::numeric_limits<int64_t>::max();
     const int64_t v = std::min(vx, vy);
-    s += std::fabs(d) * static_cast<double>(v - prev);
+    s.add(std::fabs(d + dc) * static_cast<double>(v - prev));
     prev = v;
-    if (vx == v) d += P.a[x++];
-    if (vy == v) d -= R.a[y++];
+    if (vx == v) add(P.a[x++]);
+    if (vy == v) add(-R.a[y++]);
   }
-  return s;
+  return s.value();
 }
 
 void sparse_wd(const Sparse& P, const Sparse& R, bool symmetric, int threads, Cancel* cancel,

@@ -15,7 +15,7 @@ namespace {
 
 const WsumKernels& kernels() {
   switch (active_isa()) {
-#if defined(LORAMIX_HAVE_X86) && defined(LORAMIX_WSUM_SIMD)
+#if defined(LORAMIX_HAVE_X86)
     case Isa::avx512: return avx512::wsum_kernels();
     case Isa::avx2: return avx2::wsum_kernels();
 #endif

@@ -25,6 +25,7 @@
 
 #include "loramix/dtype.h"
 #include "loramix/parallel.h"
+#include "loramix/wsum_kernels.h"
 
 namespace loramix {
 
@@ -53,27 +54,5 @@ void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threa
 // Element-wise conversions with the active ISA (bit-identical to halfconv.h on every ISA).
 void convert_to_f32(const void* in, DType from, float* out, std::size_t n);
 void convert_from_f32(const float* in, void* out, DType to, std::size_t n);
-
-// Per-ISA kernels (one table per ISA file; the driver in wsum.cpp does chunking/threads).
-struct WsumKernels {
-  std::size_t tile;  // gemm/gram column tile (floats); panel widths are padded to it
-  // acc[0..n) += sum_{j<m} w[j] * src[j][0..n)   (src pointers already at the chunk start)
-  void (*axpy)(float* acc, const void* const* src, const DType* dt, const float* w, std::size_t m,
-               std::size_t n);
-  void (*to_f32)(const void* src, DType dt, std::size_t n, float* out);
-  void (*from_f32)(const float* in, std::size_t n, void* out, DType dt);
-  // acc[q*lda + c] += sum_{k<kc} wp[k*Q + q] * panel[k*ldp + c], q < Q, c < ncols (a
-  // multiple of tile).
-  void (*gemm)(float* acc, std::size_t lda, const float* panel, std::size_t ldp, const float* wp,
-               std::size_t Q, std::size_t kc, std::size_t ncols);
-  // G[i*ldg + j] += sum_{c<ncols} panel[i][c] * panel[j][c] for j <= i < K; K a multiple of
-  // 4, ncols a multiple of tile (<= 256), padding zero.
-  void (*gram)(const float* panel, std::size_t ldp, std::size_t K, std::size_t ncols, double* G,
-               std::size_t ldg);
-};
-
-namespace scalar { const WsumKernels& wsum_kernels(); }
-namespace avx2 { const WsumKernels& wsum_kernels(); }
-namespace avx512 { const WsumKernels& wsum_kernels(); }
 
 }  // namespace loramix

@@ -1,0 +1,299 @@
+"""loramix.divergence against a float64 numpy oracle of the paper's formulas, on every ISA."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.stats
+
+from loramix import _core
+from loramix.divergence import CSR, divergence
+
+METRICS = ("js", "kl", "wd")
+FORMS = ("dense64", "dense32", "csr64", "csr32")
+
+
+# ---- oracle: normalize, + eps on every bin, then the sums directly (float64) -----------------
+def _rows(X):
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    X = np.asarray(X, dtype=np.float64)
+    return X / X.sum(axis=1, keepdims=True)
+
+
+def _kl(p, q):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        t = np.where(p > 0, p * np.log(p / q), 0.0)
+    return t.sum()
+
+
+def oracle(P, R, metric, eps):
+    a = _rows(P)
+    b = a if R is None else _rows(R)
+    out = np.empty((a.shape[0], b.shape[0]))
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            if metric == "wd":
+                # extended precision: a float64 cumsum over 32k bins is itself off by ~1e-12
+                d = np.cumsum(a[i].astype(np.longdouble)) - np.cumsum(b[j].astype(np.longdouble))
+                out[i, j] = float(np.abs(d)[:-1].sum())
+                continue
+            p, q = a[i] + eps, b[j] + eps
+            if metric == "kl":
+                out[i, j] = _kl(p, q)
+            else:
+                m = 0.5 * (p + q)
+                out[i, j] = 0.5 * _kl(p, m) + 0.5 * _kl(q, m)
+    return out
+
+
+def rtol_for(form):
+    return 1e-6 if form.endswith("32") else 1e-12
+
+
+def assert_close(got, want, rtol, atol=1e-13):
+    """Relative `rtol`; the absolute floor `atol` only matters for entries that are (nearly) 0
+    (identical rows: kl = F_i + G_j - corrections cancels ~20 nats to 0, leaving ~1e-15)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == np.float64
+    inf = np.isinf(want)
+    np.testing.assert_array_equal(np.isinf(got), inf)
+    np.testing.assert_array_equal(got[inf], want[inf])
+    np.testing.assert_allclose(got[~inf], want[~inf], rtol=rtol, atol=atol)
+
+
+def as_form(X, form):
+    X = np.asarray(X, dtype=np.float64)
+    dt = np.float32 if form.endswith("32") else np.float64
+    if form.startswith("dense"):
+        return X.astype(dt)
+    return sp.csr_matrix(X.astype(dt))
+
+
+def random_counts(rng, rows, V, density=0.3, scale=50):
+    X = rng.integers(0, scale, size=(rows, V)).astype(np.float64)
+    X *= rng.random((rows, V)) < density
+    X[np.arange(rows), rng.integers(0, V, rows)] += 1.0  # never an all-zero row
+    return X
+
+
+# ---- agreement with the oracle ------------------------------------------------------------------
+@pytest.mark.parametrize("V", [1, 7, 15, 16, 17, 31, 33, 32000, 32001])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_random_vs_oracle(isa, rng, metric, form, V):
+    P, R = random_counts(rng, 3, V), random_counts(rng, 4, V)
+    P[0] *= 1e6  # unnormalized rows of very different scales
+    R[1] *= 1e-3
+    got = divergence(as_form(P, form), as_form(R, form), metric)
+    want = oracle(as_form(P, form), as_form(R, form), metric, 1e-10)
+    assert_close(got, want, rtol_for(form))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-10, 1e-3])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_eps_values(isa, rng, metric, form, eps):
+    P, R = random_counts(rng, 4, 300, density=0.2), random_counts(rng, 5, 300, density=0.6)
+    R[0] += 1.0  # full support: kl(P_i || R_0) stays finite at eps = 0
+    got = divergence(as_form(P, form), as_form(R, form), metric, eps=eps)
+    want = oracle(as_form(P, form), as_form(R, form), metric, eps)
+    if metric == "kl" and eps == 0.0:
+        assert np.isinf(want).any() and np.isfinite(want).any()
+    assert_close(got, want, rtol_for(form))
+
+
+def adversarial_rows(V=40):
+    rows = []
+    one = np.zeros(V); one[3] = 5.0; rows.append(one)               # a single non-zero bin
+    same = np.zeros(V); same[3] = 0.25; rows.append(same)           # same bin, other scale
+    lo = np.zeros(V); lo[: V // 2] = 1.0; rows.append(lo)           # disjoint supports
+    hi = np.zeros(V); hi[V // 2:] = 2.0; rows.append(hi)
+    sup = np.zeros(V); sup[: V // 2] = np.arange(1, V // 2 + 1); sup[V - 1] = 1.0
+    rows.append(sup)                                                 # superset of lo
+    full = np.arange(1, V + 1, dtype=np.float64); rows.append(full)  # every bin
+    rows.append(full * 1e9)                                          # identical after normalizing
+    last = np.zeros(V); last[V - 1] = 1.0; rows.append(last)
+    tiny = np.zeros(V); tiny[0] = 1e300; tiny[1] = 1e-20; rows.append(tiny)  # subnormal after normalizing
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-10])
+@pytest.mark.parametrize("form", ("dense64", "csr64"))
+@pytest.mark.parametrize("metric", METRICS)
+def test_adversarial(isa, metric, form, eps):
+    X = adversarial_rows()
+    got = divergence(as_form(X, form), as_form(X, form), metric, eps=eps)
+    want = oracle(X, X, metric, eps)
+    assert_close(got, want, 1e-12)
+    if metric == "js":
+        # disjoint supports without smoothing: exactly ln 2
+        assert got[2, 3] == pytest.approx(np.log(2), rel=1e-14) if eps == 0.0 else True
+        assert abs(got[0, 1]) < 1e-15 and abs(got[5, 6]) < 1e-15  # same after normalizing
+    if metric == "kl" and eps == 0.0:
+        assert np.isinf(got[2, 3]) and np.isfinite(got[2, 4])  # supp(lo) inside supp(sup)
+
+
+def test_eps_zero_js_disjoint_is_ln2(isa):
+    X = np.array([[1.0, 0, 0, 0], [0, 0, 3.0, 1.0]])
+    for form in ("dense64", "csr64"):
+        assert divergence(as_form(X, form), metric="js", eps=0.0)[0, 1] == pytest.approx(np.log(2), rel=1e-15)
+
+
+def test_many_rows_shared_bins(isa, rng):
+    """Inverted-index runs of every length around the vector widths, contiguous or not."""
+    X = random_counts(rng, 37, 60, density=0.5, scale=7)
+    X[:, 0] = 1.0  # a bin every row holds: one contiguous run of 37
+    for metric in ("js", "kl"):
+        want = oracle(X, None, metric, 1e-10)
+        got = divergence(sp.csr_matrix(X), metric=metric)
+        np.fill_diagonal(want, 0.0)
+        assert_close(got, want, 1e-12)
+        assert_close(divergence(sp.csr_matrix(X[:5]), sp.csr_matrix(X), metric), want[:5], 1e-12)
+
+
+def test_wd_matches_scipy(isa, rng):
+    V = 257
+    P, R = random_counts(rng, 3, V, density=0.1), random_counts(rng, 4, V, density=0.5)
+    ids = np.arange(V)
+    for form in ("dense64", "csr64", "dense32"):
+        got = divergence(as_form(P, form), as_form(R, form), "wd")
+        Pf, Rf = np.asarray(as_form(P, form).toarray() if form.startswith("csr") else as_form(P, form), np.float64), None
+        Rf = np.asarray(R, np.float32 if form.endswith("32") else np.float64).astype(np.float64)
+        want = np.array([[scipy.stats.wasserstein_distance(ids, ids, p, q) for q in Rf] for p in Pf])
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+# ---- input forms -----------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", METRICS)
+def test_sparse_dense_mixed_agree(isa, rng, metric):
+    P, R = random_counts(rng, 5, 500, density=0.05), random_counts(rng, 6, 500, density=0.2)
+    ref = divergence(P, R, metric)
+    for a, b in [(sp.csr_matrix(P), sp.csr_matrix(R)), (sp.csr_matrix(P), R), (P, sp.csr_array(R)),
+                 (sp.coo_matrix(P), sp.csc_matrix(R))]:
+        assert_close(divergence(a, b, metric), ref, 1e-12)
+    assert_close(ref, oracle(P, R, metric, 1e-10), 1e-12)
+
+
+def test_csr_tuple_and_integer_counts(isa, rng):
+    P = random_counts(rng, 4, 100)
+    m = sp.csr_matrix(P)
+    ref = divergence(P, metric="js")
+    t = CSR(m.indptr.astype(np.int32), m.indices.astype(np.int64), m.data.astype(np.int64), 100)
+    assert_close(divergence(t, metric="js"), ref, 1e-12)
+    assert_close(divergence(P.astype(np.int32), metric="js"), ref, 1e-12)
+    assert_close(divergence(sp.csr_matrix(P.astype(np.int64)), metric="js"), ref, 1e-12)
+
+
+def test_noncanonical_scipy_not_modified(isa):
+    rows, cols, vals = [0, 0, 0, 1], [5, 2, 5, 2], [1.0, 2.0, 3.0, 4.0]  # duplicates, unsorted
+    m = sp.csr_matrix((vals, (rows, cols)), shape=(2, 8))
+    m = sp.csr_matrix((np.array(vals), np.array(cols), np.array([0, 3, 4])), shape=(2, 8))
+    before = (m.indices.copy(), m.data.copy())
+    got = divergence(m, metric="kl")
+    dense = np.zeros((2, 8)); dense[0, 2] = 2; dense[0, 5] = 4; dense[1, 2] = 4
+    want = oracle(dense, None, "kl", 1e-10); np.fill_diagonal(want, 0.0)
+    assert_close(got, want, 1e-12)
+    np.testing.assert_array_equal(m.indices, before[0])
+    np.testing.assert_array_equal(m.data, before[1])
+
+
+def test_explicit_zeros_in_csr(isa):
+    m = sp.csr_matrix((np.array([0.0, 2.0, 0.0, 1.0]), np.array([0, 1, 2, 3]), np.array([0, 2, 4])), shape=(2, 4))
+    dense = m.toarray()
+    for metric in METRICS:
+        assert_close(divergence(m, metric=metric), divergence(dense, metric=metric), 1e-12)
+
+
+def test_noncontiguous_and_misaligned(isa, rng):
+    X = random_counts(rng, 6, 70)
+    for metric in METRICS:
+        ref = divergence(np.ascontiguousarray(X[:, ::2]), metric=metric)
+        assert_close(divergence(X[:, ::2], metric=metric), ref, 1e-12)
+        assert_close(divergence(np.asfortranarray(X), metric=metric), divergence(X, metric=metric), 1e-12)
+        buf = np.zeros(X.size + 3)
+        Y = buf[3:].reshape(X.shape)  # contiguous, base 24 bytes off any vector alignment
+        Y[...] = X
+        assert_close(divergence(Y, metric=metric), divergence(X, metric=metric), 1e-12)
+
+
+@pytest.mark.parametrize("form", ("dense64", "csr64"))
+@pytest.mark.parametrize("metric", METRICS)
+def test_r_none_vs_explicit(isa, rng, metric, form):
+    X = random_counts(rng, 9, 130, density=0.4)
+    full = divergence(as_form(X, form), as_form(X, form), metric)
+    sym = divergence(as_form(X, form), None, metric)
+    np.fill_diagonal(full, 0.0)
+    assert_close(sym, full, 1e-12)
+    assert np.all(np.diag(sym) == 0.0)
+    if metric != "kl":
+        np.testing.assert_array_equal(sym, sym.T)
+
+
+@pytest.mark.parametrize("form", ("dense64", "csr64", "csr32"))
+@pytest.mark.parametrize("metric", METRICS)
+def test_threads_identical(isa, rng, metric, form):
+    P, R = random_counts(rng, 11, 300, density=0.3), random_counts(rng, 70, 300, density=0.3)
+    for a, b in [(P, R), (P[:2], R), (P, None)]:
+        a, b = as_form(a, form), (None if b is None else as_form(b, form))
+        np.testing.assert_array_equal(divergence(a, b, metric, threads=1), divergence(a, b, metric, threads=2))
+
+
+def test_empty_and_shapes(isa, rng):
+    X = random_counts(rng, 3, 10)
+    assert divergence(X[:0], X).shape == (0, 3)
+    assert divergence(X, X[:0]).shape == (3, 0)
+    assert divergence(X[0], X).shape == (1, 3)  # 1-D: one row
+
+
+# ---- errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ("dense64", "dense32", "csr64"))
+@pytest.mark.parametrize("bad", ["nan", "neg", "inf", "zero_row"])
+def test_bad_values_raise(isa, form, bad):
+    X = np.ones((3, 9))
+    if bad == "nan":
+        X[1, 4], msg = np.nan, "NaN"
+    elif bad == "neg":
+        X[1, 4], msg = -1.0, "negative"
+    elif bad == "inf":
+        X[1, 4], msg = np.inf, "infinite"
+    else:
+        X[1], msg = 0.0, "all zero"
+    A = as_form(X, form)
+    for metric in METRICS:
+        with pytest.raises(ValueError, match=msg):
+            divergence(A, metric=metric)
+        with pytest.raises(ValueError, match=msg):
+            divergence(np.ones((2, 9)), A, metric=metric)
+
+
+def test_bad_arguments_raise():
+    X = np.ones((2, 5))
+    with pytest.raises(ValueError, match="bins"):
+        divergence(X, np.ones((2, 6)))
+    with pytest.raises(ValueError, match="bins"):
+        divergence(sp.csr_matrix(X), sp.csr_matrix(np.ones((2, 6))))
+    with pytest.raises(ValueError, match="unknown metric"):
+        divergence(X, metric="hellinger")
+    with pytest.raises(ValueError, match="eps"):
+        divergence(X, eps=-1e-3)
+    with pytest.raises(ValueError, match="eps"):
+        divergence(X, eps=float("nan"))
+    with pytest.raises(ValueError, match="threads"):
+        divergence(X, threads=0)
+    for dt in (np.complex128, np.bool_, np.float16, object):
+        with pytest.raises(TypeError, match="dtype"):
+            divergence(X.astype(dt))
+    with pytest.raises(TypeError, match="dtype"):
+        divergence(sp.csr_matrix(X.astype(np.complex64)))
+    with pytest.raises(ValueError, match="unsorted or duplicate"):
+        divergence(CSR(np.array([0, 2]), np.array([3, 1]), np.array([1.0, 1.0]), 5))
+    with pytest.raises(ValueError, match="column index"):
+        divergence(CSR(np.array([0, 1]), np.array([7]), np.array([1.0]), 5))
+
+
+def test_core_refuses_silent_copies():
+    X = np.ones((3, 4))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.divergence(X[:, ::2], None, "js", 1e-10, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        _core.divergence(X.astype(np.int64), None, "js", 1e-10, 1)
