@@ -6,6 +6,7 @@
     loramix profile DATASET --bank DIR -o F.npz  a dataset's token profile
     loramix generate DATASET... --bank DIR -o OUT
     loramix explain OUT                          top contributors + a PNG bar chart
+    loramix bench [--scale laptop|paper] [--suite kernels|mix|e2e|all]   speed/memory vs peers
 
 Errors end with a one-line ``loramix: error: ...`` and a non-zero exit (``--debug`` shows the
 traceback). ``--json`` prints one JSON document on stdout for scripts; progress goes to stderr.
@@ -84,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("out")
     ex.add_argument("--png", default=None, help="bar chart path (default: OUT/weights.png)")
     ex.add_argument("--top", type=int, default=10)
+
+    from .bench import add_arguments as _bench_arguments   # cheap: argparse only
+    _bench_arguments(sub.add_parser("bench", help="speed and memory vs peers (synthetic paper-scale bank)",
+                                    parents=[common]))
     return p
 
 
@@ -154,6 +159,10 @@ def _run(args) -> int:
 
         s = explain(args.out, png=args.png, top=args.top)
         _emit(args, {k: v for k, v in s.items() if k != "text"}, s["text"] + f"\nchart: {s['png']}")
+    elif args.cmd == "bench":
+        from .bench import run as bench_run
+
+        return bench_run(args)
     return 0
 
 

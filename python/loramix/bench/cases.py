@@ -149,7 +149,7 @@ def ceiling_gemm(lib: str = "numpy", n: int = 4096, repeat: int = 3, **_):
 # ----------------------------------------------------------------------------- one adapter
 @case
 def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repeat: int = 3,
-                out: str = "", layers: int | None = None, dtype: str | None = None, threads=None, **_):
+                out: str = "", layers: int | None = None, dtype: str | None = None, warmup: int = 1, **_):
     """``mix_adapters`` (the library path of ``loramix generate`` after the weights)."""
     from ..bank import Bank
     from ..generate import mix_adapters
@@ -162,7 +162,8 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         w = target_weights(b, len(b.members), top_k)
         used = np.flatnonzero(w)
         outdir = Path(out or tempfile.mkdtemp(prefix="lmx-bench-"))
-        ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat)
+        ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
+                   warmup)
         nread = tensor_bytes(b, used)
         outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size
         shutil.rmtree(outdir, ignore_errors=True)

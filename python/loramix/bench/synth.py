@@ -124,7 +124,8 @@ def make_dataset(path, n_examples: int = 1000, V: int = VOCAB, seed: int = 7) ->
         for _ in range(n_examples):
             x = rng.choice(ids, size=int(rng.integers(40, 160)), p=p)
             y = rng.choice(ids, size=int(rng.integers(3, 30)), p=p)
-            fh.write(json.dumps({"input": " ".join(f"t{i}" for i in x),
+            # the profile joins input + output[0] with nothing between: end the input with a space
+            fh.write(json.dumps({"input": " ".join(f"t{i}" for i in x) + " ",
                                  "output": [" ".join(f"t{i}" for i in y), "t5 t6"]}) + "\n")
     return path
 
