@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="layers mixed in the leave-one-out case (default all; output = N adapters)")
     p.add_argument("--exact-all-max", type=int, default=64,
                    help="largest N for concat/svd with top-k all (output/QR grow with N)")
+    p.add_argument("--scratch", default=None,
+                   help="folder for mixed outputs while timing (default /dev/shm/loramix-bench; one case "
+                        "also writes to OUT/tmp on disk)")
     return p
 
 
@@ -49,7 +52,7 @@ def run(args) -> int:
     root = Path(args.bank_dir).resolve()
     dtype = {"bf16": "BF16", "f32": "F32", "f16": "F16"}[args.dtype]
     opts = {k: getattr(args, k) for k in ("repeat", "peft_n", "peft_svd_layers", "loo_layers", "exact_all_max",
-                                          "delete_fp32", "dtype", "suite", "fp32")}
+                                          "delete_fp32", "dtype", "suite", "fp32", "scratch")}
     r = suites.Run(Path(args.out), args.scale, root, opts, log)
     r.doc["command"] = "loramix bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     want = SUITES[:-1] if args.suite == "all" else (args.suite,)
@@ -70,7 +73,7 @@ def run(args) -> int:
         suites.suite_fp32(r)
     r.doc["finished"] = __import__("time").strftime("%Y-%m-%d %H:%M:%S UTC", __import__("time").gmtime())
     r.save()
-    text = report.tables(r.doc)
+    text = report.tables(r.doc) + "\n" + report.goals(r.doc)
     (r.out / "bench.md").write_text(f"Command: `{r.doc['command']}`\n\n" + text)
     pngs = report.plots(r.doc, r.out)
     print(text)

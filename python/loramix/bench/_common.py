@@ -20,9 +20,13 @@ from pathlib import Path
 GB = 1e9
 
 
-def times(fn, repeat: int = 3, warmup: int = 1) -> list[float]:
+def times(fn, repeat: int = 3, warmup: int = 1, first: list | None = None) -> list[float]:
+    """``repeat`` timings of ``fn`` after ``warmup`` untimed calls (their times go to ``first``)."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if first is not None:
+            first.append(time.perf_counter() - t0)
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()

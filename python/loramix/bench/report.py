@@ -197,7 +197,7 @@ def plots(doc: dict, out: Path) -> list[Path]:
         s = st[0]["stages_median_s"]
         fig, ax = plt.subplots(figsize=(8, 2))
         left = 0.0
-        for i, (k, v) in enumerate(s.items()):
+        for i, (k, v) in enumerate((k, v) for k, v in s.items() if not k.startswith("(")):
             ax.barh(["generate"], [v], left=left, label=k, color=f"C{i}")
             left += v
         ax.set_xlabel("seconds (warm, in-process)")
@@ -208,3 +208,42 @@ def plots(doc: dict, out: Path) -> list[Path]:
         plt.close(fig)
         made.append(p)
     return made
+
+
+def goals(doc: dict) -> str:
+    """The issue's goals against this run's numbers (met / missed, by how much)."""
+    ce = _cases(doc, "ceilings")
+    bw = max((c.get("gb_per_s", 0) for c in ce if c["spec"]["case"] == "ceiling_read"), default=float("nan"))
+    gemm = max((c.get("gflop_per_s", 0) for c in ce if c["spec"]["case"] == "ceiling_gemm"), default=float("nan"))
+    mix = [c for c in _cases(doc, "mix") + _cases(doc, "fp32") + _cases(doc, "e2e") if "error" not in c]
+    lm = {c["label"]: c for c in mix if c["spec"]["case"].startswith("loramix") or c["spec"]["case"] == "e2e_breakdown"}
+    rows = []
+
+    def add(goal, value, ok):
+        rows.append([goal, value, "met" if ok else "MISSED"])
+
+    fa, f16 = lm.get("loramix factors, top-k all"), lm.get("loramix factors, top-k 16")
+    if fa:
+        frac = fa["gb_per_s"] / bw
+        add("factors, all N, >= 60% of read bandwidth", f"{fa['gb_per_s']:.2f} GB/s = {100 * frac:.0f}% of {bw:.2f}",
+            frac >= 0.6)
+        add("factors, all N, peak RSS <= 512 MB", f"VmHWM {_mb(fa['peak_rss'])} MB (anon {_mb(fa['peak_anon'])} MB)",
+            fa["peak_rss"] <= 512 * MB)
+    if lm:
+        worst = max(lm.values(), key=lambda c: c.get("peak_rss", 0))
+        add("every loramix case peak RSS <= 512 MB", f"max VmHWM {_mb(worst['peak_rss'])} MB ({worst['label']}); "
+            f"max anon {_mb(max(c.get('peak_anon', 0) for c in lm.values()))} MB",
+            worst["peak_rss"] <= 512 * MB)
+    if fa and f16:
+        x = fa["median_s"] / f16["median_s"]
+        add("top-k 16 >= 20x faster than all", f"{x:.1f}x ({fa['median_s']:.3f} s / {f16['median_s']:.3f} s)", x >= 20)
+    for c in lm.values():
+        if c["spec"]["case"] in ("loramix_loo", "loramix_loo_kernel"):
+            g = c["gflop_per_s"]
+            add(f"LOO >= 70% of best fp32 GEMM ({c['label']})", f"{g:.1f} GFLOP/s = {100 * g / gemm:.0f}% of {gemm:.1f}",
+                g >= 0.7 * gemm)
+    w = doc["suites"].get("e2e", {}).get("warm")
+    if w:
+        add("end to end, 1,000 examples vs the bank, warm <= 1.5 s", f"{w['median_s']:.2f} s (CLI, fresh process)",
+            w["median_s"] <= 1.5)
+    return "### Goals (this run)\n\n" + _table(["goal", "measured", ""], rows) + "\n"
