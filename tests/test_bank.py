@@ -114,6 +114,27 @@ def test_missing_and_empty_members_skipped_with_one_warning(w, bank_copy):
     assert b.names == ["m0", "m2"]
 
 
+def test_build_skips_empty_member_folders(w, bank_copy):
+    (bank_copy / "m3" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipped 1 member folder.*: m3"):
+        doc = bankmod.build_bank(bank_copy, w.tokenizer)
+    assert [m["name"] for m in doc["members"]] == ["m0", "m1", "m2"]
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("init_lora_weights", "pissa_niter_4", "changes the base weights"),
+    ("peft_type", "IA3", "not LoRA"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+])
+def test_variant_configs_refused(w, bank_copy, key, value, match):
+    cfgp = bank_copy / "m1" / "adapter_config.json"
+    cfg = json.loads(cfgp.read_text())
+    cfg[key] = value
+    cfgp.write_text(json.dumps(cfg))
+    with pytest.raises(BankError, match="'m1'.*" + match):
+        bankmod.build_bank(bank_copy, w.tokenizer)
+
+
 def test_member_without_dataset_or_with_profile(w, bank_copy):
     (bank_copy / "m0" / "dataset.jsonl").unlink()   # its saved profile is enough
     doc = bankmod.build_bank(bank_copy, w.tokenizer)

@@ -77,11 +77,14 @@ def random_counts(rng, rows, V, density=0.3, scale=50):
 
 
 # ---- agreement with the oracle ------------------------------------------------------------------
+# density 0.9: dense inputs take the dense SIMD loop; 0.3: they take the sparse path (see
+# kDenseFill in divergence.cpp), as CSR inputs always do.
+@pytest.mark.parametrize("density", [0.3, 0.9])
 @pytest.mark.parametrize("V", [1, 7, 15, 16, 17, 31, 33, 32000, 32001])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_random_vs_oracle(isa, rng, metric, form, V):
-    P, R = random_counts(rng, 3, V), random_counts(rng, 4, V)
+def test_random_vs_oracle(isa, rng, metric, form, V, density):
+    P, R = random_counts(rng, 3, V, density), random_counts(rng, 4, V, density)
     P[0] *= 1e6  # unnormalized rows of very different scales
     R[1] *= 1e-3
     got = divergence(as_form(P, form), as_form(R, form), metric)
@@ -89,11 +92,12 @@ def test_random_vs_oracle(isa, rng, metric, form, V):
     assert_close(got, want, rtol_for(form))
 
 
+@pytest.mark.parametrize("density", [0.2, 0.8])
 @pytest.mark.parametrize("eps", [0.0, 1e-10, 1e-3])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_eps_values(isa, rng, metric, form, eps):
-    P, R = random_counts(rng, 4, 300, density=0.2), random_counts(rng, 5, 300, density=0.6)
+def test_eps_values(isa, rng, metric, form, eps, density):
+    P, R = random_counts(rng, 4, 300, density=density), random_counts(rng, 5, 300, density=0.6)
     R[0] += 1.0  # full support: kl(P_i || R_0) stays finite at eps = 0
     got = divergence(as_form(P, form), as_form(R, form), metric, eps=eps)
     want = oracle(as_form(P, form), as_form(R, form), metric, eps)
@@ -133,6 +137,27 @@ def test_adversarial(isa, metric, form, eps):
         assert np.isinf(got[2, 3]) and np.isfinite(got[2, 4])  # supp(lo) inside supp(sup)
 
 
+@pytest.mark.parametrize("form", ("dense64", "csr64"))
+@pytest.mark.parametrize("metric", ("js", "kl"))
+def test_subnormal_eps(isa, rng, metric, form):
+    X = random_counts(rng, 4, 50, density=0.3)
+    eps = 1e-320  # (a + eps)/eps overflows; logs of subnormals
+    a = _rows(X)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lg = np.log(a + eps)
+    want = np.empty((4, 4))
+    for i in range(4):
+        for j in range(4):
+            p, q, lp, lq = a[i] + eps, a[j] + eps, lg[i], lg[j]
+            if metric == "kl":
+                want[i, j] = np.sum(p * (lp - lq))
+            else:
+                m = 0.5 * (p + q)
+                want[i, j] = 0.5 * np.sum(p * (lp - np.log(m))) + 0.5 * np.sum(q * (lq - np.log(m)))
+    assert np.isfinite(want).all()
+    assert_close(divergence(as_form(X, form), as_form(X, form), metric, eps=eps), want, 1e-12, atol=1e-12)
+
+
 def test_eps_zero_js_disjoint_is_ln2(isa):
     X = np.array([[1.0, 0, 0, 0], [0, 0, 3.0, 1.0]])
     for form in ("dense64", "csr64"):
@@ -161,6 +186,22 @@ def test_wd_matches_scipy(isa, rng):
         Rf = np.asarray(R, np.float32 if form.endswith("32") else np.float64).astype(np.float64)
         want = np.array([[scipy.stats.wasserstein_distance(ids, ids, p, q) for q in Rf] for p in Pf])
         np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("form", ("csr64", "dense64"))
+def test_wd_very_sparse_rows(isa, rng, form):
+    """Few entries over many bins: the index-merge wd (the CDF-chunk one serves denser rows)."""
+    V = 32001
+    X = np.zeros((5, V))
+    for r in range(5):
+        X[r, rng.choice(V, 4, replace=False)] = rng.integers(1, 9, 4)
+    X[0, V - 1] = 3.0  # the last bin
+    X[1, 0] = 2.0  # the first
+    got = divergence(as_form(X, form), metric="wd")
+    want = oracle(X, None, "wd", 0.0)
+    np.fill_diagonal(want, 0.0)
+    assert_close(got, want, 1e-12)
+    assert_close(divergence(as_form(X, form), as_form(X[:2], form), "wd"), want[:, :2], 1e-12)
 
 
 # ---- input forms -----------------------------------------------------------------------------
@@ -229,10 +270,11 @@ def test_r_none_vs_explicit(isa, rng, metric, form):
         np.testing.assert_array_equal(sym, sym.T)
 
 
+@pytest.mark.parametrize("density", [0.3, 0.9])
 @pytest.mark.parametrize("form", ("dense64", "csr64", "csr32"))
 @pytest.mark.parametrize("metric", METRICS)
-def test_threads_identical(isa, rng, metric, form):
-    P, R = random_counts(rng, 11, 300, density=0.3), random_counts(rng, 70, 300, density=0.3)
+def test_threads_identical(isa, rng, metric, form, density):
+    P, R = random_counts(rng, 11, 300, density=density), random_counts(rng, 70, 300, density=density)
     for a, b in [(P, R), (P[:2], R), (P, None)]:
         a, b = as_form(a, form), (None if b is None else as_form(b, form))
         np.testing.assert_array_equal(divergence(a, b, metric, threads=1), divergence(a, b, metric, threads=2))
@@ -289,6 +331,24 @@ def test_bad_arguments_raise():
         divergence(CSR(np.array([0, 2]), np.array([3, 1]), np.array([1.0, 1.0]), 5))
     with pytest.raises(ValueError, match="column index"):
         divergence(CSR(np.array([0, 1]), np.array([7]), np.array([1.0]), 5))
+
+
+def test_log_kernel_accuracy(isa, rng):
+    """The vector logs the kernels use: ~1 ulp over the whole positive range, subnormals too."""
+    x = np.concatenate([
+        np.exp(rng.uniform(np.log(1e-308), np.log(1e308), 20000)),
+        rng.uniform(0.5, 2.0, 20000),  # around 1, where log is small
+        1.0 + rng.uniform(-1e-6, 1e-6, 1000),
+        np.array([1.0, 0.75, 1.5, 2.0, 0.5, np.nextafter(0.75, 0), np.nextafter(1.5, 0), 5e-324,
+                  2.2250738585072014e-308, 1e-310, 1.7976931348623157e308]),
+        rng.uniform(1e-320, 2e-308, 1000),  # subnormal
+    ])
+    want = np.log(x.astype(np.longdouble))
+    got = _core._divergence_log(x)
+    err = np.abs(got.astype(np.longdouble) - want)
+    ulp = np.spacing(np.abs(want.astype(np.float64))).astype(np.longdouble)
+    # measured: <= 1.83 ulp of the result, or <= 1.8e-17 absolute where log x is near 0
+    assert np.all(err <= np.maximum(2.5 * ulp, 4e-17)), float(np.max(err / np.maximum(ulp, 1e-300)))
 
 
 def test_core_refuses_silent_copies():

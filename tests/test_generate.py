@@ -68,6 +68,19 @@ def test_many_datasets_one_pass(w, tmp_path):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_leave_one_out_and_per_dataset_exclude(w, tmp_path):
+    own = [w.members[n] / "dataset.jsonl" for n in ("m0", "m1", "m2")]
+    res = generate(own, w.bank, tmp_path / "loo", leave_one_out=True, mode="concat")
+    for r, n in zip(res, ("m0", "m1", "m2")):
+        i = r.members.index(n)
+        assert r.weights[i] == 0 and np.count_nonzero(r.weights) == 3
+    res = generate(own[:2], w.bank, tmp_path / "ex", exclude=[["m3"], ["m0", "m2"]])
+    assert res[0].weights[3] == 0 and np.count_nonzero(res[0].weights) == 3
+    assert np.count_nonzero(res[1].weights) == 2 and res[1].weights[0] == res[1].weights[2] == 0
+    prov = json.loads((res[1].out / "loramix.json").read_text())
+    assert prov["exclude"] == ["m0", "m2"]
+
+
 def test_overwrite_is_refused_then_swapped(w, tmp_path):
     out = tmp_path / "o"
     generate(w.queries["animals_q"], w.bank, out)

@@ -112,7 +112,7 @@ def test_svd_full_rank_equals_concat_and_low_rank_equals_truncated_svd(w, bank, 
         d = exact[mod]
         u, s, vt = np.linalg.svd(d)
         k = min(r, s.size)
-        assert res.ranks[mod] == min(r, b.shape[1]) and b.shape[1] == k or res.ranks[mod] == b.shape[1]
+        assert b.shape[1] == a.shape[0] == res.ranks[mod] <= r
         approx = (u[:, :k] * s[:k]) @ vt[:k]
         np.testing.assert_allclose(b @ a, approx, rtol=0, atol=1e-5 * np.abs(approx).max())
 
@@ -178,3 +178,20 @@ def test_output_dtype(w, bank, tmp_path, dtype, st):
     got = _tiny.logits_adapter(w.model, out)
     ref = _tiny.logits_adapter(w.model, w.members["m0"])
     np.testing.assert_allclose(got, ref, atol={"F32": 1e-5, "F16": 5e-3, "BF16": 3e-2}[st])
+
+
+def test_svd_lanczos_path_equals_truncated_svd(rng, monkeypatch):
+    from loramix import mix
+
+    b = rng.standard_normal((70, 40)) * np.exp(-np.arange(40) / 8)[None, :]
+    a = rng.standard_normal((40, 90))
+    d = b @ a
+    u, s, vt = np.linalg.svd(d)
+    for path_max in (512, 0):          # the QR+SVD path, then the Lanczos path
+        monkeypatch.setattr(mix, "SVD_DENSE_MAX", path_max)
+        for r in (1, 5, 12):
+            bb, aa = mix.truncated_factors(b, a, r)
+            ref = (u[:, :r] * s[:r]) @ vt[:r]
+            np.testing.assert_allclose(bb @ aa, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    _, sl, _ = mix._lanczos_svd(b, a, 5)      # the Lanczos path itself converges
+    np.testing.assert_allclose(sl, s[:5], rtol=1e-10)

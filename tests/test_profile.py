@@ -106,6 +106,11 @@ def test_custom_fields_and_errors(w, tmp_path):
     assert list(ds.iter_texts(path, ("q", "a"))) == [["cat dogbird"]]
     with pytest.raises(ds.DatasetError, match="no field 'input'"):
         prof.build_profile(path, w.tokenizer)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "f.parquet")
+    with pytest.raises(ds.DatasetError, match="no field 'input'"):
+        prof.build_profile(tmp_path / "f.parquet", w.tokenizer)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ds.DatasetError, match="no examples"):

@@ -87,9 +87,11 @@ def test_weighted_sum_vs_float64(isa, tmp_path, rng, src_dtypes, out_dtype):
         for k, q in [(1, 1), (5, 1), (6, 37)]:
             bank = Bank(tmp_path, rng, n, k, src_dtypes, offset=(n % 3) + 1)
             W = rng.standard_normal((q, k))
-            W[rng.random((q, k)) < 0.2] = 0.0  # zeros (incl. mixed-zero columns)
             if k > 1:
-                W[:, 1] = 0.0  # an all-zero column
+                W[rng.random(q) < 0.3, 0] = 0.0  # a column with some zeros
+                W[:, 1] = 0.0  # an all-zero column; the others are dense
+            if k > 3:
+                W[rng.random(q) < 0.3, 3] = 0.0
             out = weighted_sum(bank.sources, W, out_dtype)
             assert out.shape == (q, n)
             assert out.dtype == {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[out_dtype]
@@ -159,6 +161,7 @@ def test_weighted_sum_errors(rng):
         weighted_sum([], np.zeros(0))
     with pytest.raises(TypeError):
         weighted_sum([a], np.array([1], np.int64))
+    np.testing.assert_array_equal(weighted_sum([a, a], [1, 2]), 3 * a)  # a list of ints is fine
 
 
 @pytest.mark.parametrize("src_dtypes", [["F32"], ["BF16"], ["F16", "BF16", "F32"]])
@@ -170,7 +173,7 @@ def test_gram_vs_float64(isa, tmp_path, rng, src_dtypes):
             assert G.shape == (k, k) and G.dtype == np.float64
             X = bank.X
             ref = X @ X.T
-            bound = 260 * U32 * (np.abs(X) @ np.abs(X).T) + 1e-300
+            bound = 72 * U32 * (np.abs(X) @ np.abs(X).T) + 1e-300
             assert np.all(np.abs(G - ref) <= bound)
             np.testing.assert_array_equal(G, G.T)
 
@@ -181,7 +184,7 @@ def test_gram_threads_deterministic(isa, rng):
     np.testing.assert_allclose(gram(xs, threads=1), gram(xs, threads=2), rtol=1e-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtypes", [("F32", "F16", "BF16")])
+@pytest.mark.parametrize("dtypes", [("F32", "F16", "BF16"), ("BF16", "F32", "F16", "F32", "BF16")])
 def test_mix_into_and_write_weighted_sum(isa, tmp_path, rng, dtypes):
     n, k = 10_007, 7
     bank = Bank(tmp_path, rng, n, k, ["BF16", "F16", "F32"])
@@ -197,7 +200,8 @@ def test_mix_into_and_write_weighted_sum(isa, tmp_path, rng, dtypes):
     for q, (p, dt) in enumerate(zip(paths, dtypes)):
         f = SafetensorsFile(p)
         assert f.metadata == {"q": str(q)}
-        np.testing.assert_array_equal(f.numpy("m"), weighted_sum(bank.sources, W[q], dt))
+        # same batch, same path: bit-identical to the in-memory result
+        np.testing.assert_array_equal(f.numpy("m"), weighted_sum(bank.sources, W, dt)[q])
     p = str(tmp_path / "one.safetensors")
     with SafetensorsWriter(p, [("m", "BF16", (n,))]) as w:
         w.write_weighted_sum("m", bank.sources, W[1])
@@ -290,3 +294,34 @@ def test_tensor_ref_sources_match_numpy(isa, tmp_path, rng):
     np_save_file({"x": x}, p)
     ref = SafetensorsFile(p).tensor("x")
     np.testing.assert_array_equal(weighted_sum([ref], [1.5]), weighted_sum([x], [1.5]))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kernel", ["gram", "weighted_sum"])
+def test_long_calls_are_interruptible(kernel):
+    """A signal handler that raises stops a long kernel within a few chunks."""
+    import signal
+    import time
+
+    x = np.ones(2_000_000, np.float32)
+    srcs = [x] * 2000  # full run: ~8e12 FLOP for gram, 5e11 FLOP for the Q=64 mix
+
+    def handler(signum, frame):
+        raise _Stop()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        t0 = time.perf_counter()
+        with pytest.raises(_Stop):
+            if kernel == "gram":
+                gram(srcs)
+            else:
+                weighted_sum(srcs, np.ones((64, 2000), np.float32))
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -121,6 +121,15 @@ void register_divergence(py::module_& m) {
       "Low-level divergence kernel; use loramix.divergence.divergence. P/R: C-contiguous 2-D "
       "float32/float64 array or (indptr int64, indices int32, data float32/float64, n_cols). "
       "threads <= 0: default.");
+  m.def(
+      "_divergence_log",
+      [](py::object x) {
+        auto a = require_array<double>(x, "x");
+        py::array_t<double> out(a.size());
+        divergence_kernels(active_isa()).log_f64(a.data(), out.mutable_data(), static_cast<std::size_t>(a.size()));
+        return out;
+      },
+      py::arg("x"), "Test hook: the active ISA's log kernel on a 1-D float64 array of positive finite values.");
 }
 
 }  // namespace loramix::bind

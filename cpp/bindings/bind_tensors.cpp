@@ -45,6 +45,18 @@ struct PyWriter {
   std::shared_ptr<SafetensorsWriter> w;
 };
 
+// Keeps writers pinned open while a write runs without the GIL.
+struct Pins {
+  std::vector<SafetensorsWriter*> ws;
+  void add(SafetensorsWriter* w) {
+    w->pin();
+    ws.push_back(w);
+  }
+  ~Pins() {
+    for (auto* w : ws) w->unpin();
+  }
+};
+
 DType parse_dtype(const std::string& s) {
   if (s == "F32" || s == "f32" || s == "float32") return DType::F32;
   if (s == "F16" || s == "f16" || s == "float16") return DType::F16;
@@ -212,6 +224,8 @@ void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
                           " does not match the entry's shape " + std::string(py::str(shape_tuple(e.shape))));
   const uint64_t n = w.numel(idx);
   const void* data = arr.data();
+  Pins pins;
+  pins.add(&w);
   {
     py::gil_scoped_release release;
     if (!need_convert) {
@@ -251,6 +265,8 @@ void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string&
   }
   const float* W = w.data();
   const std::size_t K = s.views.size();
+  Pins pins;
+  for (auto* x : ws) pins.add(x);
   run_interruptible([&](Cancel& c) {
     weighted_sum(s.views.data(), K, W, Q, s.n, out.data(), threads, &c);
     return 0;
@@ -322,6 +338,8 @@ void register_tensors(py::module_& m) {
         for (const auto& kv : p.get().metadata()) d[py::str(kv.first)] = py::str(kv.second);
         return d;
       })
+      .def_property_readonly("has_metadata", [](const PyFile& p) { return p.get().has_metadata(); },
+                             "Whether the header holds a __metadata__ object (rewrite with metadata=None if not).")
       .def("dtype", [](const PyFile& p, const std::string& n) { return p.info(n).dtype_name; })
       .def("shape", [](const PyFile& p, const std::string& n) { return shape_tuple(p.info(n).shape); })
       .def("nbytes", [](const PyFile& p, const std::string& n) {
@@ -403,7 +421,8 @@ void register_tensors(py::module_& m) {
         py::gil_scoped_release release;
         p.w->commit();
       })
-      .def("abort", [](PyWriter& p) { p.w->abort(); });
+      .def("abort", [](PyWriter& p) { p.w->abort_checked(); },
+           "Closes and removes the temporary file (no-op once committed or aborted).");
 
   m.def("mix_into", [](const py::sequence& writers, const std::string& name, const py::object& sources,
                        const py::object& weights, int threads) {
@@ -473,6 +492,21 @@ void register_tensors(py::module_& m) {
       convert_to_f32(in, DType::F16, o, n);
     }
     return out;
+  });
+  // Validates a whole file image held in memory (for fuzz tests); returns the keys.
+  m.def("_parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
+    std::string buf = data;
+    std::vector<TensorInfo> ts;
+    Metadata md;
+    bool has_md = false;
+    std::size_t start = 0;
+    {
+      py::gil_scoped_release release;
+      parse_safetensors(reinterpret_cast<const uint8_t*>(buf.data()), buf.size(), name, &ts, &md, &has_md, &start);
+    }
+    std::vector<std::string> keys;
+    for (const auto& t : ts) keys.push_back(t.name);
+    return keys;
   });
   // Scalar reference conversions (halfconv.h directly, no dispatch), for tests.
   m.def("_scalar_f32_to_bf16", [](float x) { return f32_to_bf16_bits(x); });

@@ -16,6 +16,7 @@
 #include "loramix/divergence.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -23,6 +24,10 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "loramix/cpu.h"
 #include "loramix/parallel.h"
@@ -32,14 +37,15 @@ namespace loramix {
 const DivergenceKernels& divergence_kernels(Isa isa) {
   static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::js_posting_f64_scalar,
                                           scalar::kl_posting_f64_scalar, scalar::js_dense_f64_scalar,
-                                          scalar::kl_dense_f64_scalar};
+                                          scalar::kl_dense_f64_scalar, scalar::wd_dense_f64_scalar};
 #if defined(LORAMIX_HAVE_X86)
   static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
                                         avx2::kl_posting_f64_avx2, avx2::js_dense_f64_avx2,
-                                        avx2::kl_dense_f64_avx2};
+                                        avx2::kl_dense_f64_avx2, avx2::wd_dense_f64_avx2};
   static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::js_posting_f64_avx512,
                                           avx512::kl_posting_f64_avx512,
-                                          avx512::js_dense_f64_avx512, avx512::kl_dense_f64_avx512};
+                                          avx512::js_dense_f64_avx512, avx512::kl_dense_f64_avx512,
+                                          avx512::wd_dense_f64_avx512};
   switch (isa) {
     case Isa::avx512: return k_avx512;
     case Isa::avx2: return k_avx2;
@@ -91,7 +97,7 @@ struct RowReader {
   // an all-zero row or a row sum that overflows.
   template <class F>
   double scan(int64_t r, F&& f) const {
-    double sum = 0.0;
+    CompSum sum;  // compensated: a row's normalized CDF must end at 1 to ~1 ulp (wd sums V of them)
     auto check = [&](int64_t col, double x) {
       if (!(x >= 0.0) || x == kInf) {
         if (std::isnan(x)) bad_row(name, r, "holds NaN at column " + std::to_string(col));
@@ -113,7 +119,7 @@ struct RowReader {
         const double x = static_cast<double>(data[k]);
         check(col, x);
         if (x > 0.0) {
-          sum += x;
+          sum.add(x);
           f(col, x);
         }
       }
@@ -123,14 +129,15 @@ struct RowReader {
         const double x = static_cast<double>(row[col]);
         check(col, x);
         if (x > 0.0) {
-          sum += x;
+          sum.add(x);
           f(col, x);
         }
       }
     }
-    if (sum == 0.0) bad_row(name, r, "is all zero (cannot be normalized)");
-    if (sum == kInf) bad_row(name, r, "sums to infinity (scale the counts down)");
-    return sum;
+    const double total = sum.value();
+    if (total == 0.0) bad_row(name, r, "is all zero (cannot be normalized)");
+    if (!(total < kInf)) bad_row(name, r, "sums to infinity (scale the counts down)");
+    return total;
   }
 };
 
@@ -140,13 +147,69 @@ double scan_row(const HistMatrix& M, const char* name, int64_t r, F&& f) {
   return RowReader<double>{M, name}.scan(r, f);
 }
 
+// A large array that is never value-initialized (every element is written before it is read)
+// and, from 2 MiB up, sits on transparent huge pages: the arrays here are tens of MB per call,
+// and faulting them in 4 KiB pages, each zeroed twice (kernel, then vector::resize), was a
+// sizeable share of a whole 502 x 502 js.
+template <class T>
+class Buf {
+ public:
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      std::free(p_);
+      p_ = o.p_;
+      n_ = o.n_;
+      o.p_ = nullptr;
+      o.n_ = 0;
+    }
+    return *this;
+  }
+  ~Buf() { std::free(p_); }
+  // Discards the contents; the new elements are uninitialized.
+  void resize(std::size_t n) {
+    std::free(p_);
+    p_ = nullptr;
+    n_ = n;
+    if (n == 0) return;
+    std::size_t bytes = n * sizeof(T);
+    constexpr std::size_t kHuge = std::size_t(1) << 21;
+    if (bytes >= kHuge) {
+      bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      p_ = static_cast<T*>(std::aligned_alloc(kHuge, bytes));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (p_) madvise(p_, bytes, MADV_HUGEPAGE);
+#endif
+    } else {
+      p_ = static_cast<T*>(std::malloc(bytes));
+    }
+    if (!p_) throw std::bad_alloc();
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+  T& operator[](std::size_t k) { return p_[k]; }
+  const T& operator[](std::size_t k) const { return p_[k]; }
+  T* begin() { return p_; }
+  const T* begin() const { return p_; }
+  T* end() { return p_ + n_; }
+  const T* end() const { return p_ + n_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
 // Normalized sparse rows plus the per-entry / per-row values each metric needs.
 struct Sparse {
   int64_t rows = 0, cols = 0;
   std::vector<int64_t> ptr;
-  std::vector<int32_t> idx;
-  std::vector<double> a;       // normalized value (no eps)
-  std::vector<double> v1, v2;  // js: p, w.   kl: y = log(q/eps) (or log b), c = a log a (eps = 0)
+  Buf<int32_t> idx;
+  Buf<double> a;       // normalized value (no eps)
+  Buf<double> v1, v2;  // js: p, w.   kl: y = log(q/eps) (or log b), c = a log a (eps = 0)
   std::vector<double> c1, c2;  // js: U.      kl: F, G
   int64_t nnz(int64_t r) const { return ptr[r + 1] - ptr[r]; }
 };
@@ -186,11 +249,11 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
     for (std::size_t rr = b; rr < e; ++rr) {
       const int64_t r = static_cast<int64_t>(rr);
       const int64_t o = S.ptr[r], n = count[r];
-      const double inv = 1.0 / sums[r];
+      const double sum = sums[r];
       int64_t k = o;
       scan_row(M, name, r, [&](int64_t col, double x) {
         S.idx[k] = static_cast<int32_t>(col);
-        S.a[k] = x * inv;
+        S.a[k] = x / sum;
         ++k;
       });
       if (metric == Metric::wd) continue;
@@ -224,6 +287,8 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       } else {  // kl
         for (int64_t k2 = 0; k2 < n; ++k2) x0[k2] = eps > 0.0 ? (a[k2] + eps) / eps : a[k2];
         K.log_f64(x0, v1, n);
+        for (int64_t k2 = 0; k2 < n; ++k2)  // (a + eps)/eps overflows for eps below ~1e-308
+          if (!(x0[k2] <= std::numeric_limits<double>::max())) v1[k2] = std::log(a[k2] + eps) - std::log(eps);
         CompSum F, G;
         for (int64_t k2 = 0; k2 < n; ++k2) {
           if (eps > 0.0) {
@@ -247,29 +312,74 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
 struct Postings {
   int64_t j0 = 0, j1 = 0;
   std::vector<int64_t> voff;  // cols + 1
-  std::vector<int32_t> row;
-  std::vector<double> x1, x2;
+  Buf<int32_t> row;
+  Buf<double> x1, x2;
 };
 
-Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, bool need_x2) {
+// dense_runs (js only): a bin held by at least kDenseRunShare of the tile's rows gets a run over
+// every row of the tile, absent rows padded with x1 = 0 (kernels skip q == 0). Such runs are
+// contiguous in rows, so the kernel updates the accumulators with plain vector loads/stores
+// instead of gather/scatter, which costs more than the few padded lanes.
+constexpr double kDenseRunShare = 0.6;
+
+Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const double* src1,
+                        const double* src2, bool dense_runs, int threads, Cancel* cancel) {
+  const bool need_x2 = src2 != nullptr;
   Postings P;
   P.j0 = j0;
   P.j1 = j1;
   P.voff.assign(R.cols + 1, 0);
   for (int64_t k = R.ptr[j0]; k < R.ptr[j1]; ++k) ++P.voff[R.idx[k] + 1];
+  std::vector<char> dense;
+  if (dense_runs) {
+    dense.assign(R.cols, 0);
+    const int64_t rows = j1 - j0;
+    for (int64_t v = 0; v < R.cols; ++v)
+      if (rows >= 8 && P.voff[v + 1] >= kDenseRunShare * static_cast<double>(rows)) {
+        dense[v] = 1;
+        P.voff[v + 1] = rows;
+      }
+  }
   for (int64_t v = 0; v < R.cols; ++v) P.voff[v + 1] += P.voff[v];
   const int64_t n = P.voff[R.cols];
   P.row.resize(n);
   P.x1.resize(n);
   if (need_x2) P.x2.resize(n);
-  std::vector<int64_t> fill(P.voff.begin(), P.voff.end() - 1);
-  for (int64_t j = j0; j < j1; ++j)
-    for (int64_t k = R.ptr[j]; k < R.ptr[j + 1]; ++k) {
-      const int64_t at = fill[R.idx[k]]++;
-      P.row[at] = static_cast<int32_t>(j);
-      P.x1[at] = R.v1[k];
-      if (need_x2) P.x2[at] = R.v2[k];
+  // The transposition writes all over the arrays: split it by ranges of bins of about equal
+  // size, one range per task, each task taking its slice of every row (rows are sorted).
+  const int64_t nranges = std::max<int64_t>(1, std::min<int64_t>(4 * threads, R.cols));
+  std::vector<int64_t> vcut(nranges + 1, R.cols);
+  vcut[0] = 0;
+  for (int64_t c = 1, v = 0; c < nranges; ++c) {
+    while (v < R.cols && P.voff[v] < n * c / nranges) ++v;
+    vcut[c] = v;
+  }
+  parallel_for(nranges, 1, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t c = b; c < e; ++c) {
+      const int32_t va = static_cast<int32_t>(vcut[c]), vb = static_cast<int32_t>(vcut[c + 1]);
+      if (va >= vb) continue;
+      std::vector<int64_t> fill(P.voff.begin() + va, P.voff.begin() + vb);
+      if (dense_runs)
+        for (int32_t v = va; v < vb; ++v)
+          if (dense[v])
+            for (int64_t j = j0, at = P.voff[v]; j < j1; ++j, ++at) {
+              P.row[at] = static_cast<int32_t>(j);
+              P.x1[at] = 0.0;
+              if (need_x2) P.x2[at] = 0.0;
+            }
+      for (int64_t j = j0; j < j1; ++j) {
+        const int32_t* first = R.idx.data() + R.ptr[j];
+        const int32_t* last = R.idx.data() + R.ptr[j + 1];
+        for (const int32_t* q = std::lower_bound(first, last, va); q != last && *q < vb; ++q) {
+          const int64_t k = q - R.idx.data();
+          const int64_t at = dense_runs && dense[*q] ? P.voff[*q] + (j - j0) : fill[*q - va]++;
+          P.row[at] = static_cast<int32_t>(j);
+          P.x1[at] = src1[k];
+          if (need_x2) P.x2[at] = src2[k];
+        }
+      }
     }
+  });
   return P;
 }
 
@@ -286,57 +396,94 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t Q, int64_t N, int th
 void sparse_js_kl(const Sparse& P, const Sparse& R, bool symmetric, Metric metric, double eps,
                   const DivergenceKernels& K, int threads, Cancel* cancel, double* out) {
   const int64_t Q = P.rows, N = R.rows;
-  const auto tiles = make_tiles(Q, N, threads);
   const bool js = metric == Metric::js;
+  // symmetric (js with R = none): P's own index serves both sides and a pair (i, j), i < j, is
+  // met once, at i's entry in the run of each bin they share, against the entries after it.
+  const auto tiles = symmetric ? std::vector<std::pair<int64_t, int64_t>>{{0, N}} : make_tiles(Q, N, threads);
   std::vector<Postings> post(tiles.size());
-  parallel_for(tiles.size(), 1, threads, cancel, [&](std::size_t b, std::size_t e, int) {
-    for (std::size_t t = b; t < e; ++t) post[t] = build_postings(R, tiles[t].first, tiles[t].second, js);
-  });
+  Postings pown;
+  {
+    for (std::size_t t = 0; t < tiles.size(); ++t)
+      post[t] = build_postings(R, tiles[t].first, tiles[t].second, R.v1.data(), js ? R.v2.data() : nullptr, js, threads, cancel);
+    // P's side of each bin: js (p, w); kl (c, a).
+    if (!symmetric) pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(), false, threads, cancel);
+  }
+  const Postings& PP = symmetric ? post[0] : pown;
+  // Rows of P are taken in blocks and, within a block, bin by bin: the run of a bin in R's index
+  // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
+  // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
+  // bins in increasing bin order, so blocking, tiles and threads never change a result.
+  constexpr int64_t kBlockRows = 64;
+  const int64_t nblocks = (Q + kBlockRows - 1) / kBlockRows;
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int nt = std::max(1, threads);
-  std::vector<std::vector<double>> acc(nt, std::vector<double>(N)), cnt(nt);
   const bool count_shared = !js && eps == 0.0;
-  if (count_shared)
-    for (auto& c : cnt) c.assign(N, 0.0);
-  const int64_t items = Q * static_cast<int64_t>(tiles.size());
-  parallel_for(items, 1, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
-    double* A = acc[w].data();
-    double* C = count_shared ? cnt[w].data() : nullptr;
+  struct Scratch {
+    std::vector<double> acc, cnt;
+  };
+  std::vector<Scratch> scr(nt);
+  parallel_for(nblocks * ntiles, 1, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
+    Scratch& S = scr[w];
+    if (S.acc.empty()) {
+      S.acc.resize(kBlockRows * N);
+      if (count_shared) S.cnt.resize(kBlockRows * N);
+    }
     for (std::size_t it = b; it < e; ++it) {
-      const int64_t i = static_cast<int64_t>(it) / static_cast<int64_t>(tiles.size());
-      const Postings& T = post[it % tiles.size()];
-      const int64_t j0 = symmetric ? std::max(T.j0, i + 1) : T.j0;
-      if (j0 >= T.j1) continue;
-      std::fill(A + j0, A + T.j1, 0.0);
-      if (C) std::fill(C + j0, C + T.j1, 0.0);
-      for (int64_t k = P.ptr[i]; k < P.ptr[i + 1]; ++k) {
-        const int64_t v = P.idx[k];
-        int64_t s = T.voff[v];
-        const int64_t f = T.voff[v + 1];
-        if (s == f) continue;
-        if (j0 > T.j0)  // skip rows <= i (symmetric: each pair once)
-          s = std::upper_bound(T.row.begin() + s, T.row.begin() + f, static_cast<int32_t>(i)) - T.row.begin();
-        const std::size_t len = static_cast<std::size_t>(f - s);
-        if (len == 0) continue;
-        if (js) {
-          K.js_posting_f64(P.v1[k], P.v2[k], T.x1.data() + s, T.x2.data() + s, T.row.data() + s, len, A);
-        } else {
-          K.kl_posting_f64(P.v2[k], P.a[k], T.x1.data() + s, T.row.data() + s, len, A);
-          if (C)
-            for (int64_t z = s; z < f; ++z) C[T.row[z]] += 1.0;
+      const int64_t i0 = static_cast<int64_t>(it) / ntiles * kBlockRows;
+      const int64_t i1 = std::min(Q, i0 + kBlockRows);
+      const Postings& T = post[static_cast<int64_t>(it) % ntiles];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j0 = symmetric ? i + 1 : T.j0;
+        if (j0 < T.j1) {
+          std::fill(S.acc.begin() + (i - i0) * N + j0, S.acc.begin() + (i - i0) * N + T.j1, 0.0);
+          if (count_shared) std::fill(S.cnt.begin() + (i - i0) * N + j0, S.cnt.begin() + (i - i0) * N + T.j1, 0.0);
         }
       }
-      double* o = out + i * N;
-      if (js) {
-        for (int64_t j = j0; j < T.j1; ++j) {
-          const double d = (P.c1[i] + R.c1[j]) + A[j];
-          o[j] = d;
-          if (symmetric) out[j * N + i] = d;
+      const int32_t* prow = PP.row.data();
+      for (int64_t v = 0; v < P.cols; ++v) {
+        const int64_t s = T.voff[v], f = T.voff[v + 1];
+        if (s == f) continue;
+        int64_t zs = PP.voff[v], ze = PP.voff[v + 1];
+        if (zs == ze) continue;
+        if (prow[zs] < i0) zs = std::lower_bound(prow + zs, prow + ze, static_cast<int32_t>(i0)) - prow;
+        if (zs == ze || prow[zs] >= i1) continue;
+        if (prow[ze - 1] >= i1) ze = std::lower_bound(prow + zs, prow + ze, static_cast<int32_t>(i1)) - prow;
+        for (int64_t z = zs; z < ze; ++z) {
+          if (symmetric && PP.x1[z] == 0.0) continue;  // padding of a dense run: row lacks v
+          const int64_t st = symmetric ? z + 1 : s;
+          if (st >= f) break;
+          const std::size_t len = static_cast<std::size_t>(f - st);
+          const int64_t il = prow[z] - i0;
+          double* A = S.acc.data() + il * N;
+          if (js) {
+            K.js_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.x2.data() + st, T.row.data() + st, len, A);
+          } else {
+            K.kl_posting_f64(PP.x1[z], PP.x2[z], T.x1.data() + st, T.row.data() + st, len, A);
+            if (count_shared) {
+              double* C = S.cnt.data() + il * N;
+              for (int64_t y = st; y < f; ++y) C[T.row[y]] += 1.0;
+            }
+          }
         }
-      } else if (eps > 0.0) {
-        for (int64_t j = j0; j < T.j1; ++j) o[j] = (P.c1[i] + R.c2[j]) + A[j];
-      } else {
-        const double need = static_cast<double>(P.nnz(i));
-        for (int64_t j = j0; j < T.j1; ++j) o[j] = C[j] == need ? A[j] : kInf;
+      }
+      if (cancel && cancel->requested()) return;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j0 = symmetric ? i + 1 : T.j0;
+        const double* A = S.acc.data() + (i - i0) * N;
+        double* o = out + i * N;
+        if (js) {
+          for (int64_t j = j0; j < T.j1; ++j) {
+            const double d = (P.c1[i] + R.c1[j]) + A[j];
+            o[j] = d;
+            if (symmetric) out[j * N + i] = d;
+          }
+        } else if (eps > 0.0) {
+          for (int64_t j = j0; j < T.j1; ++j) o[j] = (P.c1[i] + R.c2[j]) + A[j];
+        } else {
+          const double* C = S.cnt.data() + (i - i0) * N;
+          const double need = static_cast<double>(P.nnz(i));
+          for (int64_t j = j0; j < T.j1; ++j) o[j] = C[j] == need ? A[j] : kInf;
+        }
       }
     }
   });
@@ -384,23 +531,103 @@ void sparse_wd(const Sparse& P, const Sparse& R, bool symmetric, int threads, Ca
   });
 }
 
+// ---- wd through CDF chunks: for inputs that are not very sparse, sum |A_v - B_v| as a dense
+// loop over bins (a few vector ops per bin) instead of merging index lists (a branchy step per
+// support entry). The bins go in chunks; per chunk every row's CDF piece is built once
+// (compensated: hi + lo, so the difference of two CDFs near 1 keeps full precision), then all
+// pairs accumulate their chunk sums in a fixed order.
+constexpr int64_t kWdChunk = 512;
+
+void cdf_wd(const Sparse& P, const Sparse& R, bool symmetric, const DivergenceKernels& K,
+            int threads, Cancel* cancel, double* out) {
+  const int64_t Q = P.rows, N = R.rows, V = P.cols;
+  const int64_t C = std::min(kWdChunk, V);
+  std::vector<double> phi(Q * C), plo(Q * C), rhi, rlo;
+  if (!symmetric) {
+    rhi.resize(N * C);
+    rlo.resize(N * C);
+  }
+  std::vector<double> pc_hi(Q, 0.0), pc_lo(Q, 0.0), rc_hi(N, 0.0), rc_lo(N, 0.0);
+  std::vector<int64_t> pcur(P.ptr.begin(), P.ptr.end() - 1), rcur(R.ptr.begin(), R.ptr.end() - 1);
+  std::fill(out, out + Q * N, 0.0);
+  // One row's CDF over bins [c0, c0 + n), continuing from its carry.
+  auto piece = [&](const Sparse& S, int64_t r, int64_t c0, int64_t n, int64_t* cur, double* chi,
+                   double* clo, double* hi, double* lo) {
+    std::fill(hi, hi + n, 0.0);
+    int64_t k = cur[r];
+    const int64_t e = S.ptr[r + 1];
+    for (; k < e && S.idx[k] < c0 + n; ++k) hi[S.idx[k] - c0] = S.a[k];
+    cur[r] = k;
+    double sh = chi[r], sl = clo[r];
+    for (int64_t t = 0; t < n; ++t) {
+      const double x = hi[t], u = sh + x, bp = u - sh;
+      sl += (sh - (u - bp)) + (x - bp);
+      sh = u;
+      hi[t] = sh;
+      lo[t] = sl;
+    }
+    chi[r] = sh;
+    clo[r] = sl;
+  };
+  constexpr int kB = 8;
+  const int64_t nbi = (Q + kB - 1) / kB;
+  for (int64_t c0 = 0; c0 < V; c0 += C) {
+    const int64_t n = std::min(C, V - c0);
+    parallel_for(Q, 16, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+      for (std::size_t r = b; r < e; ++r)
+        piece(P, r, c0, n, pcur.data(), pc_hi.data(), pc_lo.data(), phi.data() + r * C, plo.data() + r * C);
+    });
+    if (!symmetric)
+      parallel_for(N, 16, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+        for (std::size_t r = b; r < e; ++r)
+          piece(R, r, c0, n, rcur.data(), rc_hi.data(), rc_lo.data(), rhi.data() + r * C, rlo.data() + r * C);
+      });
+    const double* qh = symmetric ? phi.data() : rhi.data();
+    const double* ql = symmetric ? plo.data() : rlo.data();
+    // the last bin never counts: both CDFs are 1 there
+    const std::size_t m = static_cast<std::size_t>(c0 + n == V ? n - 1 : n);
+    if (m == 0) continue;
+    parallel_for(nbi, 1, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+      for (std::size_t blk = b; blk < e; ++blk) {
+        const int64_t i0 = static_cast<int64_t>(blk) * kB, i1 = std::min(Q, i0 + kB);
+        const int nb = static_cast<int>(i1 - i0);
+        const double* hp[kB];
+        const double* lp[kB];
+        for (int t = 0; t < nb; ++t) {
+          hp[t] = phi.data() + (i0 + t) * C;
+          lp[t] = plo.data() + (i0 + t) * C;
+        }
+        double sums[kB];
+        for (int64_t j = symmetric ? i0 + 1 : 0; j < N; ++j) {
+          std::fill(sums, sums + kB, 0.0);
+          K.wd_dense_f64(hp, lp, nb, qh + j * C, ql + j * C, m, sums);
+          for (int t = 0; t < nb; ++t) out[(i0 + t) * N + j] += sums[t];
+        }
+      }
+    });
+  }
+  if (symmetric)
+    for (int64_t i = 0; i < Q; ++i)
+      for (int64_t j = i + 1; j < N; ++j) out[j * N + i] = out[i * N + j];
+}
+
 // ---- dense js / kl: blocks of BI rows of P x BJ rows of R, bins in chunks of C. ------------
 constexpr int kBI = 8;
 constexpr int64_t kBJ = 64;
 constexpr int64_t kChunk = 1024;
 
 template <class T>
-void load_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double inv, double eps,
+void load_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double sum, double eps,
                 double* p) {
   const T* x = static_cast<const T*>(M.data) + r * M.row_stride + c0;
-  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<double>(x[k]) * inv + eps;
+  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<double>(x[k]) / sum + eps;
 }
 
 // p, and h = p log p / 2 (js) or log p (kl), with 0 log 0 = 0 and log 0 = -inf.
-void prep_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double inv, double eps,
+void prep_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double sum, double eps,
                 Metric metric, const DivergenceKernels& K, double* p, double* h) {
-  if (M.dtype == DType::f32) load_chunk<float>(M, r, c0, n, inv, eps, p);
-  else load_chunk<double>(M, r, c0, n, inv, eps, p);
+  if (M.dtype == DType::f32) load_chunk<float>(M, r, c0, n, sum, eps, p);
+  else load_chunk<double>(M, r, c0, n, sum, eps, p);
   if (eps > 0.0) {
     K.log_f64(p, h, n);
   } else {
@@ -458,14 +685,14 @@ void dense_js_kl(const HistMatrix& P, const HistMatrix& R, bool symmetric, Metri
         if (cancel && cancel->requested()) return;
         const int64_t n = std::min(kChunk, V - c0);
         for (int bb = 0; bb < nb; ++bb) {
-          prep_chunk(P, i0 + bb, c0, n, 1.0 / sp[i0 + bb], eps, metric, K, S.pb.data() + bb * kChunk,
+          prep_chunk(P, i0 + bb, c0, n, sp[i0 + bb], eps, metric, K, S.pb.data() + bb * kChunk,
                      S.hb.data() + bb * kChunk);
           pp[bb] = S.pb.data() + bb * kChunk;
           hp[bb] = S.hb.data() + bb * kChunk;
         }
         for (int64_t j = j0; j < j1; ++j) {
           if (half && j <= i0) continue;
-          prep_chunk(R, j, c0, n, 1.0 / sr[j], eps, metric, K, S.q.data(), S.hq.data());
+          prep_chunk(R, j, c0, n, sr[j], eps, metric, K, S.q.data(), S.hq.data());
           double* sums = S.sums.data() + (j - j0) * kBI;
           if (js) K.js_dense_f64(pp, hp, nb, S.q.data(), S.hq.data(), static_cast<std::size_t>(n), sums);
           else K.kl_dense_f64(pp, hp, nb, S.hq.data(), static_cast<std::size_t>(n), sums);
@@ -481,6 +708,30 @@ void dense_js_kl(const HistMatrix& P, const HistMatrix& R, bool symmetric, Metri
         }
     }
   });
+}
+
+// Below this share of non-zero bins, dense js/kl inputs take the sparse (inverted-index) path.
+constexpr double kDenseFill = 0.5;
+
+template <class T>
+int64_t count_nonzero(const T* x, int64_t n) {
+  int64_t c = 0;
+  for (int64_t k = 0; k < n; ++k) c += x[k] != T(0);
+  return c;
+}
+
+double nonzero_fraction(const HistMatrix& M, int threads, Cancel* cancel) {
+  std::vector<int64_t> cnt(M.rows, 0);
+  parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int) {
+    for (std::size_t r = b; r < e; ++r) {
+      const int64_t off = static_cast<int64_t>(r) * M.row_stride;
+      cnt[r] = M.dtype == DType::f32 ? count_nonzero(static_cast<const float*>(M.data) + off, M.cols)
+                                     : count_nonzero(static_cast<const double*>(M.data) + off, M.cols);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c : cnt) total += c;
+  return M.rows ? static_cast<double>(total) / (static_cast<double>(M.rows) * static_cast<double>(M.cols)) : 0.0;
 }
 
 void check_matrix(const HistMatrix& M, const char* name) {
@@ -517,14 +768,28 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
   const int64_t Q = P.rows, N = RR.rows;
   if (Q == 0 || N == 0) return;
 
-  if (metric != Metric::wd && !P.sparse && !RR.sparse) {
+  // Dense inputs that are mostly zeros (token histograms usually are) go through the sparse
+  // algorithm too: its cost is the shared bins, the dense loop's is every bin of every pair.
+  bool use_dense = metric != Metric::wd && !P.sparse && !RR.sparse;
+  if (use_dense) {
+    const double fill = (nonzero_fraction(P, nt, cancel) * static_cast<double>(Q) +
+                         (symmetric ? nonzero_fraction(P, nt, cancel) : nonzero_fraction(RR, nt, cancel)) *
+                             static_cast<double>(N)) / static_cast<double>(Q + N);
+    use_dense = fill > kDenseFill;
+  }
+  if (use_dense) {
     dense_js_kl(P, RR, symmetric, metric, eps, K, nt, cancel, out);
   } else {
     const Sparse SP = build_sparse(P, "P", metric, eps, K, nt, cancel);
     Sparse SR_own;
     if (!symmetric) SR_own = build_sparse(RR, "R", metric, eps, K, nt, cancel);
     const Sparse& SR = symmetric ? SP : SR_own;
-    if (metric == Metric::wd) sparse_wd(SP, SR, symmetric, nt, cancel, out);
+    if (metric == Metric::wd) {
+      // merge cost ~ (nnz_i + nnz_j) branchy steps per pair; CDF cost ~ V cheap vector lanes
+      const double mean_nnz = static_cast<double>(SP.ptr[Q]) / Q + static_cast<double>(SR.ptr[N]) / N;
+      if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SR, symmetric, K, nt, cancel, out);
+      else sparse_wd(SP, SR, symmetric, nt, cancel, out);
+    }
     // kl is not symmetric: with R = none it runs as P against P, both directions.
     else sparse_js_kl(SP, SR, symmetric && metric == Metric::js, metric, eps, K, nt, cancel, out);
   }

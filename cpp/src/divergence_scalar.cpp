@@ -14,6 +14,7 @@ void log_f64_scalar(const double* x, double* y, std::size_t n) {
 void js_posting_f64_scalar(double p, double wp, const double* q, const double* wq,
                            const int32_t* rows, std::size_t n, double* acc) {
   for (std::size_t k = 0; k < n; ++k) {
+    if (!(q[k] > 0.0)) continue;  // padding of a dense run
     const double m = 0.5 * (p + q[k]);
     acc[rows[k]] += (wp + wq[k]) - m * ::log(m);
   }
@@ -46,6 +47,15 @@ void kl_dense_f64_scalar(const double* const* p, const double* const* lp, int nb
     double s = 0.0;
     for (std::size_t k = 0; k < n; ++k)
       if (pb[k] > 0.0) s += pb[k] * (lb[k] - lq[k]);
+    sums[b] += s;
+  }
+}
+
+void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int nb,
+                         const double* qhi, const double* qlo, std::size_t n, double* sums) {
+  for (int b = 0; b < nb; ++b) {
+    double s = 0.0;
+    for (std::size_t k = 0; k < n; ++k) s += ::fabs((phi[b][k] - qhi[k]) + (plo[b][k] - qlo[k]));
     sums[b] += s;
   }
 }

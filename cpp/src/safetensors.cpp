@@ -14,6 +14,8 @@
 
 namespace loramix {
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data are little-endian");
+
 constexpr uint64_t kMaxHeader = 100000000ull;  // the reference's MAX_HEADER_SIZE
 
 Mapping::~Mapping() {
@@ -98,7 +100,6 @@ class HeaderParser {
       : b_(p), p_(p), e_(p + n), path_(path) {}
 
   void parse(std::vector<TensorInfo>* tensors, Metadata* md, bool* has_md) {
-    ws();
     if (p_ >= e_ || *p_ != '{') fail(path_, "header is not a JSON object (it must start with '{')");
     ++p_;
     std::unordered_set<std::string> seen;
@@ -521,7 +522,7 @@ void json_string(std::string& out, const std::string& s) {
 std::string serialize_header(const std::vector<WriterEntry>& entries, const Metadata* metadata) {
   std::string j = "{";
   bool first = true;
-  if (metadata && !metadata->empty()) {
+  if (metadata) {  // like safetensors: None -> no key, {} -> "__metadata__":{}
     j += "\"__metadata__\":{";
     bool f2 = true;
     for (const auto& kv : *metadata) {
@@ -658,9 +659,31 @@ void SafetensorsWriter::mark_written(int idx) {
   written_[idx] = 1;
 }
 
+void SafetensorsWriter::pin() {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_open();
+  ++pins_;
+}
+
+void SafetensorsWriter::unpin() noexcept {
+  std::lock_guard<std::mutex> lk(mu_);
+  --pins_;
+}
+
+void SafetensorsWriter::abort_checked() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (pins_ > 0)
+      throw std::invalid_argument("cannot abort the writer for '" + path_ + "': a write is in progress");
+  }
+  abort();
+}
+
 void SafetensorsWriter::commit() {
   std::lock_guard<std::mutex> lk(mu_);
   check_open();
+  if (pins_ > 0)
+    throw std::invalid_argument("cannot commit '" + path_ + "': a write is in progress in another thread");
   std::string missing;
   std::size_t n_missing = 0;
   for (std::size_t i = 0; i < entries_.size(); ++i)

@@ -78,13 +78,22 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
     }
 
   const std::size_t tile = kr.tile;
-  std::size_t C, Kc = 1;
-  if (dense.empty()) {
-    C = 8192;
-  } else {
-    C = std::min<std::size_t>(4096, std::max<std::size_t>(4 * tile, 65536 / Q / tile * tile));
-    Kc = std::min<std::size_t>(dense.size(), std::max<std::size_t>(8, 65536 / C));
+  std::size_t n_active = dense.size();
+  {
+    std::vector<char> used(K, 0);
+    for (const auto& ks : row_k)
+      for (std::size_t k : ks) n_active += !used[k]++;
   }
+  // Chunk width C: one row streams each source once (long runs suit the prefetchers). With
+  // several rows, the Q x C accumulators and each active source's chunk should stay in L2, so
+  // that a source read for one row is found there by the next.
+  std::size_t C = 8192, Kc = 1;
+  if (Q > 1) {
+    C = 65536 / Q;
+    if (n_active) C = std::min(C, 131072 / n_active);
+    C = std::min<std::size_t>(8192, std::max(4 * tile, C / tile * tile));
+  }
+  if (!dense.empty()) Kc = std::min<std::size_t>(dense.size(), std::max<std::size_t>(8, 65536 / C));
   C = round_up(C, tile);
   const std::size_t nchunks = (n + C - 1) / C;
   struct Worker {
@@ -137,7 +146,8 @@ void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threa
   const WsumKernels& kr = kernels();
   threads = resolve_threads(threads);
   const std::size_t Kp = round_up(std::max<std::size_t>(K, 1), 4);
-  const std::size_t C = std::max<std::size_t>(kr.tile, 256 / kr.tile * kr.tile);
+  // Wide chunks amortize the horizontal reductions; narrower ones keep a large panel in L2.
+  const std::size_t C = std::min(kr.gram_cols, std::max(kr.tile, 131072 / Kp / kr.tile * kr.tile));
   const std::size_t nchunks = (n + C - 1) / C;
   // Static partition into contiguous parts: deterministic summation order per thread count.
   const std::size_t parts = std::max<std::size_t>(1, std::min<std::size_t>(threads, nchunks));

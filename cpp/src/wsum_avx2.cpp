@@ -214,7 +214,7 @@ void gram(const float* panel, std::size_t ldp, std::size_t K, std::size_t ncols,
   }
 }
 
-const WsumKernels kKernels{24, axpy, to_f32, from_f32, gemm, gram};
+const WsumKernels kKernels{24, axpy, to_f32, from_f32, gemm, gram, 504};
 
 }  // namespace
 

@@ -203,7 +203,7 @@ void gram(const float* panel, std::size_t ldp, std::size_t K, std::size_t ncols,
   }
 }
 
-const WsumKernels kKernels{48, axpy, to_f32, from_f32, gemm, gram};
+const WsumKernels kKernels{48, axpy, to_f32, from_f32, gemm, gram, 1008};
 
 }  // namespace
 

@@ -78,7 +78,7 @@ void gram(const float* panel, std::size_t ldp, std::size_t K, std::size_t ncols,
 }  // namespace
 
 const WsumKernels& wsum_kernels() {
-  static const WsumKernels k{16, axpy, to_f32, from_f32, gemm, gram};
+  static const WsumKernels k{16, axpy, to_f32, from_f32, gemm, gram, 64};
   return k;
 }
 

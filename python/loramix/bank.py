@@ -109,7 +109,12 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     if progress:
         from tqdm import tqdm
         it = tqdm(dirs, desc="bank build", unit="member", file=__import__("sys").stderr)
+    skipped = []
     for d in it:
+        w = d / peft_io.WEIGHTS_NAME
+        if not w.is_file() or w.stat().st_size == 0:
+            skipped.append(d.name)
+            continue
         try:
             spec = peft_io.read_adapter(d, d.name)
         except peft_io.AdapterError as e:
@@ -153,6 +158,11 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     problems += _fit_problems(specs, base_model)
     if problems:
         raise BankError(f"bank {bank_dir}: " + "; ".join(problems))
+    if skipped:
+        warnings.warn(f"bank {bank_dir}: skipped {len(skipped)} member folder(s) without "
+                      f"{peft_io.WEIGHTS_NAME} or with an empty one: " + ", ".join(skipped), stacklevel=2)
+    if not specs:
+        raise BankError(f"bank {bank_dir}: no usable members")
     bases = Counter(s.base_model for s in specs)
     base = base_model or bases.most_common(1)[0][0]
     shapes = {}

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--rank", type=int, default=None, help="svd mode: output rank (default: the bank's)")
     ge.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: the bank's)")
     ge.add_argument("--exclude", action="append", default=[], help="member to leave out (repeatable)")
+    ge.add_argument("--leave-one-out", action="store_true",
+                    help="leave out members trained on the very same data (same content hash)")
     ge.add_argument("--fields", type=_fields, default=None)
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
@@ -148,7 +150,7 @@ def _run(args) -> int:
         res = generate(args.datasets if many else args.datasets[0], args.bank, args.out,
                        pipeline=args.pipeline, metric=args.metric, mode=args.mode, top_k=args.top_k,
                        temperature=args.temperature, dtype=args.dtype, rank=args.rank,
-                       exclude=args.exclude, fields=args.fields, split=args.split,
+                       exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress)
         res = res if many else [res]
         docs = [r.to_dict() for r in res]

@@ -87,13 +87,23 @@ def content_hash(path, split: str = "train", fields: Iterable[str] = DEFAULT_FIE
     return h.hexdigest()
 
 
-def iter_records(path, split: str = "train", batch_size: int = 1024) -> Iterator[list[dict]]:
-    """Yield lists of records (dicts) from every data file of the dataset."""
+def iter_records(path, split: str = "train", batch_size: int = 1024,
+                 columns: tuple | None = None) -> Iterator[list[dict]]:
+    """Yield lists of records (dicts) from every data file of the dataset. ``columns``: for
+    columnar files (parquet, arrow), read only these (a missing one is an error naming it)."""
     for f in data_files(path, split):
-        yield from _iter_file(f, batch_size)
+        yield from _iter_file(f, batch_size, columns)
 
 
-def _iter_file(f: Path, batch_size: int) -> Iterator[list[dict]]:
+def _check_columns(f, names, columns):
+    if columns:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DatasetError(f"dataset {f}: has no field {missing[0]!r} (fields present: "
+                               f"{', '.join(names) or 'none'}); choose fields with --fields")
+
+
+def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterator[list[dict]]:
     suf = f.suffix.lower()
     try:
         if suf in (".jsonl", ".ndjson"):
@@ -106,10 +116,11 @@ def _iter_file(f: Path, batch_size: int) -> Iterator[list[dict]]:
         elif suf == ".parquet":
             import pyarrow.parquet as pq
             pf = pq.ParquetFile(f)
-            for rb in pf.iter_batches(batch_size=batch_size):
+            _check_columns(f, pf.schema_arrow.names, columns)
+            for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
                 yield rb.to_pylist()
         elif suf == ".arrow":
-            yield from _arrow(f, batch_size)
+            yield from _arrow(f, batch_size, columns)
         else:
             raise DatasetError(f"dataset {f}: unsupported file type {suf or '(none)'}")
     except DatasetError:
@@ -162,20 +173,23 @@ def _json(f: Path):
         yield rec
 
 
-def _arrow(f: Path, batch_size: int):
+def _arrow(f: Path, batch_size: int, columns: tuple | None = None):
     import pyarrow as pa
+
+    def rows(rb):
+        return (rb.select(list(columns)) if columns else rb).to_pylist()
 
     src = pa.memory_map(str(f), "r")
     try:
         reader = pa.ipc.open_stream(src)   # HF datasets writes the streaming format
+        batches = iter(reader)
     except pa.ArrowInvalid:
         src = pa.memory_map(str(f), "r")
         reader = pa.ipc.open_file(src)
-        for i in range(reader.num_record_batches):
-            yield from _split(reader.get_batch(i).to_pylist(), batch_size)
-        return
-    for rb in reader:
-        yield from _split(rb.to_pylist(), batch_size)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    _check_columns(f, reader.schema.names, columns)
+    for rb in batches:
+        yield from _split(rows(rb), batch_size)
 
 
 def _split(rows, n):
@@ -202,7 +216,7 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
     if not fields:
         raise DatasetError("no text fields given")
     n = 0
-    for batch in iter_records(path, split, batch_size):
+    for batch in iter_records(path, split, batch_size, fields):
         out = []
         for rec in batch:
             n += 1

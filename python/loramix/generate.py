@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -92,8 +93,29 @@ def _stage(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old output moves aside first and is removed last."""
+    """Rename the finished folder into place. An existing output is swapped with it in one
+    atomic step where the OS allows (then the old one, now at ``tmp``, is removed); elsewhere
+    the old output is moved aside first and removed last."""
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
@@ -223,17 +245,31 @@ def _profile_query(d, bank: Bank, fields, split, progress, cache) -> prof.Profil
                                 progress=progress)
 
 
+def _dataset_hash(item, query, fields, split) -> str:
+    if query is not None:
+        return query.dataset_hash
+    if isinstance(item, prof.Profile):
+        return item.dataset_hash
+    if Path(item).suffix == ".npz":
+        return prof.Profile.load(item).dataset_hash
+    return ds.content_hash(item, split, fields)
+
+
 def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js",
              mode: str = "factors", top_k: int | None = None, temperature: float = 1.0,
-             dtype: str | None = None, *, rank: int | None = None, exclude: Sequence[str] = (),
-             fields: Sequence[str] | None = None, split: str = "train", overwrite: bool = False,
+             dtype: str | None = None, *, rank: int | None = None, exclude: Sequence = (),
+             leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
+             overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
-    it) and all are mixed in one pass over the bank. ``exclude``: member names left out
-    (leave-one-out). Returns a :class:`GenerateResult` (a list for a list of datasets).
+    it) and all are mixed in one pass over the bank. ``exclude``: member names left out, for
+    every dataset, or one list of names per dataset. ``leave_one_out``: also leave out every
+    member trained on the very same data (same dataset content hash, as recorded in bank.json),
+    as the paper does when it evaluates on the bank's own tasks.
+    Returns a :class:`GenerateResult` (a list for a list of datasets).
     """
     bank = _as_bank(bank)
     many = isinstance(dataset, (list, tuple))
@@ -257,6 +293,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
     if pipeline not in wts.PIPELINES:
         raise wts.WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(wts.PIPELINES))}")
+    queries = None
     if metric in wts.METRICS and wts.METRICS[metric][1] != "histogram":
         # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
         fn = wts.METRICS[metric][0]
@@ -270,15 +307,27 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             import scipy.sparse as sp
             bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
         D = wts.distances(qm, bm, metric)
-    excl = np.zeros(len(bank.members), bool)
-    for name in exclude or ():
-        excl[bank.index(name)] = True
+    per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
+    if per_dataset and len(exclude) != len(items):
+        raise ValueError(f"{len(exclude)} exclude lists for {len(items)} datasets")
+    names_q = [list(exclude[q]) if per_dataset else list(exclude or ()) for q in range(len(items))]
+    excl = np.zeros((len(items), len(bank.members)), bool)
+    for q, names in enumerate(names_q):
+        for name in names:
+            excl[q, bank.index(name)] = True
+    if leave_one_out:
+        member_hashes = np.array([m.info.get("dataset_hash", "") for m in bank.members])
+        for q, item in enumerate(items):
+            h = _dataset_hash(item, queries[q] if queries else None, fields, split)
+            hit = np.flatnonzero(member_hashes == h) if h else []
+            excl[q, hit] = True
+            names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
     W = wts.mixing_weights(D, pipeline, temperature=temperature, top_k=top_k, exclude=excl,
                            **(pipeline_options or {}))
     if many:
         out.mkdir(parents=True, exist_ok=True)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
-             "exclude": list(exclude or ()), "distances": D[q],
+             "exclude": names_q[q], "distances": D[q],
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
     results = mix_adapters(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,

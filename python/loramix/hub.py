@@ -67,6 +67,25 @@ def card_datasets(readme: Path) -> list[str]:
     return out
 
 
+def _lots_of_loras_dataset(repo_id: str, token=None) -> str | None:
+    """Lots-of-LoRAs names adapters ``<org>/<model>-taskNNN`` and datasets ``<org>/taskNNN_<name>``:
+    find that dataset repo on the Hub (needs the network; None when it cannot be found)."""
+    m = re.match(r"^(?P<org>[^/]+)/.*-(?P<task>task\d+)$", repo_id)
+    if m is None:
+        return None
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        hits = [d.id for d in HfApi(token=token).list_datasets(author=m.group("org"),
+                                                                search=m.group("task") + "_", limit=20)]
+    except Exception:  # noqa: BLE001 - any failure: the caller asks the user for --dataset
+        return None
+    hits = [h for h in hits if h.split("/")[-1].startswith(m.group("task") + "_")]
+    return hits[0] if len(hits) == 1 else None
+
+
 def pull(repo_ids: Sequence[str], to, *, datasets: Sequence[str | None] | dict | None = None,
          cache_dir=None, revision: str | None = None, token=None, with_datasets: bool = True,
          progress: bool = False) -> list[dict]:
@@ -108,7 +127,8 @@ def pull(repo_ids: Sequence[str], to, *, datasets: Sequence[str | None] | dict |
             raise HubError(f"adapter {rid}: the repo has no adapter_config.json / adapter_model.safetensors")
         rec = {"name": name, "adapter": rid, "dataset": None}
         if with_datasets:
-            did = mapping.get(rid) or next(iter(card_datasets(member / "README.md")), None)
+            did = mapping.get(rid) or next(iter(card_datasets(member / "README.md")), None) \
+                or _lots_of_loras_dataset(rid, token)
             if did is None:
                 raise HubError(f"adapter {rid}: no dataset repo given and none named in its card; "
                                "pass --dataset REPO_ID for it")

@@ -28,8 +28,11 @@ Modes:
 ``svd`` (best rank-r approximation of the exact mix)
     From thin QRs of the stacked factors ``B_stack = Q_b R_b``, ``A_stackᵀ = Q_a R_a`` and an
     SVD of the small core ``R_b R_aᵀ = U S Vᵀ`` (float64): ``B = Q_b U_r √S_r``,
-    ``A = √S_r V_rᵀ Q_aᵀ``. Never forms an out × in matrix. Rank per module is
-    ``min(r, rank available)``; at ``r ≥ Σ r_i`` it equals ``concat``.
+    ``A = √S_r V_rᵀ Q_aᵀ``. Never forms an out × in matrix. When ``Σ r_i`` is large (above
+    :data:`SVD_DENSE_MAX`, e.g. hundreds of members with non-zero weight) the top-r triplets
+    come from Lanczos bidiagonalization on the factored operator instead (machine precision,
+    cost linear in ``Σ r_i``); ``top_k`` keeps ``Σ r_i`` small and the mode fast. Rank per
+    module is ``min(r, rank available)``; at ``r ≥ Σ r_i`` it equals ``concat``.
 """
 from __future__ import annotations
 
@@ -222,11 +225,30 @@ def _mix_exact(bank, W, name, holders, infos, writers, mode):
         writers[q].write(peft_io.tensor_key(name, "B"), np.ascontiguousarray(b, dtype=np.float32))
 
 
+# Up to this stacked rank Σr the svd mode takes thin QRs of both stacked factors and an SVD of
+# the Σr × Σr core. Above it, it finds the top-r triplets by Lanczos bidiagonalization (PROPACK,
+# tolerance 0: to machine precision) on the factored operator x -> B_stack (A_stack x), which
+# costs O(Σr · (out + in)) per step and never forms an out × in (or in × Σr square) matrix.
+SVD_DENSE_MAX = 512
+
+
 def truncated_factors(b_stack: np.ndarray, a_stack: np.ndarray, r: int):
     """Best rank-``r`` factors ``(B, A)`` of ``b_stack @ a_stack`` without forming it.
 
-    ``b_stack`` (out × R), ``a_stack`` (R × in), float64. Thin QR of each, SVD of the R×R core.
+    ``b_stack`` (out × R), ``a_stack`` (R × in), float64. ``R`` up to :data:`SVD_DENSE_MAX`
+    (or ``r`` near full rank): thin QR of each stacked factor and an SVD of the small core
+    ``R_b R_aᵀ``. Larger ``R``: PROPACK Lanczos on the factored operator.
+    The singular values are split evenly: ``B = U √S``, ``A = √S Vᵀ``.
     """
+    kmax = min(b_stack.shape[0], a_stack.shape[1], b_stack.shape[1])
+    r = min(int(r), kmax)
+    if b_stack.shape[1] > SVD_DENSE_MAX and r < kmax // 2:
+        try:
+            u, s, vt = _lanczos_svd(b_stack, a_stack, r)
+            root = np.sqrt(s)
+            return u * root[None, :], root[:, None] * vt
+        except np.linalg.LinAlgError:   # no convergence: the dense path is exact, only slower
+            pass
     qb, rb = np.linalg.qr(b_stack)            # out×k_b, k_b×R
     qa, ra = np.linalg.qr(a_stack.T)          # in×k_a, k_a×R
     u, s, vt = np.linalg.svd(rb @ ra.T)       # k_b×k_a
@@ -235,3 +257,17 @@ def truncated_factors(b_stack: np.ndarray, a_stack: np.ndarray, r: int):
     b = qb @ (u[:, :r] * root[None, :])
     a = (root[:, None] * vt[:r]) @ qa.T
     return b, a
+
+
+def _lanczos_svd(b_stack, a_stack, r):
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    op = LinearOperator(
+        (b_stack.shape[0], a_stack.shape[1]), dtype=np.float64,
+        matvec=lambda x: b_stack @ (a_stack @ x), rmatvec=lambda y: a_stack.T @ (b_stack.T @ y),
+        matmat=lambda x: b_stack @ (a_stack @ x), rmatmat=lambda y: a_stack.T @ (b_stack.T @ y))
+    kdim = min(op.shape)
+    u, s, vt = svds(op, k=r, tol=0, solver="propack", random_state=0,
+                    maxiter=min(kdim, max(10 * (r + 10), 100)))
+    order = np.argsort(-s, kind="stable")
+    return u[:, order], s[order], vt[order]

@@ -31,7 +31,6 @@ _UNSUPPORTED = {
     "layer_replication": (None, []),
     "target_parameters": (None, []),
     "use_qalora": (False, None),
-    "runtime_config": None,  # informational, never a variant
 }
 
 
@@ -110,8 +109,15 @@ def check_config(cfg: dict, name: str) -> None:
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise AdapterError(f"member {name!r}: peft_type {ptype} is not LoRA")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+        raise AdapterError(
+            f"member {name!r}: init_lora_weights={init!r} changes the base weights; convert it to a "
+            "plain LoRA (PEFT's path_initial_model_for_weight_conversion) before mixing")
+    if cfg.get("alora_invocation_tokens"):
+        raise AdapterError(f"member {name!r}: activated LoRA (alora_invocation_tokens) is not supported")
     for key, ok in _UNSUPPORTED.items():
-        if ok is None or key not in cfg:
+        if key not in cfg:
             continue
         if cfg[key] not in ok:
             raise AdapterError(
@@ -145,7 +151,7 @@ def spec_from_file(cfg: dict, f, path: Path, name: str) -> AdapterSpec:
             what = "DoRA magnitude" if "lora_magnitude_vector" in key else (
                 "LoRA on an embedding" if "lora_embedding" in key else "a non-LoRA tensor")
             raise AdapterError(f"member {name!r}: tensor {key!r} is {what}; not supported")
-        if key.count(".lora_") != 1 or ".lora_A." not in key and ".lora_B." not in key:
+        if key.count(".lora_") != 1:
             raise AdapterError(f"member {name!r}: unexpected tensor {key!r}")
         mod = m.group("module")[len(KEY_PREFIX):]
         pairs.setdefault(mod, {})[m.group("ab")] = key

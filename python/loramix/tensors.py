@@ -35,7 +35,9 @@ def _threads(threads: int | None) -> int:
 
 
 def _weights(weights, k: int) -> np.ndarray:
-    w = np.asarray(weights)
+    # Python sequences of numbers are fine; numpy arrays must already be float32/float64
+    # (no silent cast of, say, an int or float16 array).
+    w = weights if isinstance(weights, np.ndarray) else np.asarray(weights, dtype=np.float64)
     if w.dtype not in (np.float32, np.float64):
         raise TypeError(f"weights: expected float32 or float64, got {w.dtype}")
     if w.ndim not in (1, 2):
@@ -82,8 +84,10 @@ class SafetensorsWriter(_core.SafetensorsWriter):
     """Streamed, atomic safetensors writer.
 
     ``entries``: ``(name, dtype, shape)`` in file order, dtype ``"F32"``/``"F16"``/``"BF16"``.
-    ``metadata``: ``dict[str, str]`` written as ``__metadata__`` in its order (omitted when
-    None or empty). As a context manager: commit on success, abort on exception.
+    ``metadata``: ``dict[str, str]`` written as ``__metadata__`` in its order; None omits the
+    key, ``{}`` writes it empty (exactly like ``safetensors``). Rewriting a file read with
+    :class:`SafetensorsFile` with the same entries (``keys()`` order) and metadata gives the
+    same bytes. As a context manager: commit on success, abort on exception.
     """
 
     def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, str, Sequence[int]]],

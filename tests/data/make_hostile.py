@@ -34,6 +34,7 @@ FILES = {
     "non_utf8_header": raw_header(b'{"a\xff\xfe":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
     "non_json_header": raw_header(b"this is not json at all!", b""),
     "not_an_object": raw_header(b"[1, 2, 3]"),
+    "leading_whitespace": raw_header(b' {"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
     "truncated_json": raw_header(b'{"a":{"dtype":"F32","shape":[1],"data_off'),
     "trailing_junk_in_header": raw_header(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}} x', bytes(4)),
     "duplicate_keys": raw_header(

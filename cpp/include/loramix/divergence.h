@@ -20,20 +20,29 @@
 //    unordered pair and mirrored; the diagonal is exactly 0 for every metric.
 //
 // Accuracy (all ISAs): every quantity is computed in float64, whatever the input dtype. Logs use
-// std::log (scalar) or a table + degree-11 polynomial log accurate to ~1 ulp (AVX2/AVX-512;
-// positive finite arguments including subnormals). Per pair, the error against a float64 oracle of
-// the same formula is bounded by about 1e-15 * (ln 2 + H) absolute for js (H = the entropies
-// involved, a few nats) and 1e-15 * log(1/eps) for kl, so the relative error is <= 1e-12 unless the
-// divergence itself is below ~1e-3 (nearly identical rows) -- far inside 1e-12 relative for all
-// float32 and float64 inputs of ordinary histograms. Threads never change results: each output
-// entry is accumulated by one thread in a fixed order.
+// std::log (scalar) or a 16-entry table + degree-9 polynomial log (AVX2/AVX-512) with error
+// < 2 ulp, or < 2e-17 absolute near x = 1 (positive finite arguments, subnormals included). Per
+// pair the absolute error against a float64 oracle of the same formula is a few ulp of the
+// magnitudes summed: about 1e-15 (ln 2 + entropies) for js, 1e-15 log(1/eps) for kl (its
+// one-sided sums F, G are ~log(1/eps) and cancel for nearly identical rows), 1e-16 V for wd
+// (compensated CDFs). So results are within 1e-12 relative unless the divergence itself is
+// below ~1e-3 (nearly identical rows), where the bound is ~1e-14 absolute -- for float32 and
+// float64 inputs alike. Threads, blocking and tiling never change results: each output entry is
+// accumulated by one thread in a fixed order.
 //
 // Algorithm (why it is fast): for sparse inputs, only bins both rows share cost a log. With eps
 // smoothing a bin held by only one row contributes a term of that row alone and a bin held by
 // neither contributes exactly 0 to js and kl, so each row carries the sum of its one-sided terms
 // and each pair adds corrections over the bins it shares. The shared bins of row i with every row
 // j are found through an inverted index (per bin, the rows of R that hold it), so a pair costs
-// O(|supp p ∩ supp q|) logs and no work at all on bins it does not share.
+// O(|supp p ∩ supp q|) logs (js) or multiply-adds (kl) and no work on bins it does not share.
+// Paths, chosen per call:
+//   js / kl, any CSR input, or dense inputs under 50% non-zero  -> inverted index (sparse);
+//   js / kl, dense inputs at least 50% non-zero                  -> dense blocked SIMD loop;
+//   wd, V <= 16 x (mean support of a P row + of an R row)         -> CDF chunks, dense SIMD loop;
+//   wd, otherwise (very sparse rows)                              -> merge of the two index lists.
+// kl with R = none runs as P against P (both directions). A CSR side is never densified; a dense
+// side of a mixed call is read as sparse rows.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -70,7 +79,8 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
 // y[k] = log(x[k]) for positive finite x (including subnormals).
 using LogF64Fn = void (*)(const double* x, double* y, std::size_t n);
 // Sparse js, one bin shared by P-row value p (with eps) and a run of R rows from the inverted
-// index: acc[rows[k]] += wp + wq[k] - m log m,  m = (p + q[k]) / 2. Rows distinct within a call.
+// index: acc[rows[k]] += wp + wq[k] - m log m,  m = (p + q[k]) / 2, for every k with q[k] > 0
+// (q[k] == 0 marks padding in runs that cover consecutive rows). Rows increase within a call.
 using JsPostingF64Fn = void (*)(double p, double wp, const double* q, const double* wq,
                                 const int32_t* rows, std::size_t n, double* acc);
 // Sparse kl: acc[rows[k]] += c - a * y[k]. Rows distinct within a call.
@@ -86,12 +96,18 @@ using JsDenseF64Fn = void (*)(const double* const* p, const double* const* hp, i
 using KlDenseF64Fn = void (*)(const double* const* p, const double* const* lp, int nb,
                               const double* lq, std::size_t n, double* sums);
 
+// Dense wd piece over n bins, nb rows of P against one row of R, CDFs given as hi + lo parts:
+//   sums[b] += sum_k |(phi[b][k] - qhi[k]) + (plo[b][k] - qlo[k])|.
+using WdDenseF64Fn = void (*)(const double* const* phi, const double* const* plo, int nb,
+                              const double* qhi, const double* qlo, std::size_t n, double* sums);
+
 struct DivergenceKernels {
   LogF64Fn log_f64;
   JsPostingF64Fn js_posting_f64;
   KlPostingF64Fn kl_posting_f64;
   JsDenseF64Fn js_dense_f64;
   KlDenseF64Fn kl_dense_f64;
+  WdDenseF64Fn wd_dense_f64;
 };
 
 namespace scalar {
@@ -104,6 +120,8 @@ void js_dense_f64_scalar(const double* const* p, const double* const* hp, int nb
                          const double* hq, std::size_t n, double* sums);
 void kl_dense_f64_scalar(const double* const* p, const double* const* lp, int nb,
                          const double* lq, std::size_t n, double* sums);
+void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums);
 }  // namespace scalar
 
 #if defined(LORAMIX_HAVE_X86)
@@ -117,6 +135,8 @@ void js_dense_f64_avx2(const double* const* p, const double* const* hp, int nb, 
                        const double* hq, std::size_t n, double* sums);
 void kl_dense_f64_avx2(const double* const* p, const double* const* lp, int nb, const double* lq,
                        std::size_t n, double* sums);
+void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums);
 }  // namespace avx2
 
 namespace avx512 {
@@ -129,6 +149,8 @@ void js_dense_f64_avx512(const double* const* p, const double* const* hp, int nb
                          const double* hq, std::size_t n, double* sums);
 void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb,
                          const double* lq, std::size_t n, double* sums);
+void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
+                       const double* qhi, const double* qlo, std::size_t n, double* sums);
 }  // namespace avx512
 #endif
 

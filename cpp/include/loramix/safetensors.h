@@ -17,7 +17,7 @@
 //
 // Writer contract: the entries' order is the order of the data in the file and of the keys
 // in the header; the header is serialized exactly like safetensors (serde_json, compact,
-// `__metadata__` first when given and non-empty, padded with spaces to a multiple of 8), so
+// `__metadata__` first when given (even empty, as the library does), padded with spaces to a multiple of 8), so
 // rewriting a file read by SafetensorsFile (same order, same metadata order) is byte-identical.
 // Data go to a temporary file in the destination folder (O_EXCL, never an existing file);
 // commit() checks that every tensor was written, fsyncs, renames over the destination (an
@@ -81,6 +81,7 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const Metadata& metadata() const { return metadata_; }
+  bool has_metadata() const { return has_metadata_; }  // the header had a __metadata__ object
   const TensorInfo* find(const std::string& name) const;
   const uint8_t* data(const TensorInfo& t) const {
     return static_cast<const uint8_t*>(map_->addr) + data_start_ + t.begin;
@@ -129,7 +130,13 @@ class SafetensorsWriter {
   // Throws unless the writer is open. Marks entry idx as complete.
   void mark_written(int idx);
   void check_open() const;
+  // Pin the writer open around a write done without the GIL (another thread's commit() or
+  // abort_checked() then fails instead of closing the file under the write).
+  void pin();
+  void unpin() noexcept;
   void commit();
+  // abort() unless a write is in flight (then throws).
+  void abort_checked();
   void abort() noexcept;
 
  private:
@@ -139,6 +146,7 @@ class SafetensorsWriter {
   std::vector<char> written_;
   std::mutex mu_;
   int fd_ = -1;
+  int pins_ = 0;
   bool committed_ = false;
 };
 

@@ -4,18 +4,26 @@
 //  - Sources are F32, F16 or BF16 (each may differ); they are widened to f32 exactly.
 //  - weighted_sum: out[q][i] = sum_k W[q][k] * T_k[i], weights given in f32 (a caller holding
 //    f64 weights rounds them once to f32), products and sums in f32 (FMA or multiply-add),
-//    k in increasing order within each code path (the SIMD paths may group sources, so the
-//    order differs between ISAs). Error bound before the output rounding:
+//    summation order fixed per ISA and path (results do not depend on the thread count).
+//    Error bound before the output rounding:
 //        |out - exact| <= (K + 1) * 2^-24 * sum_k |W[q][k]| |T_k[i]|
 //    then one rounding to the output dtype (round to nearest even; NaN stays NaN, quiet;
 //    overflow -> inf), see halfconv.h.
 //  - A term with W[q][k] == 0 contributes nothing, even if T_k holds inf or NaN, and a
 //    source whose weights are all zero is never read.
-//  - Memory: per thread O(Q x C + Kc x C) floats with C <= 8192, whatever K and P.
-//  - gram: G[i][j] = <T_i, T_j>; f32 products summed in f32 over blocks of at most 256
-//    elements, block sums accumulated in f64 (per thread, threads' partials then summed in a
-//    fixed order: results are deterministic for a given thread count). Bound:
-//        |G - exact| <= 260 * 2^-24 * sum_c |T_i[c] T_j[c]|   (SIMD paths: ~20 * 2^-24 * ...)
+//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats (C = 8192
+//    for Q = 1, else ~min(65536/Q, 131072/active sources) within [4 tiles, 8192]; Kc ~65536/C),
+//    whatever K and P. Sources are read chunk by
+//    chunk straight from their (mapped) memory; nothing of size K x P is ever allocated.
+//  - Paths: Q < 4 (or sources with some zero weights): per row, fused widen+FMA over groups of
+//    up to 4 sources. Q >= 4: sources with no zero weight are widened into an f32 panel of
+//    Kc sources x C elements (in L2) and a register-blocked micro-kernel (AVX-512: 8 rows x 48
+//    columns, AVX2: 4 x 24) runs W(Q x Kc) @ panel.
+//  - gram: G[i][j] = <T_i, T_j>; f32 products summed in f32 partial sums of at most 64
+//    products each (then at most a 4-level f32 reduction over SIMD lanes), partials added in
+//    f64 (per thread; threads' totals then summed in a fixed order: results are deterministic
+//    for a given thread count). Bound:
+//        |G - exact| <= 72 * 2^-24 * sum_c |T_i[c] T_j[c]|  (+ f64 terms, negligible)
 //    G is exactly symmetric.
 //  - Cancellation: work stops between chunks once `cancel` is requested (throws Cancelled).
 #pragma once

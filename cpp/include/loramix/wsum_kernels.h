@@ -21,9 +21,11 @@ struct WsumKernels {
   void (*gemm)(float* acc, std::size_t lda, const float* panel, std::size_t ldp, const float* wp,
                std::size_t Q, std::size_t kc, std::size_t ncols);
   // G[i*ldg + j] += sum_{c<ncols} panel[i][c] * panel[j][c] for j <= i < K; K a multiple of
-  // 4, ncols a multiple of tile (<= 256), padding zero.
+  // 4, ncols a multiple of tile and <= gram_cols, padding zero. Each f32 partial sum holds at
+  // most 64 products (then a log2(lanes)-deep f32 reduction) before it is added in f64.
   void (*gram)(const float* panel, std::size_t ldp, std::size_t K, std::size_t ncols, double* G,
                std::size_t ldg);
+  std::size_t gram_cols;  // 64 x lanes, rounded down to tile
 };
 
 namespace scalar { const WsumKernels& wsum_kernels(); }
