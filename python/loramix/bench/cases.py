@@ -116,6 +116,58 @@ class KernelClock:
         self._tensors.mix_into = self._orig
 
 
+class ReleaseMappedPages:
+    """Prototype of a fix, not the library's behaviour: after each ``mix_into`` call, drop this
+    process's page-table entries for the bytes just read (``madvise(MADV_DONTNEED)``). The data
+    stays in the page cache; only the mapping's resident set shrinks, so VmHWM stops growing
+    with the bytes read. The range released starts ``margin`` bytes below each source, clamped
+    to the first tensor of its file: the kernel's fault-around maps the aligned 64 KiB window
+    around a faulting page, i.e. pages of the previous (already released) tensor too."""
+
+    def __init__(self, bank, margin: int = 1 << 20):
+        import bisect
+        import ctypes
+        import mmap
+
+        from .. import tensors
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        page = mmap.PAGESIZE
+        starts = []
+        for m in bank.members:   # where each file's tensor data begins in this process
+            f = m.file
+            starts.append(min(f.numpy(k).__array_interface__["data"][0] for k in f.keys()))
+        starts.sort()
+        self._orig = tensors.mix_into
+        self._tensors = tensors
+
+        def release(sources):
+            for src in sources:
+                if not isinstance(src, tensors.TensorRef):
+                    continue
+                a = src.numpy()
+                lo = a.__array_interface__["data"][0]
+                hi = lo + a.nbytes
+                base = starts[max(0, bisect.bisect_right(starts, lo) - 1)]
+                lo = max(lo - margin, base)
+                lo += -lo % page          # never below the file's first tensor page
+                hi += -hi % page
+                if hi > lo:
+                    libc.madvise(lo, hi - lo, 4)   # MADV_DONTNEED
+
+        def wrapped(writers, name, sources, *a, **k):
+            try:
+                return self._orig(writers, name, sources, *a, **k)
+            finally:
+                release(sources)
+
+        tensors.mix_into = wrapped
+
+    def restore(self):
+        self._tensors.mix_into = self._orig
+
+
 def _finish(res: dict, sampler: C.PeakSampler, base: dict) -> dict:
     st = C.proc_status()
     res.update({"peak_rss": st["VmHWM"], "peak_anon": sampler.peak_anon, "peak_file": sampler.peak_file,
@@ -175,7 +227,8 @@ def ceiling_gemm(lib: str = "numpy", n: int = 4096, repeat: int = 3, **_):
 # ----------------------------------------------------------------------------- one adapter
 @case
 def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repeat: int = 3,
-                out: str = "", layers: int | None = None, dtype: str | None = None, warmup: int = 1, **_):
+                out: str = "", layers: int | None = None, dtype: str | None = None, warmup: int = 1,
+                release: bool = False, **_):
     """``mix_adapters`` (the library path of ``loramix generate`` after the weights)."""
     from ..bank import Bank
     from ..generate import mix_adapters
@@ -189,10 +242,13 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         used = np.flatnonzero(w)
         outdir = Path(out or tempfile.mkdtemp(prefix="lmx-bench-"))
         first: list = []
+        rel = ReleaseMappedPages(b) if release else None
         clock = KernelClock()
         ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
                      warmup, first)
         clock.restore()
+        if rel is not None:
+            rel.restore()
         kernel_s = clock.total / max(1, repeat + warmup)
         nread = tensor_bytes(b, used)
         outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size

@@ -58,8 +58,15 @@ def tables(doc: dict) -> str:
                  f"{r['max_rel_err']:.2e}" if r["max_rel_err"] == r["max_rel_err"] else "-", r["note"]]
                 for r in dm["rows"]]
         parts.append(f"### Distance matrix: all {dm['pairs']:,} JS pairs of {dm['n']} profiles, V={dm['V']:,} "
-                     f"({dm['nnz_min']}-{dm['nnz_max']} distinct tokens each)\n\n"
-                     + _table(["method", "seconds", "pairs/s", "x best loramix", "max rel err vs f64", "note"], rows))
+                     f"({dm['nnz_min']}-{dm['nnz_max']} distinct tokens each)"
+                     + (f", from `{dm['source']}`" if dm.get("source") else "") + "\n\n"
+                     + _table(["method", "seconds", "pairs/s", "x best loramix", "max rel err vs f64", "note"], rows)
+                     + (f"\n\n{dm['simsimd_note']}" if dm.get("simsimd_note") else ""))
+    ws = doc["suites"].get("kernels", {}).get("wsum")
+    if ws:
+        rows = [[r["variant"], _f(r["seconds"], 4), _f(r["gb_per_s"]), _f(r.get("gflop_per_s"))] for r in ws["rows"]]
+        parts.append(f"### weighted_sum kernel (`benches/bench_wsum.py`: K={ws['k']} bf16 sources of P={ws['p']:,}; "
+                     f"batched Q={ws['q']})\n\n" + _table(["variant", "s", "GB/s read", "GFLOP/s"], rows))
     mx = doc["suites"].get("mix", {})
     if mx:
         bw = max((c.get("gb_per_s", 0) for c in ce if c["spec"]["case"] == "ceiling_read"), default=float("nan"))
@@ -93,6 +100,10 @@ def tables(doc: dict) -> str:
                 note.append(f"load {c['load_s']:.1f} s")
             if c.get("layers") and c["layers"] < 32:
                 note.append(f"{c['layers']} of 32 layers")
+            if c.get("first_s") is not None:
+                note.append(f"first run in process {c['first_s']:.2f} s")
+            if c.get("mix_into_s") is not None:
+                note.append(f"in mix_into {c['mix_into_s']:.2f} s")
             rows.append([c["label"], n_used, _f(c["median_s"]), _f(gbs), frac, _mb(c.get("peak_rss")),
                          _mb(c.get("peak_anon")), vs, ", ".join(note)])
         for k, v in mx.items():

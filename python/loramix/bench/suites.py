@@ -107,13 +107,58 @@ def _paper_js(p, q):
     return 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
 
 
+def _bench_script(name: str) -> Path | None:
+    """``benches/<name>`` of the source tree this package runs from (not in an installed wheel)."""
+    p = Path(__file__).resolve().parents[3] / "benches" / name
+    return p if p.is_file() else None
+
+
 def suite_kernels(run: Run) -> None:
+    """Ceilings, then the N x N JS matrix. In a source tree this runs the core's own
+    ``benches/bench_divergence.py`` (and ``benches/bench_wsum.py``) and folds their rows in;
+    otherwise the same comparison in-process (:func:`distance_matrix`)."""
+    import subprocess
+    import sys
+
+    ceilings(run)
+    script = _bench_script("bench_divergence.py")
+    if script is not None:
+        run.log(f"  [kernels] {script.name} --n {run.n} ...")
+        js = run.out / "divergence.json"
+        p = subprocess.run([sys.executable, str(script), "--n", str(run.n), "--out", str(js)],
+                           capture_output=True, text=True, env=C._env(), timeout=1800)
+        if p.returncode == 0 and js.is_file():
+            d = json.loads(js.read_text())
+            best = d["best_loramix_2thr_s"]
+            for r in d["rows"]:
+                r["x_slower_than_best_loramix"] = r["seconds"] / best
+            run.note("kernels", "distance_matrix", {"n": d["n"], "V": d["V"], "pairs": d["pairs"],
+                                                    "nnz_min": d["nnz_min"], "nnz_max": d["nnz_max"],
+                                                    "rows": d["rows"], "best_loramix_s": best,
+                                                    "source": f"benches/{script.name}",
+                                                    "simsimd_note": d.get("simsimd_note"),
+                                                    "load_avg_1min": d.get("load_avg_1min")})
+        else:
+            run.log(f"    {script.name} failed ({p.stderr.strip()[-300:]}); in-process fallback")
+            distance_matrix(run)
+    else:
+        distance_matrix(run)
+    script = _bench_script("bench_wsum.py")
+    if script is not None:
+        run.log(f"  [kernels] {script.name} ...")
+        js = run.out / "wsum.json"
+        p = subprocess.run([sys.executable, str(script), "--out", str(js)], capture_output=True, text=True,
+                           env=C._env(), timeout=1800)
+        if p.returncode == 0 and js.is_file():
+            run.note("kernels", "wsum", json.loads(js.read_text()))
+
+
+def distance_matrix(run: Run) -> None:
     """All N x N JS pairs: loramix per ISA (sparse path, all threads and 1; dense SIMD path) vs
     the paper's per-pair float64 numpy formula, scipy, vectorized numpy and simsimd."""
     from .. import _core
     from ..divergence import divergence
 
-    ceilings(run)
     run.log("  [kernels] distance matrix ...")
     eps = 1e-10
     n = run.n
@@ -241,6 +286,9 @@ def suite_mix(run: Run, bank: Path) -> None:
                 continue
             run.case("mix", label, {"case": "loramix_mix", "bank": str(bank), "mode": mode, "top_k": k,
                                     "repeat": rep if mode == "factors" else max(1, rep - 2), "out": out})
+    run.case("mix", "loramix factors, top-k all, + page release after each module (fix prototype)",
+             {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": rep, "out": out,
+              "release": True})
     run.case("mix", "loramix factors, top-k all, output on disk (fsync)",
              {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": rep, "out": str(run.out / "tmp")})
     # the paper's approach: whole (n, P) fp32 matrix in RAM + torch.matmul
@@ -289,6 +337,10 @@ def suite_fp32(run: Run) -> None:
     run.case("fp32", "loramix factors, top-k all, fp32 bank, cold (evicted)",
              {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": 1, "warmup": 0,
               "out": scratch(run)})
+    C.evict(files)
+    run.case("fp32", "loramix factors, top-k all, fp32 bank, cold, + page release (fix prototype)",
+             {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": 1, "warmup": 0,
+              "out": scratch(run), "release": True})
     run.case("fp32", "loramix factors, top-k 16, fp32 bank",
              {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "top_k": 16, "repeat": 3,
               "out": scratch(run)})
