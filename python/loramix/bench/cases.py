@@ -168,6 +168,21 @@ class ReleaseMappedPages:
         self._tensors.mix_into = self._orig
 
 
+def _profile(fn, top: int = 12) -> list[str]:
+    """cProfile of one untimed call: the ``top`` functions by own time, one line each."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [f"{tt:8.3f} s own {ct:8.3f} s cum {nc:7d} calls  {Path(f).name}:{ln}({fn_})"
+            for (f, ln, fn_), (cc, nc, tt, ct, _) in rows]
+
+
 def _finish(res: dict, sampler: C.PeakSampler, base: dict) -> dict:
     st = C.proc_status()
     res.update({"peak_rss": st["VmHWM"], "peak_anon": sampler.peak_anon, "peak_file": sampler.peak_file,
@@ -228,7 +243,7 @@ def ceiling_gemm(lib: str = "numpy", n: int = 4096, repeat: int = 3, **_):
 @case
 def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repeat: int = 3,
                 out: str = "", layers: int | None = None, dtype: str | None = None, warmup: int = 1,
-                release: bool = False, **_):
+                release: bool = False, profile: bool = False, **_):
     """``mix_adapters`` (the library path of ``loramix generate`` after the weights)."""
     from ..bank import Bank
     from ..generate import mix_adapters
@@ -247,6 +262,8 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
                      warmup, first)
         clock.restore()
+        prof_top = _profile(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype,
+                                                 overwrite=True)) if profile else None
         if rel is not None:
             rel.restore()
         kernel_s = clock.total / max(1, repeat + warmup)
@@ -254,6 +271,7 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size
         shutil.rmtree(outdir, ignore_errors=True)
     return _finish({**C.summary(ts), "first_s": first[0] if first else None, "mix_into_s": kernel_s,
+                    "profile": prof_top,
                     "open_s": t_open, "members_read": int(used.size), "bytes_read": nread,
                     "gb_per_s": nread / np.median(ts) / C.GB, "out_bytes": outsize}, s, base)
 

@@ -285,7 +285,8 @@ def suite_mix(run: Run, bank: Path) -> None:
                 run.note("mix", label, pred)
                 continue
             run.case("mix", label, {"case": "loramix_mix", "bank": str(bank), "mode": mode, "top_k": k,
-                                    "repeat": rep if mode == "factors" else max(1, rep - 2), "out": out})
+                                    "repeat": rep if mode == "factors" else max(1, rep - 2), "out": out,
+                                    "profile": mode == "factors"})
     run.case("mix", "loramix factors, top-k all, + page release after each module (fix prototype)",
              {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": rep, "out": out,
               "release": True})
