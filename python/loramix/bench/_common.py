@@ -190,4 +190,6 @@ def run_command(cmd: list[str], *, env: dict | None = None, timeout: float = 360
     fe.seek(0)
     out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
     return {"wall_s": wall, "peak_rss": ru.ru_maxrss * 1024, "rc": os.waitstatus_to_exitcode(status),
+            "minor_faults": ru.ru_minflt, "major_faults": ru.ru_majflt, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "sys_s": ru.ru_stime,
             "stdout": out[-2000:], "stderr": err[-2000:]}

@@ -256,12 +256,18 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         w = target_weights(b, len(b.members), top_k)
         used = np.flatnonzero(w)
         outdir = Path(out or tempfile.mkdtemp(prefix="lmx-bench-"))
+        import resource
+
         first: list = []
         rel = ReleaseMappedPages(b) if release else None
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         clock = KernelClock()
         ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
                      warmup, first)
         clock.restore()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults = (ru1.ru_minflt - ru0.ru_minflt) / max(1, repeat + warmup)
+        sys_s = (ru1.ru_stime - ru0.ru_stime) / max(1, repeat + warmup)
         prof_top = _profile(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype,
                                                  overwrite=True)) if profile else None
         if rel is not None:
@@ -271,7 +277,7 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size
         shutil.rmtree(outdir, ignore_errors=True)
     return _finish({**C.summary(ts), "first_s": first[0] if first else None, "mix_into_s": kernel_s,
-                    "profile": prof_top,
+                    "profile": prof_top, "minor_faults_per_run": faults, "sys_s_per_run": sys_s,
                     "open_s": t_open, "members_read": int(used.size), "bytes_read": nread,
                     "gb_per_s": nread / np.median(ts) / C.GB, "out_bytes": outsize}, s, base)
 
@@ -506,10 +512,13 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
             if r:
                 for k, v in t.items():
                     stages.setdefault(k, []).append(v)
+    from ..generate import generate
+
+    prof_top = _profile(lambda: generate(dataset, bank, outdir / "adapter-g", overwrite=True), top=16)
     shutil.rmtree(outdir, ignore_errors=True)
     med = {k: float(np.median(v)) for k, v in stages.items()}
     total = sum(v for k, v in med.items() if not k.startswith("("))
-    return _finish({"stages_median_s": med, "total_median_s": total}, s, base)
+    return _finish({"stages_median_s": med, "total_median_s": total, "profile": prof_top}, s, base)
 
 
 def main(argv=None) -> int:

@@ -104,6 +104,8 @@ def tables(doc: dict) -> str:
                 note.append(f"first run in process {c['first_s']:.2f} s")
             if c.get("mix_into_s") is not None:
                 note.append(f"in mix_into {c['mix_into_s']:.2f} s")
+            if c.get("minor_faults_per_run") is not None:
+                note.append(f"{c['minor_faults_per_run']:,.0f} minor faults/run, sys {c['sys_s_per_run']:.2f} s")
             rows.append([c["label"], n_used, _f(c["median_s"]), _f(gbs), frac, _mb(c.get("peak_rss")),
                          _mb(c.get("peak_anon")), vs, ", ".join(note)])
         for k, v in mx.items():
@@ -145,8 +147,10 @@ def tables(doc: dict) -> str:
         for k in ("warm", "cold"):
             v = e2e.get(k)
             if v:
+                extra = f"cpu {v['cpu_s']:.2f} s" + (f", sys {v['sys_s']:.2f} s, {v['minor_faults']:,} minor faults"
+                                                      if "sys_s" in v else f", {v['major_faults']:,} major faults")
                 rows.append([k, _f(v["median_s"]), _f(v["min_s"]), v["runs"], _mb(v["peak_rss"]),
-                             v.get("how", "") or (v.get("error") or "")])
+                             extra + "; " + (v.get("how", "") or (v.get("error") or ""))])
         st = _cases(doc, "e2e")
         stages = ""
         if st and "stages_median_s" in st[0]:

@@ -365,6 +365,8 @@ def suite_e2e(run: Run, bank: Path, dataset: Path) -> None:
     errs = [w for w in warm if w["rc"]]
     walls = [w["wall_s"] for w in warm]
     run.note("e2e", "warm", {**C.summary(walls), "peak_rss": max(w["peak_rss"] for w in warm),
+                             "minor_faults": warm[-1]["minor_faults"], "cpu_s": warm[-1]["cpu_s"],
+                             "sys_s": warm[-1]["sys_s"],
                              "error": errs[0]["stderr"][-500:] if errs else None})
     imp = C.run_command([sys.executable, "-c", "import loramix.cli, loramix.generate"])
     run.note("e2e", "python_import_s", imp["wall_s"])
@@ -377,6 +379,7 @@ def suite_e2e(run: Run, bank: Path, dataset: Path) -> None:
         C.evict(files)
         colds.append(C.run_command(cmd))
     run.note("e2e", "cold", {**C.summary([c["wall_s"] for c in colds]),
+                             "major_faults": colds[-1]["major_faults"], "cpu_s": colds[-1]["cpu_s"],
                              "peak_rss": max(c["peak_rss"] for c in colds),
                              "how": "posix_fadvise(DONTNEED) on every bank file and the dataset "
                                     "(page cache of those files dropped; drop_caches "
