@@ -382,10 +382,22 @@ def peft_mix(bank: str, n: int, combination: str = "cat", repeat: int = 1, layer
 
 
 # ----------------------------------------------------------------------------- many adapters
+TINY = 1e-30   # replaces the LOO zeros in the "dense" prototype: w*x is then below f32 rounding of the sum
+
+
+def loramix_loo_weights(b, n: int, dense_zeros: bool) -> np.ndarray:
+    W = loo_weights(b, n)
+    if dense_zeros:
+        W[W == 0] = TINY
+    return W
+
+
 @case
 def loramix_loo(bank: str, repeat: int = 1, out: str = "", layers: int | None = None,
-                dtype: str | None = None, **_):
-    """All N leave-one-out adapters in one pass (Q = N factors mix through ``mix_into``)."""
+                dtype: str | None = None, dense_zeros: bool = False, **_):
+    """All N leave-one-out adapters in one pass (Q = N factors mix through ``mix_into``).
+    ``dense_zeros``: prototype of a core fix, the LOO zeros replaced by 1e-30 so the core takes
+    its blocked GEMM path for every source (a zero weight sends a source to the per-row path)."""
     from ..bank import Bank
     from ..generate import mix_adapters
 
@@ -393,7 +405,7 @@ def loramix_loo(bank: str, repeat: int = 1, out: str = "", layers: int | None = 
     with C.PeakSampler() as s:
         b = subset_bank(Bank.open(bank), layers)
         n = len(b.members)
-        W = loo_weights(b, n)
+        W = loramix_loo_weights(b, n, dense_zeros)
         P = tensor_bytes(b, [0]) // {"F32": 4, "BF16": 2, "F16": 2}[b.dtype]
         root = Path(out or tempfile.mkdtemp(prefix="lmx-loo-"))
         root.mkdir(parents=True, exist_ok=True)
@@ -411,9 +423,9 @@ def loramix_loo(bank: str, repeat: int = 1, out: str = "", layers: int | None = 
 
 
 @case
-def loramix_loo_kernel(bank: str, repeat: int = 3, tensors: int = 6, **_):
+def loramix_loo_kernel(bank: str, repeat: int = 3, tensors: int = 6, dense_zeros: bool = False, **_):
     """The mix kernel alone: ``weighted_sum`` of Q = N LOO rows over N members for a few
-    tensors, output in memory (no file writes)."""
+    tensors, output in memory (no file writes). ``dense_zeros``: see :func:`loramix_loo`."""
     from ..bank import Bank
     from ..tensors import weighted_sum
 
@@ -421,7 +433,7 @@ def loramix_loo_kernel(bank: str, repeat: int = 3, tensors: int = 6, **_):
     with C.PeakSampler() as s:
         b = Bank.open(bank)
         n = len(b.members)
-        W = loo_weights(b, n).astype(np.float32)
+        W = loramix_loo_weights(b, n, dense_zeros).astype(np.float32)
         keys = [k for ms in list(b.members[0].modules.values())[:tensors // 2] for k in (ms.a_key, ms.b_key)]
         srcs = [[m.file.tensor(k) for m in b.members] for k in keys]
         P = sum(int(np.prod(b.members[0].file.shape(k))) for k in keys)

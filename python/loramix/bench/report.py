@@ -231,11 +231,13 @@ def goals(doc: dict) -> str:
     bw = max((c.get("gb_per_s", 0) for c in ce if c["spec"]["case"] == "ceiling_read"), default=float("nan"))
     gemm = max((c.get("gflop_per_s", 0) for c in ce if c["spec"]["case"] == "ceiling_gemm"), default=float("nan"))
     mix = [c for c in _cases(doc, "mix") + _cases(doc, "fp32") + _cases(doc, "e2e") if "error" not in c]
-    lm = {c["label"]: c for c in mix if c["spec"]["case"].startswith("loramix") or c["spec"]["case"] == "e2e_breakdown"}
+    allm = {c["label"]: c for c in mix if c["spec"]["case"].startswith("loramix") or c["spec"]["case"] == "e2e_breakdown"}
+    lm = {k: c for k, c in allm.items() if "prototype" not in k}
+    proto = {k: c for k, c in allm.items() if "prototype" in k}
     rows = []
 
-    def add(goal, value, ok):
-        rows.append([goal, value, "met" if ok else "MISSED"])
+    def add(goal, value, ok, is_proto=False):
+        rows.append([goal, value, ("would be met" if ok else "still missed") if is_proto else ("met" if ok else "MISSED")])
 
     fa, f16 = lm.get("loramix factors, top-k all"), lm.get("loramix factors, top-k 16")
     if fa:
@@ -252,11 +254,15 @@ def goals(doc: dict) -> str:
     if fa and f16:
         x = fa["median_s"] / f16["median_s"]
         add("top-k 16 >= 20x faster than all", f"{x:.1f}x ({fa['median_s']:.3f} s / {f16['median_s']:.3f} s)", x >= 20)
-    for c in lm.values():
+    for c in allm.values():
         if c["spec"]["case"] in ("loramix_loo", "loramix_loo_kernel"):
             g = c["gflop_per_s"]
             add(f"LOO >= 70% of best fp32 GEMM ({c['label']})", f"{g:.1f} GFLOP/s = {100 * g / gemm:.0f}% of {gemm:.1f}",
-                g >= 0.7 * gemm)
+                g >= 0.7 * gemm, "prototype" in c["label"])
+    for c in proto.values():
+        if c["spec"]["case"] == "loramix_mix":
+            add(f"peak RSS <= 512 MB ({c['label']})", f"VmHWM {_mb(c['peak_rss'])} MB, "
+                f"{c['gb_per_s']:.2f} GB/s", c["peak_rss"] <= 512 * MB, True)
     w = doc["suites"].get("e2e", {}).get("warm")
     if w:
         add("end to end, 1,000 examples vs the bank, warm <= 1.5 s", f"{w['median_s']:.2f} s (CLI, fresh process)",

@@ -311,18 +311,26 @@ def suite_mix(run: Run, bank: Path) -> None:
         run.case("mix", f"PEFT add_weighted_adapter svd, n={n_peft}, {layers} layer(s)",
                  {"case": "peft_mix", "bank": str(bank), "n": n_peft, "combination": "svd", "repeat": 1,
                   "layers": layers})
-    # all N leave-one-out adapters in one pass
+    # all N leave-one-out adapters in one pass. The LOO weight matrix has a zero per row, which
+    # sends every source down the core's per-row path; "dense" replaces those zeros by 1e-30
+    # (prototype of the fix) so the blocked GEMM path runs.
     loo_layers = run.args.get("loo_layers")
-    run.case("mix", f"loramix LOO Q={N} factors via mix_into, written, layers={loo_layers or 'all'}",
-             {"case": "loramix_loo", "bank": str(bank), "repeat": 1, "layers": loo_layers, "out": out})
-    run.case("mix", f"loramix LOO Q={N} weighted_sum kernel, in memory",
-             {"case": "loramix_loo_kernel", "bank": str(bank), "repeat": rep})
+    lay = loo_layers or "all"
+    krep = 1 if N > 128 else rep
+    for dense in (False, True):
+        tag = ", zeros -> 1e-30 (fix prototype)" if dense else ""
+        run.case("mix", f"loramix LOO Q={N} factors via mix_into, written, layers={lay}{tag}",
+                 {"case": "loramix_loo", "bank": str(bank), "repeat": 1, "layers": loo_layers, "out": out,
+                  "dense_zeros": dense})
+        run.case("mix", f"loramix LOO Q={N} weighted_sum kernel, in memory{tag}",
+                 {"case": "loramix_loo_kernel", "bank": str(bank), "repeat": krep, "tensors": 2,
+                  "dense_zeros": dense})
     lay_frac = (loo_layers or 32) / 32
     n_t, pred = fit_n(run, bank_bytes, per_f32 * lay_frac, N)
     run.note("mix", "torch_loo_fit", pred)
     if n_t >= 2:
-        run.case("mix", f"torch.matmul LOO Q=n={n_t} on in-RAM fp32, layers={loo_layers or 'all'}",
-                 {"case": "torch_loo", "bank": str(bank), "n": n_t, "repeat": rep, "layers": loo_layers})
+        run.case("mix", f"torch.matmul LOO Q=n={n_t} on in-RAM fp32, layers={lay}",
+                 {"case": "torch_loo", "bank": str(bank), "n": n_t, "repeat": krep, "layers": loo_layers})
 
 
 def suite_fp32(run: Run) -> None:
