@@ -8,6 +8,7 @@ Cases that use torch import it themselves; loramix cases never do (torch alone i
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -521,6 +522,8 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
             clock.restore()
             t["mix_write"] = time.perf_counter() - t0
             t["(of which mix_into)"] = clock.total
+            del b   # unmap this iteration's files: VmHWM is then one generate's, not the sum of all
+            gc.collect()
             if r:
                 for k, v in t.items():
                     stages.setdefault(k, []).append(v)

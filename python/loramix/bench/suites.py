@@ -271,7 +271,8 @@ def suite_mix(run: Run, bank: Path) -> None:
     bank_bytes = sum(m.path.joinpath("adapter_model.safetensors").stat().st_size for m in b.members)
     del b
     out = scratch(run)
-    exact_all_max = run.args.get("exact_all_max") or 64
+    exact_all_max = run.args.get("exact_all_max")
+    exact_all_max = 64 if exact_all_max is None else exact_all_max
     k16 = 16 if N > 16 else max(2, N // 4)
     for mode in ("factors", "concat", "svd"):
         for k in (None, k16):
@@ -279,9 +280,10 @@ def suite_mix(run: Run, bank: Path) -> None:
             if mode != "factors" and k is None and N > exact_all_max:
                 r = 16 * N
                 pred = {"skipped": f"N={N} > --exact-all-max {exact_all_max}",
-                        "predicted": (f"output rank {r}: {N * bank_bytes / N / 1e9:.1f} GB written" if mode == "concat"
-                                      else f"float64 QR of {r}-row stacks per module: "
-                                           f"~{3 * 8 * 4096 * r / 1e9:.1f} GB peak, ~{96 * 4 * 4096 * r * r / 1e12:.0f} TFLOP")}
+                        "predicted": (f"output rank {r}: {bank_bytes / 1e9:.1f} GB written (the whole bank's size)"
+                                      if mode == "concat" else
+                                      f"float64 stacks of sum(r)={r}: {2 * 8 * 4096 * r / 1e9:.2f} GB per q_proj "
+                                      f"module alone (over the 512 MB goal), Lanczos over them per module")}
                 run.note("mix", label, pred)
                 continue
             run.case("mix", label, {"case": "loramix_mix", "bank": str(bank), "mode": mode, "top_k": k,
