@@ -50,6 +50,10 @@ def tables(doc: dict) -> str:
             val = c.get("gb_per_s") or c.get("gflop_per_s")
             unit = "GB/s" if "gb_per_s" in c else "GFLOP/s"
             extra = c.get("blas") or c.get("config") or ""
+            if c.get("u64_max_gb_per_s"):
+                extra = f"same bytes as uint64 max: {c['u64_max_gb_per_s']:.2f} GB/s"
+            if c.get("first_gb_per_s"):
+                extra = f"{c['bytes'] / 1e9:.1f} GB; uint64 max; first pass (mapping the pages) {c['first_gb_per_s']:.2f} GB/s"
             rows.append([c["label"], _f(c.get("median_s")), f"{_f(val)} {unit}", str(extra)[:90] if not c.get("error") else c["error"]])
         parts.append("### Machine ceilings (same run)\n\n" + _table(["measure", "median s", "best rate", "kernel"], rows))
     dm = doc["suites"].get("kernels", {}).get("distance_matrix")
