@@ -169,6 +169,81 @@ class ReleaseMappedPages:
         self._tensors.mix_into = self._orig
 
 
+class FastMixPython:
+    """Prototype of a fix in ``mix.py``, not the library's behaviour: the per-member Python of a
+    factors mix made O(members used) instead of O(members in the bank) per module:
+    ``_module_index`` computed once per bank (it runs 3 times per mix), the per-module rank
+    arrays of ``plan`` cached, and ``used`` in ``_mix_factors_group`` found with one numpy
+    expression instead of one ``np.any(W[targets, i])`` per member."""
+
+    def __init__(self):
+        from .. import mix
+
+        self.mix = mix
+        self.saved = (mix._module_index, mix.plan, mix._mix_factors_group)
+        orig_index = mix._module_index
+
+        def module_index(bank):
+            if getattr(bank, "_lmx_modidx", None) is None:
+                bank._lmx_modidx = orig_index(bank)
+            return bank._lmx_modidx
+
+        def ranks(bank, name, holders):
+            cache = bank.__dict__.setdefault("_lmx_ranks", {})
+            if name not in cache:
+                cache[name] = np.array([bank.members[i].modules[name].rank for i in holders])
+            return cache[name]
+
+        def plan(bank, W, mode, rank=None):
+            if mode not in mix.MODES:
+                raise mix.MixError(f"unknown mode {mode!r}")
+            W = np.atleast_2d(W)
+            mem = bank.members
+            infos = [mix.MixInfo(members=[int(i) for i in np.flatnonzero(W[q])]) for q in range(W.shape[0])]
+            for name, holders in module_index(bank).items():
+                h = np.asarray(holders)
+                rk = ranks(bank, name, holders)
+                nz = W[:, h] != 0
+                ms = mem[holders[0]].modules[name]
+                for q in np.flatnonzero(nz.any(axis=1)):
+                    used = rk[nz[q]]
+                    if mode == "factors":
+                        r = int(used.max())
+                    elif mode == "concat":
+                        r = int(used.sum())
+                    else:
+                        r = min(int(rank or bank.rank), int(used.sum()), ms.in_features, ms.out_features)
+                    infos[q].ranks[name] = r
+            return infos
+
+        def group(bank, W, name, holders, targets, r_out, writers, threads):   # mix.py's, but `used`
+            from .. import peft_io, tensors
+
+            h = np.asarray(holders)
+            used = h[(W[np.ix_(targets, h)] != 0).any(axis=0)].tolist()
+            a_src, b_src, scale = [], [], []
+            for i in used:
+                m = bank.members[i]
+                ms = m.modules[name]
+                if ms.rank == r_out:
+                    a_src.append(m.file.tensor(ms.a_key))
+                    b_src.append(m.file.tensor(ms.b_key))
+                else:
+                    a_src.append(mix._padded(m, ms.a_key, r_out, 0))
+                    b_src.append(mix._padded(m, ms.b_key, r_out, 1))
+                scale.append(ms.scaling)
+            wa = W[np.ix_(targets, used)]
+            wb = wa * np.asarray(scale)[None, :]
+            ws = [writers[q] for q in targets]
+            tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
+            tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
+
+        mix._module_index, mix.plan, mix._mix_factors_group = module_index, plan, group
+
+    def restore(self):
+        self.mix._module_index, self.mix.plan, self.mix._mix_factors_group = self.saved
+
+
 def _profile(fn, top: int = 12) -> list[str]:
     """cProfile of one untimed call: the ``top`` functions by own time, one line each."""
     import cProfile
@@ -290,7 +365,7 @@ def ceiling_gemm(lib: str = "numpy", n: int = 4096, repeat: int = 3, **_):
 @case
 def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repeat: int = 3,
                 out: str = "", layers: int | None = None, dtype: str | None = None, warmup: int = 1,
-                release: bool = False, profile: bool = False, **_):
+                release: bool = False, profile: bool = False, fast_python: bool = False, **_):
     """``mix_adapters`` (the library path of ``loramix generate`` after the weights)."""
     from ..bank import Bank
     from ..generate import mix_adapters
@@ -307,6 +382,7 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
 
         first: list = []
         rel = ReleaseMappedPages(b) if release else None
+        fast = FastMixPython() if fast_python else None
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         clock = KernelClock()
         ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
@@ -319,6 +395,8 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
                                                  overwrite=True)) if profile else None
         if rel is not None:
             rel.restore()
+        if fast is not None:
+            fast.restore()
         kernel_s = clock.total / max(1, repeat + warmup)
         nread = tensor_bytes(b, used)
         outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size

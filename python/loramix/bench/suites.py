@@ -292,6 +292,10 @@ def suite_mix(run: Run, bank: Path) -> None:
             run.case("mix", label, {"case": "loramix_mix", "bank": str(bank), "mode": mode, "top_k": k,
                                     "repeat": rep if mode == "factors" else max(1, rep - 2), "out": out,
                                     "profile": mode == "factors"})
+    for k in (None, k16):
+        run.case("mix", f"loramix factors, top-k {k or 'all'}, + vectorized mix.py (fix prototype)",
+                 {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "top_k": k, "repeat": rep,
+                  "out": out, "fast_python": True})
     run.case("mix", "loramix factors, top-k all, + page release after each module (fix prototype)",
              {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": rep, "out": out,
               "release": True})
