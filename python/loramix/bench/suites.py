@@ -316,10 +316,12 @@ def suite_mix(run: Run, bank: Path) -> None:
         for comb in ("linear", "cat"):
             run.case("mix", f"PEFT add_weighted_adapter {comb}, n={n_peft}",
                      {"case": "peft_mix", "bank": str(bank), "n": n_peft, "combination": comb, "repeat": 1})
-        layers = run.args.get("peft_svd_layers") or 1
-        run.case("mix", f"PEFT add_weighted_adapter svd, n={n_peft}, {layers} layer(s)",
-                 {"case": "peft_mix", "bank": str(bank), "n": n_peft, "combination": "svd", "repeat": 1,
-                  "layers": layers})
+        layers = run.args.get("peft_svd_layers")
+        layers = 1 if layers is None else layers
+        if layers > 0:
+            run.case("mix", f"PEFT add_weighted_adapter svd, n={n_peft}, {layers} layer(s)",
+                     {"case": "peft_mix", "bank": str(bank), "n": n_peft, "combination": "svd", "repeat": 1,
+                      "layers": layers})
     # all N leave-one-out adapters in one pass. The LOO weight matrix has a zero per row, which
     # sends every source down the core's per-row path; "dense" replaces those zeros by 1e-30
     # (prototype of the fix) so the blocked GEMM path runs.
