@@ -17,20 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-try:   # the compiled core may not have landed yet on this branch: use the numpy stand-in
-    import loramix.divergence  # noqa: F401
-    import loramix.tensors  # noqa: F401
-    FAKE_CORE = False
-except ImportError:
-    FAKE_CORE = True
-if FAKE_CORE or not all(hasattr(__import__("loramix.tensors", fromlist=["x"]), n)
-                        for n in ("SafetensorsWriter", "mix_into")):
-    sys.path.insert(0, str(Path(__file__).parent))
-    import _fakecore
-
-    _fakecore.install()
-    FAKE_CORE = True
-
 ROOT = Path(__file__).resolve().parents[1]
 
 TOPICS = {
@@ -240,17 +226,11 @@ def copy_bank(src: Path, dst: Path) -> Path:
 
 
 def run_cli(*args, env=None, cwd=None):
-    """``python -m loramix.cli ARGS`` in a subprocess with PYTHONPATH=python (the stand-in core
-    is installed first when the compiled one has not landed)."""
+    """``python -m loramix.cli ARGS`` in a subprocess with PYTHONPATH=python."""
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests")])
     e.pop("HF_HUB_OFFLINE", None)
     if env:
         e.update(env)
-    if FAKE_CORE:
-        cmd = [sys.executable, "-c",
-               "import sys, _fakecore; _fakecore.install(); from loramix.cli import main; "
-               "sys.argv[0]='loramix'; sys.exit(main())", *map(str, args)]
-    else:
-        cmd = [sys.executable, "-m", "loramix.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "loramix.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=cwd, timeout=300)

@@ -51,7 +51,7 @@ def _rewrite(path, fn):
 
 
 @pytest.mark.parametrize("problem,match", [
-    ("base", "base model 'other/model'"),
+    ("base", "base model 'other/base-model'"),
     ("shape", "module model.layers.0.self_attn.q_proj is 32x40"),
     ("corrupt", "unreadable"),
     ("truncated", "unreadable"),
@@ -66,7 +66,7 @@ def test_bad_member_is_named(w, bank_copy, problem, match):
     cfgp = bad / "adapter_config.json"
     cfg = json.loads(cfgp.read_text())
     if problem == "base":
-        cfg["base_model_name_or_path"] = "other/model"
+        cfg["base_model_name_or_path"] = "other/base-model"
     elif problem == "shape":
         _rewrite(st, lambda t: {k: (np.zeros((v.shape[0], 40), np.float32) if "lora_A" in k else v)
                                 for k, v in t.items()})

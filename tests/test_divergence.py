@@ -92,6 +92,34 @@ def test_random_vs_oracle(isa, rng, metric, form, V, density):
     assert_close(got, want, rtol_for(form))
 
 
+@pytest.mark.parametrize("V", [1, 7, 16, 17, 33, 32001])
+@pytest.mark.parametrize("form", ("dense32", "csr64"))
+@pytest.mark.parametrize("metric", METRICS)
+def test_symmetric_vs_oracle(isa, rng, metric, form, V):
+    X = random_counts(rng, 6, V, density=0.4)
+    want = oracle(as_form(X, form), None, metric, 1e-10)
+    np.fill_diagonal(want, 0.0)
+    assert_close(divergence(as_form(X, form), None, metric), want, rtol_for(form))
+
+
+@pytest.mark.parametrize("V", [7, 33, 400, 32001])
+@pytest.mark.parametrize("eps", [0.0, 1e-10])
+@pytest.mark.parametrize("metric", ("js", "kl"))
+def test_few_rows_path_agrees(isa, rng, metric, eps, V):
+    """Up to 2 rows of P against R go through the direct (gather) path, more through the index."""
+    P, R = random_counts(rng, 5, V, density=0.3), random_counts(rng, 12, V, density=0.5)
+    R[0] += 1.0
+    csr = sp.csr_matrix
+    many = divergence(csr(P), csr(R), metric, eps=eps)
+    want = oracle(P[:2], R, metric, eps)
+    want32 = oracle(P[:2].astype(np.float32), R, metric, eps)
+    for q in (1, 2):
+        few = divergence(csr(P[:q]), csr(R), metric, eps=eps)
+        assert_close(few, many[:q], 1e-12)
+        assert_close(few, want[:q], 1e-12)
+        assert_close(divergence(P[:q].astype(np.float32), csr(R), metric, eps=eps), want32[:q], 1e-6)
+
+
 @pytest.mark.parametrize("density", [0.2, 0.8])
 @pytest.mark.parametrize("eps", [0.0, 1e-10, 1e-3])
 @pytest.mark.parametrize("form", FORMS)
@@ -130,8 +158,8 @@ def test_adversarial(isa, metric, form, eps):
     want = oracle(X, X, metric, eps)
     assert_close(got, want, 1e-12)
     if metric == "js":
-        # disjoint supports without smoothing: exactly ln 2
-        assert got[2, 3] == pytest.approx(np.log(2), rel=1e-14) if eps == 0.0 else True
+        if eps == 0.0:  # disjoint supports without smoothing: exactly ln 2
+            assert got[2, 3] == pytest.approx(np.log(2), rel=1e-14)
         assert abs(got[0, 1]) < 1e-15 and abs(got[5, 6]) < 1e-15  # same after normalizing
     if metric == "kl" and eps == 0.0:
         assert np.isinf(got[2, 3]) and np.isfinite(got[2, 4])  # supp(lo) inside supp(sup)
@@ -182,8 +210,8 @@ def test_wd_matches_scipy(isa, rng):
     ids = np.arange(V)
     for form in ("dense64", "csr64", "dense32"):
         got = divergence(as_form(P, form), as_form(R, form), "wd")
-        Pf, Rf = np.asarray(as_form(P, form).toarray() if form.startswith("csr") else as_form(P, form), np.float64), None
-        Rf = np.asarray(R, np.float32 if form.endswith("32") else np.float64).astype(np.float64)
+        dt = np.float32 if form.endswith("32") else np.float64
+        Pf, Rf = P.astype(dt).astype(np.float64), R.astype(dt).astype(np.float64)
         want = np.array([[scipy.stats.wasserstein_distance(ids, ids, p, q) for q in Rf] for p in Pf])
         np.testing.assert_allclose(got, want, rtol=1e-10)
 
@@ -226,9 +254,9 @@ def test_csr_tuple_and_integer_counts(isa, rng):
 
 
 def test_noncanonical_scipy_not_modified(isa):
-    rows, cols, vals = [0, 0, 0, 1], [5, 2, 5, 2], [1.0, 2.0, 3.0, 4.0]  # duplicates, unsorted
-    m = sp.csr_matrix((vals, (rows, cols)), shape=(2, 8))
+    cols, vals = [5, 2, 5, 2], [1.0, 2.0, 3.0, 4.0]  # row 0: duplicate column 5, unsorted
     m = sp.csr_matrix((np.array(vals), np.array(cols), np.array([0, 3, 4])), shape=(2, 8))
+    assert not m.has_canonical_format
     before = (m.indices.copy(), m.data.copy())
     got = divergence(m, metric="kl")
     dense = np.zeros((2, 8)); dense[0, 2] = 2; dense[0, 5] = 4; dense[1, 2] = 4

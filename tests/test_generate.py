@@ -53,6 +53,7 @@ def test_other_metrics(w, tmp_path, metric):
     res = generate(w.queries["music_q"], w.bank, tmp_path / "o", metric=metric, pipeline="attentional",
                    mode="svd", rank=2, dtype="bf16")
     assert np.isclose(res.weights.sum(), 1.0) and np.all(res.weights > 0)
+    assert _tiny.load_report(w.model, tmp_path / "o") == ([], [])
 
 
 def test_many_datasets_one_pass(w, tmp_path):
@@ -180,7 +181,7 @@ def test_cli_end_to_end(w, tmp_path):
     r = _tiny.run_cli("bank", "build", bank, "--tokenizer", w.model, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["members"] == ["m0", "m1", "m2", "m3"]
-    r = _tiny.run_cli("bank", "info", bank, "--json")
+    r = _tiny.run_cli("--json", "bank", "info", bank)
     assert r.returncode == 0 and json.loads(r.stdout)["members"] == 4
     r = _tiny.run_cli("profile", w.queries["music_q"], "--bank", bank, "-o", tmp_path / "music.npz", "--json")
     assert r.returncode == 0, r.stderr

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import _tiny  # noqa: E402  (installs the stand-in core if the compiled one has not landed)
+import _tiny
 from loramix.bank import Bank
 from loramix.generate import mix_adapters
 from loramix import peft_io

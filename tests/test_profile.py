@@ -76,6 +76,10 @@ def _write_all_formats(d):
         (dd / split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     out["hf-datasetdict"] = dd
+    with pa.OSFile(str(d / "f.arrow"), "wb") as sink:     # the IPC file format too
+        with pa.ipc.new_file(sink, table.schema) as wr:
+            wr.write_table(table, max_chunksize=3)
+    out["arrow-file"] = d / "f.arrow"
     hub = d / "hubrepo" / "data"
     hub.mkdir(parents=True)
     pq.write_table(table, hub / "train-00000-of-00001.parquet")

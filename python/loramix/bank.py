@@ -189,6 +189,18 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     return doc
 
 
+def same_base_model(a: str | None, b: str | None) -> bool:
+    """Hub id and local copy of one model count as the same base model: the names are equal, or
+    their last path components are (``mistralai/Mistral-7B-v0.1`` vs ``/models/Mistral-7B-v0.1``).
+    Shapes are checked separately, module by module."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    return a.rstrip("/").replace("\\", "/").split("/")[-1].lower() == \
+        b.rstrip("/").replace("\\", "/").split("/")[-1].lower()
+
+
 def _fit_problems(specs, base_model=None) -> list[str]:
     """Members that do not fit the rest: another base model, or a module of another shape."""
     if not specs:
@@ -202,7 +214,7 @@ def _fit_problems(specs, base_model=None) -> list[str]:
             shapes.setdefault(m.name, Counter())[(m.in_features, m.out_features)] += 1
     ref = {k: c.most_common(1)[0][0] for k, c in shapes.items()}
     for s in specs:
-        if s.base_model != base:
+        if not same_base_model(s.base_model, base):
             problems.append(f"member {s.name!r}: base model {s.base_model!r} is not the bank's {base!r}")
             continue
         for m in s.modules.values():

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 
 
 def _fields(s: str) -> tuple:
@@ -25,12 +24,16 @@ def _fields(s: str) -> tuple:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print a JSON document for scripts")
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    def flags(default):
+        c = argparse.ArgumentParser(add_help=False)
+        c.add_argument("--json", action="store_true", default=default, help="print a JSON document for scripts")
+        c.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
+        c.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress bars")
+        return c
 
-    p = argparse.ArgumentParser(prog="loramix", parents=[common],
+    # the flags work before or after the subcommand: below it they do not reset what was given above
+    top, common = flags(False), flags(argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="loramix", parents=[top],
                                 description="LoRA adapters for a new dataset from a bank, on a CPU.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -65,14 +68,15 @@ def _parser() -> argparse.ArgumentParser:
 
     ge = sub.add_parser("generate", help="generate adapter(s) for dataset(s)", parents=[common])
     ge.add_argument("datasets", nargs="+", help="dataset files/folders or saved profiles (.npz)")
-    ge.add_argument("--bank", required=True)
+    ge.add_argument("--bank", required=True, help="bank folder (with bank.json)")
     ge.add_argument("-o", "--out", required=True,
                     help="output adapter folder (with several datasets: a folder of adapters)")
-    ge.add_argument("--pipeline", default="normalized")
-    ge.add_argument("--metric", default="js")
+    ge.add_argument("--pipeline", default="normalized",
+                    help="attentional | normalized (the paper's best) | any registered pipeline")
+    ge.add_argument("--metric", default="js", help="js | kl | wd | mmd | any registered metric")
     ge.add_argument("--mode", default="factors", choices=["factors", "concat", "svd"])
-    ge.add_argument("--top-k", type=int, default=None)
-    ge.add_argument("--temperature", type=float, default=1.0)
+    ge.add_argument("--top-k", type=int, default=None, help="keep the k nearest members, renormalized")
+    ge.add_argument("--temperature", type=float, default=1.0, help="softmin temperature")
     ge.add_argument("--rank", type=int, default=None, help="svd mode: output rank (default: the bank's)")
     ge.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: the bank's)")
     ge.add_argument("--exclude", action="append", default=[], help="member to leave out (repeatable)")

@@ -55,7 +55,7 @@ def data_files(path, split: str = "train") -> list[Path]:
     found = sorted(
         (f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES
          and not any(part.startswith(".") for part in f.relative_to(p).parts)
-         and f.name not in ("dataset_info.json", "state.json", "dataset_dict.json")),
+         and f.name not in ("dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json")),
         key=lambda f: str(f))
     if not found:
         raise DatasetError(f"dataset {p}: no data files ({', '.join(DATA_SUFFIXES)}) in the folder")

@@ -136,7 +136,8 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     bar = _bar(progress, f"profile {ds.dataset_name(dataset)}", "ex")
     for texts in ds.iter_texts(dataset, fields, split=split, batch_size=batch_size):
         encs = tok.encode_batch(texts, add_special_tokens=True)
-        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64)
+        ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs]) if encs else \
+            np.zeros(0, np.int64)
         if ids.size:
             if ids.max() >= acc.size:   # added tokens beyond the reported size
                 acc = np.concatenate([acc, np.zeros(int(ids.max()) + 1 - acc.size, np.int64)])

@@ -182,7 +182,7 @@ def mmd_distance(p, r, *, bandwidths=MMD_BANDWIDTHS, chunk: int = 64) -> np.ndar
     import scipy.fft as sfft
 
     P = _dense_rows(p)
-    R = _dense_rows(r)
+    R = r if hasattr(r, "toarray") else np.atleast_2d(np.asarray(r, dtype=np.float64))
     if P.shape[1] != R.shape[1]:
         raise WeightsError(f"mmd: vocab widths differ ({P.shape[1]} vs {R.shape[1]})")
     v = P.shape[1]
@@ -203,9 +203,10 @@ def mmd_distance(p, r, *, bandwidths=MMD_BANDWIDTHS, chunk: int = 64) -> np.ndar
     kp = apply_k(P)
     pp = np.einsum("ij,ij->i", P, kp)
     out = np.empty((P.shape[0], R.shape[0]))
-    for s in range(0, R.shape[0], chunk):
-        kr = apply_k(R[s:s + chunk])
-        rr = np.einsum("ij,ij->i", R[s:s + chunk], kr)
+    for s in range(0, R.shape[0], chunk):   # bank rows densified a chunk at a time
+        rc = _dense_rows(R[s:s + chunk])
+        kr = apply_k(rc)
+        rr = np.einsum("ij,ij->i", rc, kr)
         out[:, s:s + chunk] = pp[:, None] + rr[None, :] - 2.0 * (P @ kr.T)
     return np.maximum(out, 0.0)
 
