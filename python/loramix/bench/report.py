@@ -126,18 +126,21 @@ def tables(doc: dict) -> str:
         gemm = max((c.get("gflop_per_s", 0) for c in ce if c["spec"]["case"] == "ceiling_gemm"), default=float("nan"))
         loo = [c for c in mx.get("cases", []) if c["spec"]["case"] in ("loramix_loo", "loramix_loo_kernel", "torch_loo")]
         rows = []
+        tl = next((c.get("gflop_per_s") for c in loo if c["spec"]["case"] == "torch_loo" and "error" not in c), None)
         for c in loo:
             if "error" in c:
-                rows.append([c["label"], "-", "-", "-", "-", "-", c["error"][:80]])
+                rows.append([c["label"], "-", "-", "-", "-", "-", "-", c["error"][:80]])
                 continue
             g = c.get("gflop_per_s")
             rows.append([c["label"], f"{c['Q']}x{c['K']}x{c['P']:,}", _f(c["median_s"]), _f(g),
-                         f"{100 * g / gemm:.0f}%" if gemm == gemm else "-", _mb(c.get("peak_rss")),
+                         f"{100 * g / gemm:.0f}%" if gemm == gemm else "-",
+                         f"{g / tl:.2f}x" if tl else "-", _mb(c.get("peak_rss")),
                          f"load {c['load_s']:.1f} s" if c.get("load_s") else ""])
         if rows:
             parts.append(f"### Leave-one-out: Q adapters in one pass (GFLOP/s; % of the best fp32 GEMM "
                          f"measured in this run, {_f(gemm)} GFLOP/s)\n\n"
-                         + _table(["case", "Q x K x P", "median s", "GFLOP/s", "% best GEMM", "peak RSS MB", "note"], rows))
+                         + _table(["case", "Q x K x P", "median s", "GFLOP/s", "% best GEMM", "x torch.matmul",
+                                   "peak RSS MB", "note"], rows))
     fp = doc["suites"].get("fp32", {})
     if fp.get("cases"):
         rows = [[c["label"], _f(c.get("median_s")), _f(c.get("gb_per_s")), _mb(c.get("peak_rss")),
