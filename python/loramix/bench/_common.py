@@ -186,6 +186,7 @@ def run_command(cmd: list[str], *, env: dict | None = None, timeout: float = 360
             break
         time.sleep(0.002)
     wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)   # reaped by wait4: tell Popen
     fo.seek(0)
     fe.seek(0)
     out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")

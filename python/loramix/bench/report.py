@@ -246,7 +246,9 @@ def goals(doc: dict) -> str:
     def add(goal, value, ok, is_proto=False):
         rows.append([goal, value, ("would be met" if ok else "still missed") if is_proto else ("met" if ok else "MISSED")])
 
-    fa, f16 = lm.get("loramix factors, top-k all"), lm.get("loramix factors, top-k 16")
+    rr = " (re-run, quiet machine)"   # a re-run of a headline case, when made, is the one judged
+    fa = lm.get("loramix factors, top-k all" + rr) or lm.get("loramix factors, top-k all")
+    f16 = lm.get("loramix factors, top-k 16" + rr) or lm.get("loramix factors, top-k 16")
     if fa:
         frac = fa["gb_per_s"] / bw
         add("factors, all N, >= 60% of read bandwidth", f"{fa['gb_per_s']:.2f} GB/s = {100 * frac:.0f}% of {bw:.2f}",
