@@ -35,7 +35,6 @@ def _cases(doc, suite):
 
 
 def tables(doc: dict) -> str:
-    from .suites import GiB  # noqa: F401
 
     parts = []
     m = doc["machine"]
