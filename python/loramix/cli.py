@@ -9,6 +9,7 @@
     loramix explain OUT                          top contributors + a PNG bar chart
     loramix eval leave-one-out --bank DIR        held-out comparison over a bank with test splits
     loramix demo [--task NAME]                   the built-in job on the shipped mini bank
+    loramix bench [--scale laptop|paper] [--suite kernels|mix|e2e|all]   speed/memory vs peers
 
 Errors end with a one-line ``loramix: error: ...`` and a non-zero exit (``--debug`` shows the
 traceback). ``--json`` prints one JSON document on stdout for scripts; progress goes to stderr.
@@ -116,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--png", default=None, help="bar chart path (default: OUT/weights.png)")
     ex.add_argument("--top", type=int, default=10)
     _add_eval_demo(sub, common)
+
+    from .bench import add_arguments as _bench_arguments   # cheap: argparse only
+    _bench_arguments(sub.add_parser("bench", help="speed and memory vs peers (synthetic paper-scale bank)",
+                                    parents=[common]))
     return p
 
 
@@ -278,6 +283,10 @@ def _run(args) -> int:
 
         s = explain(args.out, png=args.png, top=args.top)
         _emit(args, {k: v for k, v in s.items() if k != "text"}, s["text"] + f"\nchart: {s['png']}")
+    elif args.cmd == "bench":
+        from .bench import run as bench_run
+
+        return bench_run(args)
     return 0
 
 
