@@ -22,7 +22,6 @@ import sys
 import time
 
 import numpy as np
-import scipy.sparse as sp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
@@ -33,26 +32,10 @@ EPS = 1e-10
 
 
 def make_histograms(n=502, V=32000, seed=20250701):
-    """CSR counts: a global Zipf popularity (s = 1.1) over shuffled ids; each dataset keeps
-    k ~ U[2000, 8000] distinct tokens (Gumbel top-k by popularity, so common tokens are
-    shared), reweights them with its own log-normal taste and draws n_tok ~ U[30k, 150k] tokens
-    (every kept token at least once)."""
-    rng = np.random.default_rng(seed)
-    pop = 1.0 / np.arange(1, V + 1) ** 1.1
-    pop = pop[rng.permutation(V)]
-    logpop = np.log(pop)
-    indptr, indices, data = [0], [], []
-    for _ in range(n):
-        k = int(rng.integers(2000, 8001))
-        ntok = int(rng.integers(30000, 150001))
-        keys = logpop + rng.gumbel(size=V)
-        keep = np.sort(np.argpartition(-keys, k)[:k])
-        w = pop[keep] * rng.lognormal(0.0, 1.0, size=k)
-        counts = 1 + rng.multinomial(ntok - k, w / w.sum())
-        indices.append(keep)
-        data.append(counts.astype(np.float64))
-        indptr.append(indptr[-1] + k)
-    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.array(indptr)), shape=(n, V))
+    """The synthetic profiles ``loramix bench`` uses (one generator for every benchmark)."""
+    from loramix.bench.synth import make_histograms as synth_histograms
+
+    return synth_histograms(n, V, seed=seed)
 
 
 def paper_js(p, q):
