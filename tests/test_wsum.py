@@ -136,6 +136,43 @@ def test_zero_weight_never_reads_source(isa, rng):
     # all-zero column
     W[:, 2] = 0.0
     assert np.all(np.isfinite(weighted_sum(srcs, W)))
+    # the NaN column used by most rows (GEMM panel path): the rows with weight 0 stay finite
+    W = rng.standard_normal((37, 6))
+    W[::5, 2] = 0.0
+    out = weighted_sum(srcs, W)
+    assert np.all(np.isfinite(out[::5]))
+    rows = np.setdiff1d(np.arange(37), np.arange(0, 37, 5))
+    assert np.all(np.isnan(out[rows]) | np.isinf(out[rows]))
+
+
+def test_leave_one_out_batch_matches_oracle(isa, rng):
+    """One zero weight per row (the leave-one-out pattern): sources are used by most rows, so they
+    go through the GEMM panel with their zero weights; a source with NaN/inf in a few chunks only
+    must still add nothing to the rows that exclude it, and its finite chunks must stay exact."""
+    K, n = 23, 70_003
+    srcs = [rng.standard_normal(n).astype(np.float32) for _ in range(K)]
+    poison = srcs[4].copy()
+    poison[40_000:40_010] = np.nan
+    poison[5] = np.inf
+    srcs[4] = poison
+    W = rng.standard_normal((K, K))
+    np.fill_diagonal(W, 0.0)
+    out = weighted_sum(srcs, W)
+    # row 4 excludes the poisoned source: finite everywhere and equal to the float64 oracle
+    clean = [s if k != 4 else np.zeros(n, np.float32) for k, s in enumerate(srcs)]
+    ref = W @ np.stack(clean).astype(np.float64)
+    bound = (K + 1) * 2.0**-24 * (np.abs(W) @ np.abs(np.stack(clean).astype(np.float64))) + 1e-30
+    assert np.all(np.isfinite(out[4]))
+    assert np.all(np.abs(out[4] - ref[4]) <= bound[4])
+    # every other row uses it: non-finite exactly where it is, oracle-exact elsewhere
+    bad = ~np.isfinite(poison)
+    others = np.setdiff1d(np.arange(K), [4])
+    assert np.all(~np.isfinite(out[np.ix_(others, np.flatnonzero(bad))]))
+    ref_full = W @ np.where(np.isfinite(np.stack(srcs)), np.stack(srcs), 0).astype(np.float64)
+    good = np.flatnonzero(~bad)
+    err = np.abs(out[np.ix_(others, good)] - ref_full[np.ix_(others, good)])
+    assert np.all(err <= bound[np.ix_(others, good)] + (K + 1) * 2.0**-24 * np.abs(W[others, 4])[:, None]
+                  * np.abs(poison[good])[None, :])
 
 
 def test_nan_inf_propagate_quiet(isa):

@@ -40,6 +40,17 @@ struct Scratch {
   }
 };
 
+// True when no element is NaN or +-inf (exponent bits all ones). Branch-free so it vectorizes.
+bool all_finite(const float* x, std::size_t n) {
+  std::uint32_t bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    bad |= static_cast<std::uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
 const char* at(const SrcView& s, std::size_t i) {
   return static_cast<const char*>(s.data) + i * dtype_size(s.dtype);
 }
@@ -50,17 +61,23 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
                   const OutTarget* out, int threads, Cancel* cancel) {
   const WsumKernels& kr = kernels();
   threads = resolve_threads(threads);
-  // Classify sources: all weights zero (never read), all non-zero (dense: GEMM panel), mixed
-  // (sparse: per-row axpy over the rows whose weight is non-zero, so 0 * NaN never happens).
+  // Classify sources: all weights zero (never read); used by most rows (GEMM panel, zero weights
+  // kept in the packed weights); used by few rows (per-row axpy over the rows whose weight is
+  // non-zero). A panel source with some zero weights must not let 0 * NaN (or 0 * inf) reach a
+  // row: each of its converted chunks is checked, and a chunk holding a non-finite value leaves
+  // the panel (zeroed there) and is added by axpy to the rows that use it. A leave-one-out
+  // batch (one zero per row) thus runs as a GEMM instead of Q separate axpy passes.
   std::vector<std::size_t> dense;
+  std::vector<char> dense_has_zero;                  // per panel source: some weight is zero
   std::vector<std::vector<std::size_t>> row_k(Q);  // per row: sources handled by axpy
   const bool use_panel = Q >= 4;
   for (std::size_t k = 0; k < K; ++k) {
     std::size_t nz = 0;
     for (std::size_t q = 0; q < Q; ++q) nz += W[q * K + k] != 0.f;
     if (nz == 0) continue;
-    if (use_panel && nz == Q) {
+    if (use_panel && 2 * nz >= Q) {
       dense.push_back(k);
+      dense_has_zero.push_back(nz < Q);
     } else {
       for (std::size_t q = 0; q < Q; ++q)
         if (W[q * K + k] != 0.f) row_k[q].push_back(k);
@@ -99,6 +116,7 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
   struct Worker {
     Scratch acc, panel, obuf;
     std::vector<const void*> ptrs;
+    std::vector<std::size_t> fallback;  // panel sources of this block holding a non-finite value
   };
   std::vector<Worker> ws(static_cast<std::size_t>(std::max(threads, 1)));
 
@@ -112,12 +130,26 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
         float* panel = w.panel.get(Kc * C);
         for (std::size_t d0 = 0; d0 < dense.size(); d0 += Kc) {
           const std::size_t kc = std::min(Kc, dense.size() - d0);
+          w.fallback.clear();
           for (std::size_t j = 0; j < kc; ++j) {
             const SrcView& s = src[dense[d0 + j]];
-            kr.to_f32(at(s, c0), s.dtype, cnt, panel + j * C);
-            std::memset(panel + j * C + cnt, 0, sizeof(float) * (cp - cnt));
+            float* row = panel + j * C;
+            kr.to_f32(at(s, c0), s.dtype, cnt, row);
+            if (dense_has_zero[d0 + j] && !all_finite(row, cnt)) {
+              std::memset(row, 0, sizeof(float) * cnt);  // 0 * 0 adds nothing to any row
+              w.fallback.push_back(d0 + j);
+            }
+            std::memset(row + cnt, 0, sizeof(float) * (cp - cnt));
           }
           kr.gemm(acc, C, panel, C, wpack.data() + d0 * Q, Q, kc, cp);
+          for (std::size_t d : w.fallback) {  // rows with a non-zero weight get w * T, NaN included
+            const SrcView& s = src[dense[d]];
+            const void* ptr = at(s, c0);
+            for (std::size_t q = 0; q < Q; ++q) {
+              const float wq = wpack[d * Q + q];
+              if (wq != 0.f) kr.axpy(acc + q * C, &ptr, &s.dtype, &wq, 1, cnt);
+            }
+          }
         }
       }
       for (std::size_t q = 0; q < Q; ++q) {

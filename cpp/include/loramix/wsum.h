@@ -15,8 +15,10 @@
 //    for Q = 1, else ~min(65536/Q, 131072/active sources) within [4 tiles, 8192]; Kc ~65536/C),
 //    whatever K and P. Sources are read chunk by
 //    chunk straight from their (mapped) memory; nothing of size K x P is ever allocated.
-//  - Paths: Q < 4 (or sources with some zero weights): per row, fused widen+FMA over groups of
-//    up to 4 sources. Q >= 4: sources with no zero weight are widened into an f32 panel of
+//  - Paths: Q < 4 (or sources used by fewer than half the rows): per row, fused widen+FMA over
+//    groups of up to 4 sources. Q >= 4: sources used by at least half the rows (zero weights
+//    kept; a chunk of such a source holding NaN/inf leaves the panel and is added per row to the
+//    rows that use it, so a zero weight still adds nothing) are widened into an f32 panel of
 //    Kc sources x C elements (in L2) and a register-blocked micro-kernel (AVX-512: 8 rows x 48
 //    columns, AVX2: 4 x 24) runs W(Q x Kc) @ panel.
 //  - gram: G[i][j] = <T_i, T_j>; f32 products summed in f32 partial sums of at most 64
