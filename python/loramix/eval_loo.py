@@ -483,34 +483,14 @@ def load_base(path, threads=None):
 def generate_mixed(model, tok, prompts: Sequence[str], adapter_names: Sequence[str] | None = None, *,
                    max_new_tokens: int = 24, max_prompt_tokens: int = 512,
                    batch_size: int = 512) -> list[str]:
-    """Greedy continuations like :func:`loramix.evaluation.generate`, where each prompt may use
-    another adapter of a PeftModel (``adapter_names``, ``"__base__"`` for the bare model): PEFT
-    routes each row of a batch through its own adapter, so many systems share one decoding loop."""
-    import torch
+    """Greedy continuations (:func:`loramix.evaluation.generate`), each prompt through its own
+    adapter of a PeftModel (``adapter_names``, ``"__base__"`` for the bare model), so many
+    systems share one decoding loop. The eval harness's defaults: short answers, big batches."""
+    from .evaluation import generate
 
-    from .evaluation import _encode_prompts
-
-    enc = _encode_prompts(tok, prompts, max_prompt_tokens)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    res: list[str] = [""] * len(enc)
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        L = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), L), pad, dtype=torch.long)
-        att = torch.zeros((len(idx), L), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
-            att[r, L - len(enc[i]):] = 1
-        kw = {}
-        if adapter_names is not None:
-            kw["adapter_names"] = [adapter_names[i] for i in idx]
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos, **kw)
-        for r, i in enumerate(idx):
-            res[i] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
-    return res
+    return generate(model, tok, prompts, max_new_tokens=max_new_tokens,
+                    max_prompt_tokens=max_prompt_tokens, batch_size=batch_size,
+                    adapter_names=adapter_names)
 
 
 def _adapter_config(folder) -> dict:

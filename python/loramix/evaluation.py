@@ -94,9 +94,13 @@ def _encode_prompts(tok, prompts: Sequence[str], max_prompt_tokens: int) -> list
 
 
 def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 32,
-             max_prompt_tokens: int = 512, batch_size: int = 32) -> list[str]:
+             max_prompt_tokens: int = 512, batch_size: int = 32,
+             adapter_names: Sequence[str] | None = None) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped, stripped), batched with left
-    padding; batches are formed from prompts sorted by length to waste little padding."""
+    padding; batches are formed from prompts sorted by length to waste little padding.
+
+    ``adapter_names`` (one per prompt, ``"__base__"`` for the bare model) routes each row of a
+    batch through its own adapter of a PeftModel, so several systems share one decoding loop."""
     import torch
 
     enc = _encode_prompts(tok, prompts, max_prompt_tokens)
@@ -112,9 +116,10 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 32,
         for r, i in enumerate(idx):
             ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
             att[r, L - len(enc[i]):] = 1
+        kw = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
+                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos, **kw)
         for r, i in enumerate(idx):
             res[i] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
     return res
