@@ -47,7 +47,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["LORAMIX_NUM_THREADS"] = str(args.threads)
 
-    from loramix import combiner as C
+    from loramix.weights import combiner as C
+    from loramix.weights import gram as G_
 
     N = args.members
     res: dict = {"members": N, "threads": args.threads, "cpu": platform.processor() or platform.machine()}
@@ -56,7 +57,7 @@ def main() -> None:
     # Gram via the core's streamed kernel, in 8 tensor groups (as a bank's tensors would come)
     groups = np.array_split(np.arange(args.params), 8)
     t = time.perf_counter()
-    G = C.factor_gram(([np.ascontiguousarray(X[i, g]) for i in range(N)] for g in groups), threads=args.threads)
+    G = G_.factor_gram(([np.ascontiguousarray(X[i, g]) for i in range(N)] for g in groups), threads=args.threads)
     res["factor_gram_s"] = time.perf_counter() - t
     res["factor_gram_gflops"] = N * N * args.params / res["factor_gram_s"] / 1e9
     Gd = X.astype(np.float64) @ X.astype(np.float64).T
@@ -95,7 +96,7 @@ def main() -> None:
         Bs = [rng.standard_normal((out_f, r)).astype(np.float32) for _ in range(N)]
         for dt in (np.float64, np.float32):
             t = time.perf_counter()
-            C.delta_gram_module(As, Bs, np.full(N, 2.0), dtype=dt)
+            G_.delta_gram_module(As, Bs, np.full(N, 2.0), dtype=dt)
             res[f"delta_gram_module_{out_f}x{in_f}_r{r}_{np.dtype(dt).name}_s"] = time.perf_counter() - t
 
     print(f"bank: {N} members, synthetic, {args.params} params each; threads={args.threads}")

@@ -10,7 +10,7 @@ bank GB/s (bank bytes / time) and whether the outputs equal the local run's to t
 
 On one machine the bank sits in the page cache after the warm-up, so this measures compute,
 part files and scheduling; not a shared filesystem. The scaling model for real clusters is in
-the docs of ``loramix.distributed``.
+the docs of ``loramix.mixing.distributed``.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import numpy as np
 def build_bank(root: Path, n: int, layers: int, hidden: int, r: int, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from loramix.bank import build_bank as build
-    from loramix.tensors import SafetensorsWriter
+    from loramix.bank.bank import build_bank as build
+    from loramix.core.tensors import SafetensorsWriter
 
     rng = np.random.default_rng(seed)
     bank = root / "bank"
@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
 
-    from loramix.bank import Bank
-    from loramix.distributed import mix_adapters as dist_mix
-    from loramix.generate import mix_adapters as local_mix
+    from loramix.bank.bank import Bank
+    from loramix.mixing.distributed import mix_adapters as dist_mix
+    from loramix.mixing.local import mix_adapters as local_mix
 
     cores = os.cpu_count() or 1
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="loramix-bench-dist-"))

@@ -26,14 +26,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from loramix import _core  # noqa: E402
-from loramix.divergence import divergence, prepare  # noqa: E402
+from loramix.core.divergence import divergence, prepare  # noqa: E402
 
 EPS = 1e-10
 
 
 def make_histograms(n=502, V=32000, seed=20250701):
     """The synthetic profiles ``loramix bench`` uses (one generator for every benchmark)."""
-    from loramix.bench.synth import make_histograms as synth_histograms
+    from loramix_bench.synth import make_histograms as synth_histograms
 
     return synth_histograms(n, V, seed=seed)
 

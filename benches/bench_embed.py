@@ -71,7 +71,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     texts = corpus(args.n)
-    from loramix import embed
+    from loramix.profiles import encoder as embed
 
     runners = {}
     wanted = args.variants.split(",")

@@ -1,4 +1,4 @@
-"""Rouge-L speed: loramix.rouge (numba LCS, cached stemming) vs rouge_score, same pairs, same run.
+"""Rouge-L speed: loramix.evaluation.rouge (numba LCS, cached stemming) vs rouge_score, same pairs, same run.
 
     python benches/bench_rouge.py [--pairs 10000] [--out bench_out/rouge.json]
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     from rouge_score import rouge_scorer
 
-    from loramix import rouge
+    from loramix.evaluation import rouge
 
     rouge.rouge_l(["warm up"], ["warm up the jit"])  # compile (or load the numba cache)
     rows = []

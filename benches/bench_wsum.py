@@ -22,7 +22,7 @@ import numpy as np
 
 import loramix
 from loramix import _core
-from loramix.tensors import SafetensorsFile, SafetensorsWriter, f32_to_bf16, gram, weighted_sum
+from loramix.core.tensors import SafetensorsFile, SafetensorsWriter, f32_to_bf16, gram, weighted_sum
 
 
 def best_time(fn, repeat):

@@ -148,7 +148,7 @@ def world(tmp_path_factory) -> World:
             "animals_q": write_jsonl(root / "q" / "animals_q.jsonl", make_examples("animals", 16, 50, mix="food")),
             "music_q": write_jsonl(root / "q" / "music_q.jsonl", make_examples("music", 16, 51, mix="code")),
         }
-        from loramix.bank import build_bank
+        from loramix.bank.bank import build_bank
 
         build_bank(bank, tok)
         _WORLD = World(root, model, tok, bank, members, queries)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import _tiny
-from loramix import bank as bankmod
-from loramix.bank import Bank, BankError
+from loramix.bank import bank as bankmod
+from loramix.bank.bank import Bank, BankError
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from loramix.bank import Bank
-from loramix.bench import synth
-from loramix.generate import generate
-from loramix.profile import build_profile
-from loramix.tensors import SafetensorsFile
+from loramix.bank.bank import Bank
+from loramix_bench import synth
+from loramix.pipeline import generate
+from loramix.profiles.tokens import build_profile
+from loramix.core.tensors import SafetensorsFile
 
 SMALL = synth.Shape(hidden=64, layers=2, kv_out=16, r=4, alpha=8)
 
@@ -79,7 +79,7 @@ def test_profiles_are_zipf_like_and_share_common_tokens():
 
 def test_tokenizer_and_target_dataset(small_bank, tmp_path):
     root, path = small_bank
-    from loramix.profile import load_tokenizer
+    from loramix.profiles.tokens import load_tokenizer
 
     tok = load_tokenizer(path / "tokenizer.json")
     assert tok.get_vocab_size(with_added_tokens=True) == 32000

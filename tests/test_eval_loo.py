@@ -14,7 +14,7 @@ import pytest
 
 import _tiny
 
-from loramix import eval_loo
+from loramix.evaluation import loo as eval_loo
 from loramix import weights as wts
 
 import peft  # noqa: F401  (the test extra installs it; never skip)
@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def opened(tiny):
-    from loramix.bank import Bank
+    from loramix.bank.bank import Bank
 
     root, cache = tiny
     bp = eval_loo.resolve_bank(root, cache=cache)
@@ -56,7 +56,7 @@ def test_index_goes_to_the_cache_and_is_reused(tiny, tmp_path):
 
 
 def test_weights_equal_generate_with_exclude(opened, tmp_path):
-    from loramix.generate import generate
+    from loramix.pipeline import generate
 
     bp, bank = opened
     systems = eval_loo.plan_systems(["attentional", "normalized"], ["js", "kl"], ("factors",))
@@ -100,7 +100,7 @@ def test_registered_pipelines_and_metrics_are_discovered(opened):
 
 
 def test_mixed_adapter_batch_equals_one_adapter_at_a_time(opened):
-    from loramix import evaluation as ev
+    from loramix.evaluation import generation as ev
 
     bp, bank = opened
     model, tok = eval_loo.load_base(bp.base)
@@ -251,8 +251,9 @@ def test_fold_members_leave_out_held_out_tasks_and_same_data(opened):
 
 
 def test_neural_fold_combiners_never_see_the_held_out_task(opened, tmp_path):
-    from loramix import neural
-    from loramix.generate import generate
+    from loramix.weights import gram as gram_mod
+    from loramix.weights import neural
+    from loramix.pipeline import generate
 
     bp, bank = opened
     systems = eval_loo.plan_systems(["normalized", "neural"], ["js"], ("factors",), neural_metrics=["js"])
@@ -269,7 +270,7 @@ def test_neural_fold_combiners_never_see_the_held_out_task(opened, tmp_path):
         assert all(info["fold_of"][t] == f for t in fm["held_out"])
         # the combiner equals one trained on exactly the training members
         tr = [bank.index(n) for n in fm["train_members"]]
-        comb, hist, _ = neural.fit_combiner(D, neural.bank_gram(bank), tr, hidden=16, seed=f)
+        comb, hist, _ = neural.fit_combiner(D, gram_mod.bank_gram(bank), tr, hidden=16, seed=f)
         np.testing.assert_array_equal(comb.params.W1, combs[f].params.W1)
         q = [bank.index(t) for t in fm["held_out"]]
         X, _ = neural.features_from({"js": D["js"][q]}, exclude=mask[q])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loramix.evaluation import (ResultsTable, _encode_prompts, bootstrap_ci, evaluate_adapter,
+from loramix.evaluation.generation import (ResultsTable, _encode_prompts, bootstrap_ci, evaluate_adapter,
                                 evaluate_style_ci, generate, load_base, load_examples, normalize,
                                 score, summarize)
 

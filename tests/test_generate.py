@@ -11,10 +11,10 @@ import pytest
 
 import _tiny
 from loramix import weights as W
-from loramix.bank import Bank, BankError
-from loramix.datasets import DatasetError
-from loramix.generate import OutputError, generate, mix_adapters
-from loramix.profile import ProfileError, build_profile
+from loramix.bank.bank import Bank, BankError
+from loramix.data.readers import DatasetError
+from loramix.pipeline import OutputError, generate, mix_adapters
+from loramix.profiles.tokens import ProfileError, build_profile
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_generate_api_matches_pipeline_and_loads_in_peft(w, tmp_path):
     res = generate(q, w.bank, tmp_path / "out", top_k=3, exclude=["m3"])
     # weights are the paper's normalized pipeline over JS distances to the bank's profiles
     qp = build_profile(q, b.tokenizer_path)
-    from loramix.profile import stack
+    from loramix.profiles.tokens import stack
     D = W.distances(stack([qp], b.vocab_size), b.profiles(), "js")[0]
     ex = np.array([n == "m3" for n in b.names])
     ref = W.mixing_weights(D, "normalized", top_k=3, exclude=ex)
@@ -160,12 +160,12 @@ def test_broken_bank_member(w, tmp_path, problem):
 
 
 def test_mix_failure_midway_leaves_nothing(w, tmp_path, monkeypatch):
-    from loramix import mix
+    from loramix.mixing import modes as mix
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(mix, "_mix_exact", boom)
+    monkeypatch.setattr(mix, "mix_exact", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
         generate(w.queries["animals_q"], w.bank, out, mode="concat")
@@ -215,7 +215,7 @@ def test_cli_end_to_end(w, tmp_path):
 def test_generation_never_imports_torch(w, tmp_path):
     code = (
         "import sys, _tiny\n"
-        "from loramix.generate import generate\n"
+        "from loramix.pipeline import generate\n"
         f"generate({str(w.queries['animals_q'])!r}, {str(w.bank)!r}, {str(tmp_path / 'o')!r}, mode='svd')\n"
         "from loramix.explain import explain; explain(" + repr(str(tmp_path / "o")) + ")\n"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
@@ -278,7 +278,7 @@ def test_bank_pull_from_offline_hub_cache(w, tmp_path):
 
 def test_bank_pull_api_with_explicit_dataset(w, tmp_path, monkeypatch):
     from huggingface_hub import constants
-    from loramix import hub
+    from loramix.bank import hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     repos = _fake_hub(tmp_path / "hf", w)

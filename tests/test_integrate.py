@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 import _tiny
-from loramix import combiner, embed, semantic
-from loramix import datasets as ds
+from loramix.weights import combiner
+from loramix.profiles import encoder as embed
+from loramix.profiles import embeddings as semantic
+from loramix.data import readers as ds
 from loramix import weights as W
-from loramix.bank import Bank, build_bank
-from loramix.generate import generate
-from loramix.neural import COMBINER_NAME, combiner_status, train_bank_combiner
-from loramix.profile import Profile, build_profile, stack
+from loramix.bank.bank import Bank, build_bank
+from loramix.pipeline import generate
+from loramix.weights.neural import COMBINER_NAME, combiner_status, train_bank_combiner
+from loramix.profiles.tokens import Profile, build_profile, stack
 
 THREADS = 2
 MO = {"threads": THREADS}

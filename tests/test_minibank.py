@@ -124,7 +124,7 @@ def test_shipped_tokenizer_is_what_the_suite_trains():
 @shipped
 def test_shipped_task_lora_beats_base():
     import peft  # noqa: F401
-    from loramix.evaluation import evaluate_adapter, load_base, load_examples
+    from loramix.evaluation.generation import evaluate_adapter, load_base, load_examples
 
     model, tok = load_base(DEFAULT_DIR)
     task = "last_fruit_1"

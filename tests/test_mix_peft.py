@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import _tiny
-from loramix.bank import Bank
-from loramix.generate import mix_adapters
-from loramix import peft_io
+from loramix.bank.bank import Bank
+from loramix.mixing.local import mix_adapters
+from loramix.bank import peft_io
 
 import torch
 import peft  # noqa: F401  (the test extra installs it; never skip)
@@ -168,7 +168,7 @@ def test_batch_in_one_pass_equals_separate_runs(bank, tmp_path):
 
 @pytest.mark.parametrize("dtype,st", [("bf16", "BF16"), ("f16", "F16"), (None, "F32")])
 def test_output_dtype(w, bank, tmp_path, dtype, st):
-    from loramix import tensors
+    from loramix.core import tensors
 
     out = tmp_path / "o"
     mix_adapters(bank, {"m0": 1.0}, out, mode="factors", dtype=dtype)
@@ -181,7 +181,7 @@ def test_output_dtype(w, bank, tmp_path, dtype, st):
 
 
 def test_svd_lanczos_path_equals_truncated_svd(rng, monkeypatch):
-    from loramix import mix
+    from loramix.mixing import modes as mix
 
     b = rng.standard_normal((70, 40)) * np.exp(-np.arange(40) / 8)[None, :]
     a = rng.standard_normal((40, 90))

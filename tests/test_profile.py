@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import _tiny
-from loramix import datasets as ds
-from loramix import profile as prof
+from loramix.data import readers as ds
+from loramix.profiles import tokens as prof
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""loramix.rouge must equal rouge_score's RougeScorer(["rougeL"], use_stemmer=True) exactly."""
+"""loramix.evaluation.rouge must equal rouge_score's RougeScorer(["rougeL"], use_stemmer=True) exactly."""
 from __future__ import annotations
 
 import random
@@ -8,7 +8,7 @@ import pytest
 
 from rouge_score import rouge_scorer
 
-from loramix.rouge import rouge_l, rouge_l_multi, tokenize  # noqa: E402
+from loramix.evaluation.rouge import rouge_l, rouge_l_multi, tokenize  # noqa: E402
 
 WORDS = (
     "the cat sat on mat running runs ran happily happiness generously generalization "

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 
-from loramix.tensors import SafetensorsFile, SafetensorsWriter, TensorRef, f32_to_bf16, weighted_sum
+from loramix.core.tensors import SafetensorsFile, SafetensorsWriter, TensorRef, f32_to_bf16, weighted_sum
 
 HOSTILE = os.path.join(os.path.dirname(__file__), "data", "hostile")
 

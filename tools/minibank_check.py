@@ -37,7 +37,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(2)
-    from loramix.evaluation import ResultsTable, evaluate_adapter, load_base, load_examples, summarize
+    from loramix.evaluation.generation import ResultsTable, evaluate_adapter, load_base, load_examples, summarize
 
     bank = Path(a.bank)
     man = json.loads((bank / "build_manifest.json").read_text()) if (bank / "build_manifest.json").exists() else None

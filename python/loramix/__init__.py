@@ -6,14 +6,8 @@ SIMD kernels.
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version as _pkg_version
-
-from . import _core
-
-try:
-    __version__ = _pkg_version("loramix")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+local"
+from loramix import _core
+from loramix.version import __version__
 
 
 def info() -> dict:
@@ -34,8 +28,8 @@ def info() -> dict:
     }
 
 
-from .divergence import CSR, divergence  # noqa: E402
-from .tensors import (  # noqa: E402
+from loramix.core.divergence import CSR, divergence  # noqa: E402
+from loramix.core.tensors import (  # noqa: E402
     SafetensorsFile,
     SafetensorsWriter,
     bf16_to_f32,
@@ -46,13 +40,13 @@ from .tensors import (  # noqa: E402
     mix_into,
     weighted_sum,
 )
-from .bank import Bank, build_bank  # noqa: E402
-from .profile import Profile, build_profile  # noqa: E402
-from .weights import mixing_weights, register_metric, register_pipeline  # noqa: E402
-# ``loramix.generate(...)`` is the function (as the README shows); the module stays importable
-# with ``from loramix.generate import ...``.
-from .generate import GenerateResult, generate, mix_adapters  # noqa: E402
-from .neural import train_bank_combiner  # noqa: E402
+from loramix.bank import Bank, build_bank  # noqa: E402
+from loramix.profiles.tokens import Profile, build_profile  # noqa: E402
+from loramix.weights.pipelines import mixing_weights, register_metric, register_pipeline  # noqa: E402
+from loramix.mixing.local import mix_adapters  # noqa: E402
+from loramix.mixing.output import GenerateResult  # noqa: E402
+from loramix.pipeline import generate  # noqa: E402
+from loramix.weights.neural import train_bank_combiner  # noqa: E402
 
 __all__ = [
     "info", "__version__",

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
+from pathlib import Path
 
 
 def _fields(s: str) -> tuple:
@@ -118,9 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--top", type=int, default=10)
     _add_eval_demo(sub, common)
 
-    from .bench import add_arguments as _bench_arguments   # cheap: argparse only
-    _bench_arguments(sub.add_parser("bench", help="speed and memory vs peers (synthetic paper-scale bank)",
-                                    parents=[common]))
+    b = sub.add_parser("bench", add_help=False,
+                       help="speed and memory vs peers (runs the harness in a source checkout's benches/)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the harness (--help lists them)")
     return p
 
 
@@ -169,7 +171,7 @@ def _add_eval_demo(sub, common) -> None:
 
 def _run_eval_demo(args, progress: bool) -> int:
     if args.cmd == "demo":
-        from .demo import run_demo
+        from loramix.demo import run_demo
 
         opts = {k: v for k, v in (("out", args.out), ("examples", args.examples),
                                   ("temperature", args.temperature)) if v is not None}
@@ -179,7 +181,7 @@ def _run_eval_demo(args, progress: bool) -> int:
         if args.json:
             print(json.dumps(doc, indent=1, default=str))
         return 0
-    from .eval_loo import leave_one_out, markdown_table
+    from loramix.evaluation.loo import leave_one_out, markdown_table
 
     log = None if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     s = leave_one_out(args.bank, args.out, tasks=args.tasks, split=args.split, limit=args.limit or None,
@@ -206,7 +208,7 @@ def _run(args) -> int:
     if args.cmd in ("eval", "demo"):
         return _run_eval_demo(args, progress)
     if args.cmd == "bank":
-        from . import bank as bankmod
+        from loramix.bank import bank as bankmod
 
         if args.bank_cmd == "build":
             doc = bankmod.build_bank(args.dir, args.tokenizer, fields=args.fields,
@@ -216,11 +218,11 @@ def _run(args) -> int:
                   f"bank {args.dir}: {len(doc['members'])} members, base model {doc['base_model']}, "
                   f"hash {doc['bank_hash'][:12]}")
             if args.embeddings:
-                from . import semantic
+                from loramix.profiles import embeddings as semantic
 
                 semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize)
         elif args.bank_cmd == "train-combiner":
-            from . import neural
+            from loramix.weights import neural
 
             s = neural.train_bank_combiner(args.dir, args.metric, cosine=args.cosine, space=args.space,
                                            hidden=args.hidden, encoder=args.encoder, quantize=args.quantize,
@@ -229,7 +231,7 @@ def _run(args) -> int:
                   f"{s['best_epoch']}: train loss {s['best_train_loss']:.4g}, val loss {s['best_val_loss']:.4g} "
                   f"(normalized pipeline {s['normalized_val_loss']:.4g})")
         elif args.bank_cmd == "pull":
-            from . import hub
+            from loramix.bank import hub
 
             recs = hub.pull(args.repo_ids, args.to, datasets=args.dataset, cache_dir=args.cache_dir,
                             revision=args.revision, with_datasets=not args.no_datasets, progress=progress)
@@ -240,15 +242,15 @@ def _run(args) -> int:
             _emit(args, doc, "\n".join(f"{r['name']}: {r['adapter']}"
                                        + (f" + {r['dataset']}" if r["dataset"] else "") for r in recs))
         else:
-            from . import neural
+            from loramix.weights import neural
 
             b = bankmod.Bank.open(args.dir)
             s = {**b.summary(), **neural.combiner_status(b)}
             _emit(args, s, "\n".join(f"{k}: {v}" for k, v in s.items() if k != "member_names")
                   + "\nmembers: " + ", ".join(s["member_names"]))
     elif args.cmd == "profile":
-        from . import profile as prof
-        from .bank import Bank
+        from loramix.profiles import tokens as prof
+        from loramix.bank.bank import Bank
 
         if args.bank:
             b = Bank.open(args.bank)
@@ -262,7 +264,7 @@ def _run(args) -> int:
                      "dataset_sha256": p.dataset_hash},
               f"{args.out}: {p.n_examples} examples, {p.n_tokens} tokens ({p.ids.size} distinct)")
     elif args.cmd == "generate":
-        from .generate import generate
+        from loramix.pipeline import generate
 
         many = len(args.datasets) > 1
         res = generate(args.datasets if many else args.datasets[0], args.bank, args.out,
@@ -279,15 +281,40 @@ def _run(args) -> int:
         _emit(args, {"adapters": docs} if many else docs[0],
               "\n".join(f"{r.out}: " + ", ".join(f"{m} {w:.3f}" for m, w in r.top(5)) for r in res))
     elif args.cmd == "explain":
-        from .explain import explain
+        from loramix.explain import explain
 
         s = explain(args.out, png=args.png, top=args.top)
         _emit(args, {k: v for k, v in s.items() if k != "text"}, s["text"] + f"\nchart: {s['png']}")
     elif args.cmd == "bench":
-        from .bench import run as bench_run
-
-        return bench_run(args)
+        return _run_bench(args.bench_args)
     return 0
+
+
+def find_benches() -> Path | None:
+    """The ``benches/`` folder holding the harness (``loramix_bench``): ``$LORAMIX_BENCHES``, else
+    the current folder or one above it, else the source tree this loramix was imported from."""
+    cands = [os.environ.get("LORAMIX_BENCHES")]
+    cwd = Path.cwd().resolve()
+    cands += [str(d / "benches") for d in (cwd, *cwd.parents)]
+    cands.append(str(Path(__file__).resolve().parents[2] / "benches"))
+    for c in cands:
+        if c and (Path(c) / "loramix_bench" / "__init__.py").is_file():
+            return Path(c)
+    return None
+
+
+def _run_bench(argv: list[str]) -> int:
+    """``loramix bench``: the benchmark harness is not part of the installed library (it compares
+    with peers and needs their packages); it runs from a source checkout's ``benches/``."""
+    where = find_benches()
+    if where is None:
+        raise SystemExit("loramix: error: loramix bench runs the harness in benches/ of a loramix source "
+                         "checkout; run it from inside the checkout (or set LORAMIX_BENCHES=/path/to/benches), "
+                         "with the peers installed: pip install '.[bench]'")
+    sys.path.insert(0, str(where))
+    import loramix_bench
+
+    return loramix_bench.main(argv)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -295,6 +322,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:   # the harness parses its own arguments (benches/loramix_bench)
+        return _run_bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.debug:
         return _run(args)

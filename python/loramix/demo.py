@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import eval_loo
+from loramix.evaluation import loo as eval_loo
 
 DEFAULT_TASK = "tail_tool_1"   # a task with the median leave-one-out gain (docs/evaluation.md)
 DEFAULT_OUT = "loramix-demo-adapter"
@@ -28,7 +28,7 @@ DEFAULT_EXAMPLES = 24
 
 
 def default_root() -> Path:
-    """The shipped mini bank (``loramix/data/minibank``)."""
+    """The shipped mini bank (``loramix/minibank/shipped``)."""
     return eval_loo.default_bank_root()
 
 
@@ -51,8 +51,9 @@ def run_demo(task: str | None = None, out=DEFAULT_OUT, *, bank_root=None, evalua
              temperature: float = DEFAULT_TEMPERATURE, top_k: int | None = None, cache=None,
              echo: Callable[[str], None] = print) -> dict:
     """Run the demo; returns what it printed as data (``--json``)."""
-    from .bank import Bank
-    from .generate import check_output, generate
+    from loramix.bank.bank import Bank
+    from loramix.mixing.output import check_output
+    from loramix.pipeline import generate
 
     t0 = time.time()
     root = Path(bank_root) if bank_root else default_root()
@@ -114,7 +115,7 @@ def run_demo(task: str | None = None, out=DEFAULT_OUT, *, bank_root=None, evalua
 
 
 def _evaluate(bp, task, adapter, task_adapter, n: int, echo) -> dict:
-    from . import evaluation as ev
+    from loramix.evaluation import generation as ev
 
     test = eval_loo.test_split(Path(task_adapter))
     if test is None or bp.base is None:

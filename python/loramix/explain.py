@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .generate import PROVENANCE_NAME
+from loramix.mixing.output import PROVENANCE_NAME
 
 
 class ExplainError(ValueError):

@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("build",):
         print(__doc__.strip("`"), file=sys.stderr)
         return 2
-    from .build import main as build_main
+    from loramix.minibank.build import main as build_main
 
     return build_main(argv[1:])
 

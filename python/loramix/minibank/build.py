@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .suite import generate_pretrain, generate_task, load_suite, seed_for, suite_fingerprint, task_specs
+from loramix.minibank.suite import generate_pretrain, generate_task, load_suite, seed_for, suite_fingerprint, task_specs
 
 __all__ = ["build", "file_hashes", "scaled_suite", "MANIFEST"]
 

@@ -220,7 +220,7 @@ def load_suite(name_or_path: str) -> dict:
     """``"default"`` (the shipped suite), a ``.json`` file, or a Python file/module defining
     ``SUITE``."""
     if name_or_path == "default":
-        from .default_suite import SUITE
+        from loramix.minibank.default_suite import SUITE
         return SUITE
     if name_or_path.endswith(".json"):
         with open(name_or_path) as fh:

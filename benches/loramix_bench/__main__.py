@@ -1,0 +1,5 @@
+import sys
+
+from loramix_bench import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""Measurement helpers shared by the suites: timing, memory, machine facts, ceilings, subprocesses.
+
+Timing: every case is run ``repeat`` times after one warm-up and reported as the median (and
+min/max). Memory: peak RSS is ``VmHWM`` of a fresh process per case (so one case's peak never
+hides in another's), plus the peak of ``RssAnon`` sampled every 5 ms (``VmHWM`` also counts
+file pages mapped from the page cache, which the kernel can take back at any time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GB = 1e9
+
+
+def times(fn, repeat: int = 3, warmup: int = 1, first: list | None = None) -> list[float]:
+    """``repeat`` timings of ``fn`` after ``warmup`` untimed calls (their times go to ``first``)."""
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        if first is not None:
+            first.append(time.perf_counter() - t0)
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(ts: list[float]) -> dict:
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs": len(ts)}
+
+
+def proc_status(pid: str = "self") -> dict:
+    """VmHWM, VmRSS, RssAnon, RssFile of a process, bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+class PeakSampler:
+    """Samples this process's RssAnon / RssFile every ``dt`` seconds in a thread; keeps the peaks."""
+
+    def __init__(self, dt: float = 0.005):
+        self.dt = dt
+        self.peak_anon = 0
+        self.peak_file = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            s = proc_status()
+            self.peak_anon = max(self.peak_anon, s.get("RssAnon", 0))
+            self.peak_file = max(self.peak_file, s.get("RssFile", 0))
+            self._stop.wait(self.dt)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def meminfo() -> dict:
+    out = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            k, _, v = line.partition(":")
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only); False when not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def evict(paths) -> None:
+    """Drop the given files from the page cache (posix_fadvise DONTNEED): a cold start for them."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def machine() -> dict:
+    """The machine in words: CPU model, cores, RAM, versions, BLAS kernel, loramix build."""
+    info = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        ls = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in ls.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache",
+                             "Hypervisor vendor"):
+                info[k.strip()] = v.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info["ram_gb"] = round(meminfo()["MemTotal"] / 2**30, 1)
+    info["cores"] = os.cpu_count()
+    info["env"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
+                                              "LORAMIX_ISA", "LORAMIX_NUM_THREADS") if k in os.environ}
+    import numpy as np
+
+    info["numpy"] = np.__version__
+    try:
+        import threadpoolctl
+
+        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                        for d in threadpoolctl.threadpool_info()]
+    except ImportError:
+        pass
+    import loramix
+
+    info["loramix"] = loramix.info()
+    info["loramix"].pop("cpu", None)
+    return info
+
+
+# ----------------------------------------------------------------------------- subprocess cases
+def _env(extra: dict | None = None, unset=()) -> dict:
+    env = dict(os.environ)
+    import loramix
+
+    # the harness (benches/) and the very loramix under test (installed, or a source tree)
+    paths = [str(Path(__file__).resolve().parents[1]), str(Path(loramix.__file__).resolve().parents[1])]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for k in unset:
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def run_case(spec: dict, *, timeout: float = 3600, env: dict | None = None, unset=()) -> dict:
+    """Run one case (``loramix_bench.cases``) in a fresh Python process; its result dict, or
+    ``{"error": ...}``. The process's own VmHWM is in the result (``peak_rss``)."""
+    cmd = [sys.executable, "-m", "loramix_bench.cases", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env, unset))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+
+
+def run_command(cmd: list[str], *, env: dict | None = None, timeout: float = 3600) -> dict:
+    """Wall time and peak RSS (ru_maxrss of exactly this child) of a command."""
+    import tempfile
+
+    fo, fe = tempfile.TemporaryFile(), tempfile.TemporaryFile()   # no pipe to fill up and block
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=_env(env))
+    deadline = t0 + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            p.kill()
+            pid, status, ru = os.wait4(p.pid, 0)
+            break
+        time.sleep(0.002)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)   # reaped by wait4: tell Popen
+    fo.seek(0)
+    fe.seek(0)
+    out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
+    return {"wall_s": wall, "peak_rss": ru.ru_maxrss * 1024, "rc": os.waitstatus_to_exitcode(status),
+            "minor_faults": ru.ru_minflt, "major_faults": ru.ru_majflt, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "sys_s": ru.ru_stime,
+            "stdout": out[-2000:], "stderr": err[-2000:]}

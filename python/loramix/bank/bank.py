@@ -1,0 +1,412 @@
+"""The bank: a folder of PEFT LoRA adapters, one per subfolder, each with its dataset or profile.
+
+Layout::
+
+    BANK/
+      bank.json               written by `loramix bank build` (members, hashes, shapes)
+      tokenizer.json          the base model's tokenizer, copied in (the profiles' vocabulary)
+      <member>/adapter_config.json
+      <member>/adapter_model.safetensors
+      <member>/profile.npz    the member's token profile (built from its dataset, or given)
+      <member>/dataset[.jsonl|.json|.csv|.parquet] or <member>/dataset/   its training data
+
+:meth:`Bank.open` checks that members fit together (same base model, same shapes per module)
+and names each bad member and its problem; members whose folder is missing or empty are
+skipped with one warning that lists them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from loramix.core.files import write_json_atomic
+from loramix.data import readers as ds
+from loramix.data.readers import find_member_dataset
+from loramix.bank import peft_io
+from loramix.profiles import tokens as prof
+
+BANK_FILE = "bank.json"
+BANK_FORMAT = 1
+PROFILE_NAME = "profile.npz"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+class BankError(ValueError):
+    """A bank that cannot be used; the message names every bad member and its problem."""
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for b in iter(lambda: fh.read(chunk), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _is_member_dir(d: Path) -> bool:
+    return d.is_dir() and not d.name.startswith(".") and (
+        (d / peft_io.CONFIG_NAME).exists() or (d / peft_io.WEIGHTS_NAME).exists())
+
+
+def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS,
+               base_model: str | None = None, split: str = "train", progress: bool = False) -> dict:
+    """Scan ``bank_dir``, profile each member's dataset, write ``bank.json``; returns its content.
+
+    Every member is validated; all problems are collected and raised together as
+    :class:`BankError`. Profiles are reused when nothing changed.
+    """
+    bank_dir = Path(bank_dir)
+    if not bank_dir.is_dir():
+        raise BankError(f"bank {bank_dir}: no such folder")
+    fields = tuple(fields)
+    tok_src = prof.tokenizer_file(tokenizer)
+    tok_dst = bank_dir / TOKENIZER_NAME
+    if tok_src.resolve() != tok_dst.resolve():
+        shutil.copyfile(tok_src, tok_dst)
+    tok_hash = prof.tokenizer_hash(tok_dst)
+    vocab = int(prof.load_tokenizer(tok_dst).get_vocab_size(with_added_tokens=True))
+
+    dirs = sorted((d for d in bank_dir.iterdir() if _is_member_dir(d)), key=lambda d: d.name)
+    if not dirs:
+        raise BankError(f"bank {bank_dir}: no adapter subfolders (each needs {peft_io.CONFIG_NAME} "
+                        f"and {peft_io.WEIGHTS_NAME})")
+    problems, members = [], []
+    specs = []
+    it = dirs
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(dirs, desc="bank build", unit="member", file=__import__("sys").stderr)
+    skipped = []
+    for d in it:
+        w = d / peft_io.WEIGHTS_NAME
+        if not w.is_file() or w.stat().st_size == 0:
+            skipped.append(d.name)
+            continue
+        try:
+            spec = peft_io.read_adapter(d, d.name)
+        except peft_io.AdapterError as e:
+            problems.append(str(e))
+            continue
+        pfile = d / PROFILE_NAME
+        data = find_member_dataset(d)
+        try:
+            if data is not None:
+                p = prof.profile_dataset(data, tok_dst, cache=pfile, fields=fields, split=split)
+            elif pfile.is_file():
+                p = prof.Profile.load(pfile)
+                p.check_tokenizer(tok_hash, str(pfile))
+            else:
+                problems.append(f"member {d.name!r}: no dataset ({'/'.join(ds.MEMBER_DATASET_NAMES)}.*) "
+                                f"and no {PROFILE_NAME}")
+                continue
+        except (ds.DatasetError, prof.ProfileError) as e:
+            problems.append(f"member {d.name!r}: {e}")
+            continue
+        specs.append(spec)
+        members.append({
+            "name": d.name,
+            "path": d.name,
+            "base_model": spec.base_model,
+            "r": spec.r, "lora_alpha": spec.lora_alpha, "use_rslora": spec.use_rslora,
+            "rank_pattern": spec.rank_pattern, "alpha_pattern": spec.alpha_pattern,
+            "target_modules": spec.target_modules,
+            "dtype": spec.dtype,
+            "n_modules": len(spec.modules),
+            "ranks": sorted({m.rank for m in spec.modules.values()}),
+            "profile": f"{d.name}/{PROFILE_NAME}",
+            "dataset": str(data.relative_to(bank_dir)) if data is not None else None,
+            "dataset_hash": p.dataset_hash,
+            "n_tokens": p.n_tokens,
+            "n_examples": p.n_examples,
+            "config_sha256": file_sha256(d / peft_io.CONFIG_NAME),
+            "weights_sha256": file_sha256(d / peft_io.WEIGHTS_NAME),
+            "weights_size": (d / peft_io.WEIGHTS_NAME).stat().st_size,
+        })
+    problems += _fit_problems(specs, base_model)
+    if problems:
+        raise BankError(f"bank {bank_dir}: " + "; ".join(problems))
+    if skipped:
+        warnings.warn(f"bank {bank_dir}: skipped {len(skipped)} member folder(s) without "
+                      f"{peft_io.WEIGHTS_NAME} or with an empty one: " + ", ".join(skipped), stacklevel=2)
+    if not specs:
+        raise BankError(f"bank {bank_dir}: no usable members")
+    bases = Counter(s.base_model for s in specs)
+    base = base_model or bases.most_common(1)[0][0]
+    shapes = {}
+    for s in specs:
+        for m in s.modules.values():
+            shapes[m.name] = [m.in_features, m.out_features]
+    rank = Counter(m.rank for s in specs for m in s.modules.values()).most_common(1)[0][0]
+    h = hashlib.sha256(tok_hash.encode())
+    for m in members:
+        h.update(f"{m['name']}\0{m['config_sha256']}\0{m['weights_sha256']}\0{m['dataset_hash']}\n".encode())
+    doc = {
+        "format": BANK_FORMAT,
+        "base_model": base,
+        "tokenizer": {"file": TOKENIZER_NAME, "sha256": tok_hash, "vocab_size": vocab},
+        "fields": list(fields),
+        "rank": int(rank),
+        "dtype": Counter(s.dtype for s in specs).most_common(1)[0][0],
+        "target_modules": sorted({m.split(".")[-1] for m in shapes}),
+        "modules": dict(sorted(shapes.items(), key=lambda kv: peft_io.natural_key(kv[0]))),
+        "members": members,
+        "bank_hash": h.hexdigest(),
+    }
+    write_json_atomic(bank_dir / BANK_FILE, doc)
+    return doc
+
+
+def same_base_model(a: str | None, b: str | None) -> bool:
+    """Hub id and local copy of one model count as the same base model: the names are equal, or
+    their last path components are (``mistralai/Mistral-7B-v0.1`` vs ``/models/Mistral-7B-v0.1``).
+    Shapes are checked separately, module by module."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    return a.rstrip("/").replace("\\", "/").split("/")[-1].lower() == \
+        b.rstrip("/").replace("\\", "/").split("/")[-1].lower()
+
+
+def _fit_problems(specs, base_model=None) -> list[str]:
+    """Members that do not fit the rest: another base model, or a module of another shape."""
+    if not specs:
+        return []
+    problems = []
+    bases = Counter(s.base_model for s in specs)
+    base = base_model or bases.most_common(1)[0][0]
+    shapes: dict[str, Counter] = {}
+    for s in specs:
+        for m in s.modules.values():
+            shapes.setdefault(m.name, Counter())[(m.in_features, m.out_features)] += 1
+    ref = {k: c.most_common(1)[0][0] for k, c in shapes.items()}
+    for s in specs:
+        if not same_base_model(s.base_model, base):
+            problems.append(f"member {s.name!r}: base model {s.base_model!r} is not the bank's {base!r}")
+            continue
+        for m in s.modules.values():
+            if (m.in_features, m.out_features) != ref[m.name]:
+                problems.append(
+                    f"member {s.name!r}: module {m.name} is {m.out_features}x{m.in_features}, "
+                    f"the bank's is {ref[m.name][1]}x{ref[m.name][0]}")
+                break
+    return problems
+
+
+@dataclass
+class Member:
+    name: str
+    path: Path
+    spec: peft_io.AdapterSpec
+    profile_path: Path
+    info: dict = field(default_factory=dict)
+    _file: object = None
+
+    @property
+    def modules(self):
+        return self.spec.modules
+
+    @property
+    def file(self):
+        """The member's mmapped, validated ``adapter_model.safetensors``."""
+        if self._file is None:
+            from loramix.core import tensors
+
+            self._file = tensors.SafetensorsFile(str(self.path / peft_io.WEIGHTS_NAME))
+        return self._file
+
+    def padded(self, key: str, rank: int, axis: int) -> np.ndarray:
+        """Tensor ``key`` as float32, zero-padded along ``axis`` to ``rank`` (a lower-rank
+        member mixed with higher-rank ones: the extra rows of A / columns of B are zero)."""
+        x = self.file.to_f32(key)
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (0, rank - x.shape[axis])
+        return np.ascontiguousarray(np.pad(x, pad))
+
+
+class Bank:
+    """An opened, checked bank. ``members`` in bank.json order."""
+
+    def __init__(self, path: Path, doc: dict, members: list[Member], skipped: list[str]):
+        self.path = path
+        self.doc = doc
+        self.members = members
+        self.skipped = skipped
+        self._profiles = None
+        self._module_index = None
+
+    def module_index(self) -> dict[str, list[int]]:
+        """Module name → indices of the members holding it, in natural module order. Computed
+        once (members never change after :meth:`open`): a mix asks for it several times."""
+        if self._module_index is None:
+            out: dict[str, list[int]] = {}
+            for i, m in enumerate(self.members):
+                for name in m.modules:
+                    out.setdefault(name, []).append(i)
+            self._module_index = dict(sorted(out.items(), key=lambda kv: peft_io.natural_key(kv[0])))
+        return self._module_index
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        """``(in_features, out_features)`` of module ``name`` (the same in every member holding
+        it: :meth:`open` checks that they fit)."""
+        ms = self.members[self.module_index()[name][0]].modules[name]
+        return ms.in_features, ms.out_features
+
+    # ------------------------------------------------------------ open
+    @classmethod
+    def coerce(cls, bank) -> "Bank":
+        """``bank`` itself if it is a :class:`Bank`, else :meth:`open` it (a path)."""
+        return bank if isinstance(bank, cls) else cls.open(bank)
+
+    @classmethod
+    def open(cls, path, *, check: bool = True) -> "Bank":
+        from loramix.core import tensors
+
+        path = Path(path)
+        f = path / BANK_FILE
+        if not f.is_file():
+            raise BankError(f"bank {path}: no {BANK_FILE}; run `loramix bank build {path} --tokenizer ...`")
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BankError(f"bank {path}: {BANK_FILE} is not valid JSON ({e})") from None
+        if doc.get("format") != BANK_FORMAT:
+            raise BankError(f"bank {path}: {BANK_FILE} format {doc.get('format')} is not {BANK_FORMAT}")
+        tok = path / doc["tokenizer"]["file"]
+        if not tok.is_file():
+            raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
+        if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
+            raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
+        members, skipped, problems, specs = [], [], [], []
+        for info in doc["members"]:
+            d = path / info["path"]
+            w = d / peft_io.WEIGHTS_NAME
+            if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
+                    not (d / peft_io.CONFIG_NAME).is_file():
+                skipped.append(info["name"])
+                continue
+            try:
+                cfg = peft_io.read_config(d, info["name"])
+                try:
+                    sf = tensors.SafetensorsFile(str(w))
+                except (ValueError, OSError) as e:
+                    raise peft_io.AdapterError(
+                        f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
+                spec = peft_io.spec_from_file(cfg, sf, d, info["name"])
+            except peft_io.AdapterError as e:
+                problems.append(str(e))
+                continue
+            if check and w.stat().st_size != info.get("weights_size", w.stat().st_size):
+                problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
+                                "the bank was built; rebuild the bank")
+                continue
+            pp = path / info["profile"]
+            if not pp.is_file():
+                problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
+                continue
+            m = Member(info["name"], d, spec, pp, info, sf)
+            members.append(m)
+            specs.append(spec)
+        problems += _fit_problems(specs, doc.get("base_model"))
+        for n, (inn, out) in doc.get("modules", {}).items():
+            for s in specs:
+                m = s.modules.get(n)
+                if m is not None and (m.in_features, m.out_features) != (inn, out) and \
+                        not any(s.name in p for p in problems):
+                    problems.append(f"member {s.name!r}: module {n} is {m.out_features}x{m.in_features}, "
+                                    f"the bank's is {out}x{inn}")
+        if problems:
+            raise BankError(f"bank {path}: " + "; ".join(problems))
+        if skipped:
+            warnings.warn(f"bank {path}: skipped {len(skipped)} missing or empty member(s): "
+                          + ", ".join(skipped), stacklevel=2)
+        if not members:
+            raise BankError(f"bank {path}: no usable members")
+        return cls(path, doc, members, skipped)
+
+    # ------------------------------------------------------------ facts
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def base_model(self) -> str | None:
+        return self.doc.get("base_model")
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.doc["tokenizer"]["file"]
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.doc["tokenizer"]["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.doc["tokenizer"]["vocab_size"])
+
+    @property
+    def rank(self) -> int:
+        return int(self.doc.get("rank", 8))
+
+    @property
+    def dtype(self) -> str:
+        return self.doc.get("dtype", "F32")
+
+    @property
+    def fields(self) -> tuple:
+        return tuple(self.doc.get("fields", ds.DEFAULT_FIELDS))
+
+    @property
+    def hash(self) -> str:
+        return self.doc.get("bank_hash", "")
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise BankError(f"bank {self.path}: no member named {name!r}") from None
+
+    def profiles(self):
+        """The members' profiles as a CSR matrix (N, V) of counts."""
+        if self._profiles is None:
+            ps = []
+            for m in self.members:
+                p = prof.Profile.load(m.profile_path)
+                p.check_tokenizer(self.tokenizer_hash, str(m.profile_path))
+                ps.append(p)
+            self._profiles = prof.stack(ps, max(self.vocab_size, max(p.vocab_size for p in ps)))
+        return self._profiles
+
+    def contains(self, path) -> bool:
+        """Whether ``path`` lies inside the bank folder."""
+        try:
+            Path(os.path.abspath(path)).relative_to(os.path.abspath(self.path))
+            return True
+        except ValueError:
+            return False
+
+    def summary(self) -> dict:
+        ranks = Counter(m.rank for mem in self.members for m in mem.modules.values())
+        return {
+            "path": str(self.path), "base_model": self.base_model, "members": len(self.members),
+            "skipped": self.skipped, "tokenizer_sha256": self.tokenizer_hash,
+            "vocab_size": self.vocab_size, "rank": self.rank, "ranks": dict(sorted(ranks.items())),
+            "dtype": self.dtype, "target_modules": self.doc.get("target_modules"),
+            "modules": len(self.doc.get("modules", {})), "bank_hash": self.hash,
+            "member_names": self.names,
+        }
+
+
+def open_bank(path, **kw) -> Bank:
+    return Bank.open(path, **kw)
+

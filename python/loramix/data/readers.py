@@ -1,0 +1,263 @@
+"""Reading a dataset's text, streamed in batches.
+
+Formats: JSON lines (``.jsonl``/``.ndjson``), JSON (a list of records, ``{"data": [...]}`` or
+Lots-of-LoRAs' ``{"Instances": [...]}``), CSV, parquet, and folders: one written by HF
+``datasets`` ``save_to_disk`` (``state.json`` + arrow files, or ``dataset_dict.json`` + split
+folders), or any folder of data files (e.g. a dataset repo from the Hub).
+
+Each example's text is its text fields concatenated in order (default ``input`` then ``output``,
+as the paper does: ``input + output[0]``); a field holding a list counts by its first element.
+JSON lines, CSV, parquet and arrow are streamed (a dataset larger than memory works); a single
+JSON document is parsed whole (that format cannot be streamed without a streaming parser).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+DEFAULT_FIELDS = ("input", "output")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".arrow")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read: the message names the file and the problem."""
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return _text(value[0]) if value else ""
+    return value if isinstance(value, str) else str(value)
+
+
+def data_files(path, split: str = "train") -> list[Path]:
+    """The files that hold a dataset at ``path`` (a file or a folder), in reading order."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise DatasetError(f"dataset {p}: no such file or folder")
+    if (p / "dataset_dict.json").is_file():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        pick = split if split in splits else (splits[0] if splits else None)
+        if pick is None:
+            raise DatasetError(f"dataset {p}: dataset_dict.json lists no splits")
+        return data_files(p / pick, split)
+    if (p / "state.json").is_file():
+        state = json.loads((p / "state.json").read_text())
+        files = [p / d["filename"] for d in state.get("_data_files", [])]
+        if files:
+            return files
+    found = sorted(
+        (f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES
+         and not any(part.startswith(".") for part in f.relative_to(p).parts)
+         and f.name not in ("dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json")),
+        key=lambda f: str(f))
+    if not found:
+        raise DatasetError(f"dataset {p}: no data files ({', '.join(DATA_SUFFIXES)}) in the folder")
+    # a Hub dataset repo with splits as files: read the requested split when it is there
+    chosen = [f for f in found if f.stem.startswith(split) or f.parent.name == split]
+    return chosen or found
+
+
+def fingerprint(path, split: str = "train") -> str:
+    """A cheap key for "unchanged": file names, sizes and mtimes (no content read)."""
+    h = hashlib.sha256()
+    for f in data_files(path, split):
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def content_hash(path, split: str = "train", fields: Iterable[str] = DEFAULT_FIELDS) -> str:
+    """SHA-256 over the data files' bytes (and the text fields chosen), streamed."""
+    h = hashlib.sha256()
+    h.update(("fields=" + "\0".join(fields) + "\n").encode())
+    base = Path(path)
+    for f in data_files(path, split):
+        rel = f.name if base.is_file() else str(f.relative_to(base))
+        h.update(f"{rel}\n".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_records(path, split: str = "train", batch_size: int = 1024,
+                 columns: tuple | None = None) -> Iterator[list[dict]]:
+    """Yield lists of records (dicts) from every data file of the dataset. ``columns``: for
+    columnar files (parquet, arrow), read only these (a missing one is an error naming it)."""
+    for f in data_files(path, split):
+        yield from _iter_file(f, batch_size, columns)
+
+
+def _check_columns(f, names, columns):
+    if columns:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DatasetError(f"dataset {f}: has no field {missing[0]!r} (fields present: "
+                               f"{', '.join(names) or 'none'}); choose fields with --fields")
+
+
+def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterator[list[dict]]:
+    suf = f.suffix.lower()
+    try:
+        if suf in (".jsonl", ".ndjson"):
+            yield from _batched(_jsonl(f), batch_size)
+        elif suf == ".json":
+            yield from _batched(_json(f), batch_size)
+        elif suf == ".csv":
+            with open(f, newline="", encoding="utf-8") as fh:
+                yield from _batched(csv.DictReader(fh), batch_size)
+        elif suf == ".parquet":
+            import pyarrow.parquet as pq
+            pf = pq.ParquetFile(f)
+            _check_columns(f, pf.schema_arrow.names, columns)
+            for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
+                yield rb.to_pylist()
+        elif suf == ".arrow":
+            yield from _arrow(f, batch_size, columns)
+        else:
+            raise DatasetError(f"dataset {f}: unsupported file type {suf or '(none)'}")
+    except DatasetError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"dataset {f}: cannot read it ({e})") from None
+    except Exception as e:  # pyarrow raises its own ArrowInvalid etc.
+        if type(e).__module__.startswith("pyarrow"):
+            raise DatasetError(f"dataset {f}: cannot read it ({e})") from None
+        raise
+
+
+def _jsonl(f: Path):
+    with open(f, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"dataset {f}: line {n} is not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DatasetError(f"dataset {f}: line {n} is not a JSON object")
+            yield rec
+
+
+def _json(f: Path):
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        # maybe JSON lines saved with a .json suffix
+        try:
+            yield from _jsonl(f)
+            return
+        except DatasetError:
+            raise DatasetError(f"dataset {f}: not JSON ({e.msg})") from None
+    if isinstance(doc, dict):
+        for key in ("Instances", "instances", "data", "examples", "rows"):
+            if isinstance(doc.get(key), list):
+                doc = doc[key]
+                break
+        else:
+            raise DatasetError(
+                f"dataset {f}: a JSON object without a list of records (expected 'Instances' or 'data')")
+    if not isinstance(doc, list):
+        raise DatasetError(f"dataset {f}: expected a list of records")
+    for rec in doc:
+        if not isinstance(rec, dict):
+            raise DatasetError(f"dataset {f}: a record is not a JSON object")
+        yield rec
+
+
+def _arrow(f: Path, batch_size: int, columns: tuple | None = None):
+    import pyarrow as pa
+
+    def rows(rb):
+        return (rb.select(list(columns)) if columns else rb).to_pylist()
+
+    src = pa.memory_map(str(f), "r")
+    try:
+        reader = pa.ipc.open_stream(src)   # HF datasets writes the streaming format
+        batches = iter(reader)
+    except pa.ArrowInvalid:
+        src = pa.memory_map(str(f), "r")
+        reader = pa.ipc.open_file(src)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    _check_columns(f, reader.schema.names, columns)
+    for rb in batches:
+        yield from _split(rows(rb), batch_size)
+
+
+def _split(rows, n):
+    for i in range(0, len(rows), n):
+        yield rows[i:i + n]
+
+
+def _batched(it, n):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "train",
+               batch_size: int = 1024) -> Iterator[list[str]]:
+    """Yield batches of example texts: the ``fields`` of each record concatenated, lists by
+    their first element. A record lacking a field is an error naming the field and the file."""
+    fields = tuple(fields)
+    if not fields:
+        raise DatasetError("no text fields given")
+    n = 0
+    for batch in iter_records(path, split, batch_size, fields):
+        out = []
+        for rec in batch:
+            n += 1
+            missing = [k for k in fields if k not in rec]
+            if missing:
+                raise DatasetError(
+                    f"dataset {path}: example {n} has no field {missing[0]!r} "
+                    f"(fields present: {', '.join(map(str, rec)) or 'none'}); choose fields with --fields")
+            out.append("".join(_text(rec[k]) for k in fields))
+        yield out
+    if n == 0:
+        raise DatasetError(f"dataset {path}: it holds no examples")
+
+
+def dataset_name(path) -> str:
+    """A short name for a dataset path (used for output folders)."""
+    p = Path(path)
+    name = p.name if p.is_dir() else p.stem
+    for suf in (".jsonl", ".json"):
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    return name or "dataset"
+
+
+def is_dataset_path(p) -> bool:
+    p = Path(p)
+    return p.is_dir() or p.suffix.lower() in DATA_SUFFIXES
+
+
+#: names of a bank member's training data, as a file (``train.jsonl``, ...) or a folder
+MEMBER_DATASET_NAMES = ("dataset", "train", "data")
+
+
+def find_member_dataset(member_dir: Path) -> Path | None:
+    """The member's training data: ``dataset``/``train``/``data`` as a file or a folder."""
+    for stem in MEMBER_DATASET_NAMES:
+        d = member_dir / stem
+        if d.is_dir():
+            return d
+        for suf in DATA_SUFFIXES:
+            f = member_dir / f"{stem}{suf}"
+            if f.is_file():
+                return f
+    return None

@@ -1,0 +1,206 @@
+"""Generated adapter folders: staging, atomic swap-in, provenance (``loramix.json``) and card.
+
+Every output is written into a hidden staging folder next to it and renamed into place when
+complete, so an interrupted run never leaves a half-written adapter; an existing output is
+swapped, never half-overwritten. :class:`GenerateResult` is what one output holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loramix.bank import peft_io
+from loramix.core.files import make_stage_dir
+from loramix.bank.bank import Bank
+from loramix.version import __version__
+from loramix import weights as wts
+
+PROVENANCE_NAME = "loramix.json"
+
+
+class OutputError(ValueError):
+    pass
+
+
+@dataclass
+class GenerateResult:
+    """One generated adapter: where it is, and how it was mixed."""
+
+    out: Path
+    members: list[str]
+    weights: np.ndarray
+    distances: np.ndarray | None = None
+    pipeline: str | None = None
+    metric: str | None = None
+    mode: str = "factors"
+    dataset: str | None = None
+    ranks: dict = field(default_factory=dict)
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        order = np.argsort(-self.weights, kind="stable")[:k]
+        return [(self.members[i], float(self.weights[i])) for i in order if self.weights[i] != 0]
+
+    def to_dict(self) -> dict:
+        return {
+            "out": str(self.out), "dataset": self.dataset, "pipeline": self.pipeline,
+            "metric": self.metric, "mode": self.mode,
+            "weights": {m: float(w) for m, w in zip(self.members, self.weights)},
+            "distances": None if self.distances is None else
+            {m: float(d) for m, d in zip(self.members, self.distances)},
+            "top": [[m, w] for m, w in self.top(10)],
+            "rank": max(self.ranks.values()) if self.ranks else None,
+        }
+
+
+def check_output(out, bank: Bank, overwrite: bool) -> Path:
+    out = Path(os.path.abspath(out))
+    if bank.contains(out):
+        raise OutputError(f"output {out} is inside the bank {bank.path}; choose a folder outside it")
+    if os.path.abspath(bank.path).startswith(str(out) + os.sep):
+        raise OutputError(f"output {out} contains the bank {bank.path}")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    return out
+
+
+def stage_folder(out: Path) -> Path:
+    """A new hidden staging folder next to ``out`` (same file system, so renaming is atomic)."""
+    return make_stage_dir(out.parent, out.name)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place. An existing output is swapped with it in one
+    atomic step where the OS allows (then the old one, now at ``tmp``, is removed); elsewhere
+    the old output is moved aside first and removed last."""
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def weight_matrix(bank: Bank, weights, outs):
+    """``(W, outs)``: explicit weights as a checked (Q, N) float64 matrix, one row per output.
+
+    ``weights`` is a (Q, N) or (N,) array, or a dict member name → weight for one output.
+    """
+    if isinstance(weights, dict):
+        w = np.zeros(len(bank.members))
+        for name, v in weights.items():
+            w[bank.index(name)] = v
+        weights = w
+    W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if isinstance(outs, (str, os.PathLike)):
+        outs = [outs]
+    outs = list(outs)
+    if W.shape != (len(outs), len(bank.members)):
+        raise wts.WeightsError(f"weights have shape {W.shape}, expected ({len(outs)}, {len(bank.members)})")
+    wts.check_weights(W)
+    return W, outs
+
+
+def weights_metadata(bank: Bank, mode: str) -> dict:
+    """``__metadata__`` of a generated adapter_model.safetensors (after ``format``)."""
+    return {"loramix_version": __version__, "loramix_mode": mode, "loramix_bank_hash": bank.hash}
+
+
+def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
+                 extra: dict) -> GenerateResult:
+    """Write config, provenance and card of one output into its stage folder (weights are there)."""
+    used = [bank.members[i].spec for i in info.members]
+    used_with_modules = [s for s in used if any(m in info.ranks for m in s.modules)]
+    tm = peft_io.target_modules_for(list(info.ranks), used_with_modules)
+    task = used[0].raw_config.get("task_type", "CAUSAL_LM") if used else "CAUSAL_LM"
+    cfg = peft_io.output_config(bank.base_model, info.ranks, tm, task_type=task)
+    (stage / peft_io.CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    res = GenerateResult(out=out, members=bank.names, weights=w_row, mode=mode,
+                         ranks=info.ranks, pipeline=extra.get("pipeline"),
+                         metric=extra.get("metric"), dataset=extra.get("dataset"),
+                         distances=extra.get("distances"))
+    prov = _provenance(res, bank, dtype_name, extra)
+    (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
+    (stage / "README.md").write_text(_card(prov))
+    return res
+
+
+def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dict:
+    d = res.to_dict()
+    d.pop("out")
+    d.update({
+        "loramix_version": __version__, "dtype": dtype, "bank": str(bank.path),
+        "bank_hash": bank.hash, "base_model": bank.base_model,
+        "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
+        "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
+    })
+    for k in ("metric_options", "combiner"):   # cosine's encoder options, neural's model
+        if extra.get(k):
+            d[k] = extra[k]
+    return d
+
+
+def _card(p: dict) -> str:
+    rows = "\n".join(f"| {i} | {m} | {w:.6f} |" for i, (m, w) in enumerate(p["top"], 1))
+    what = {"factors": "A and B mixed separately with the same weights (the paper's mix)",
+            "concat": "exact weighted sum of the members' updates (rank = sum of ranks)",
+            "svd": "best low-rank approximation of the exact weighted sum"}.get(p["mode"], p["mode"])
+    return f"""---
+library_name: peft
+base_model: {p.get('base_model')}
+tags:
+- lora
+- loramix
+---
+
+# LoRA adapter generated by loramix
+
+Mixed from a bank of LoRA adapters without gradient training (arXiv 2507.01806).
+
+- dataset: `{p.get('dataset')}`
+- pipeline: `{p.get('pipeline')}`, metric: `{p.get('metric')}`, temperature: {p.get('temperature')}, top-k: {p.get('top_k')}
+- mode: `{p['mode']}` — {what}
+- rank(s): {p.get('ranks')}, dtype: {p.get('dtype')}
+- bank: `{p.get('bank')}` (hash `{p.get('bank_hash')}`)
+- loramix version: {p.get('loramix_version')}
+
+## Top contributors
+
+| # | member | weight |
+|---|---|---|
+{rows}
+
+All weights are in `{PROVENANCE_NAME}`.
+"""

