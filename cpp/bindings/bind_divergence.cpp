@@ -52,12 +52,12 @@ HeldMatrix to_matrix(const py::handle& obj, const char* name) {
     h.m.indices = indices.data();
     if (data_arr.dtype().is(py::dtype::of<float>())) {
       auto d = require_array<float>(data_arr, dt.c_str());
-      h.m.dtype = DType::f32;
+      h.m.dtype = DType::F32;
       h.m.data = d.data();
       h.keep[2] = d;
     } else {
       auto d = require_array<double>(data_arr, dt.c_str());
-      h.m.dtype = DType::f64;
+      h.m.dtype = DType::F64;
       h.m.data = d.data();
       h.keep[2] = d;
     }
@@ -71,12 +71,12 @@ HeldMatrix to_matrix(const py::handle& obj, const char* name) {
   if (arr.ndim() != 2) throw py::value_error(std::string(name) + ": expected a 2-D array (rows x bins)");
   if (arr.dtype().is(py::dtype::of<float>())) {
     auto a = require_array<float>(arr, name);
-    h.m.dtype = DType::f32;
+    h.m.dtype = DType::F32;
     h.m.data = a.data();
     h.keep[0] = a;
   } else {
     auto a = require_array<double>(arr, name);
-    h.m.dtype = DType::f64;
+    h.m.dtype = DType::F64;
     h.m.data = a.data();
     h.keep[0] = a;
   }

@@ -167,7 +167,7 @@ void each_nonzero(const HistMatrix& M, int64_t r, F&& f) {
 
 template <class F>
 double scan_row(const HistMatrix& M, const char* name, int64_t r, F&& f) {
-  if (M.dtype == DType::f32) return RowReader<float>{M, name}.scan(r, f);
+  if (M.dtype == DType::F32) return RowReader<float>{M, name}.scan(r, f);
   return RowReader<double>{M, name}.scan(r, f);
 }
 
@@ -342,7 +342,7 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
         an[k] = x / sum;
         ++k;
       };
-      if (M.dtype == DType::f32) each_nonzero<float>(M, r, put);
+      if (M.dtype == DType::F32) each_nonzero<float>(M, r, put);
       else each_nonzero<double>(M, r, put);
       if (metric == Metric::wd) continue;
       const double* a = an;
@@ -794,7 +794,7 @@ void load_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double su
 // p, and h = p log p / 2 (js) or log p (kl), with 0 log 0 = 0 and log 0 = -inf.
 void prep_chunk(const HistMatrix& M, int64_t r, int64_t c0, int64_t n, double sum, double eps,
                 Metric metric, const DivergenceKernels& K, double* p, double* h) {
-  if (M.dtype == DType::f32) load_chunk<float>(M, r, c0, n, sum, eps, p);
+  if (M.dtype == DType::F32) load_chunk<float>(M, r, c0, n, sum, eps, p);
   else load_chunk<double>(M, r, c0, n, sum, eps, p);
   if (eps > 0.0) {
     K.log_f64(p, h, n);
@@ -893,7 +893,7 @@ double nonzero_fraction(const HistMatrix& M, int threads, Cancel* cancel) {
   parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int) {
     for (std::size_t r = b; r < e; ++r) {
       const int64_t off = static_cast<int64_t>(r) * M.row_stride;
-      cnt[r] = M.dtype == DType::f32 ? count_nonzero(static_cast<const float*>(M.data) + off, M.cols)
+      cnt[r] = M.dtype == DType::F32 ? count_nonzero(static_cast<const float*>(M.data) + off, M.cols)
                                      : count_nonzero(static_cast<const double*>(M.data) + off, M.cols);
     }
   });
@@ -903,6 +903,9 @@ double nonzero_fraction(const HistMatrix& M, int threads, Cancel* cancel) {
 }
 
 void check_matrix(const HistMatrix& M, const char* name) {
+  if (M.dtype != DType::F32 && M.dtype != DType::F64)
+    throw std::invalid_argument(std::string("divergence: ") + name + " values must be F32 or F64, not " +
+                                dtype_name(M.dtype));
   if (M.rows < 0 || M.cols < 1)
     throw std::invalid_argument(std::string("divergence: ") + name + " must have at least one column");
   if (M.cols > std::numeric_limits<int32_t>::max())
@@ -1053,7 +1056,7 @@ PreparedHistograms::PreparedHistograms(const HistMatrix& R, double eps, int thre
   impl->eps = eps;
   HistMatrix& M = impl->R;
   M = R;
-  const std::size_t esize = R.dtype == DType::f32 ? sizeof(float) : sizeof(double);
+  const std::size_t esize = R.dtype == DType::F32 ? sizeof(float) : sizeof(double);
   if (R.sparse) {
     const int64_t nnz = R.indptr[R.rows];
     impl->own_indptr.assign(R.indptr, R.indptr + R.rows + 1);

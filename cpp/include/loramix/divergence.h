@@ -57,6 +57,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "loramix/dtype.h"
+
 // No STL or cpu.h here: the ISA kernel files include this header (see STYLE.md).
 namespace loramix {
 
@@ -64,14 +66,14 @@ class Cancel;
 enum class Isa : int;  // cpu.h
 
 enum class Metric : int { js = 0, kl = 1, wd = 2 };
-enum class DType : int { f32 = 0, f64 = 1 };
 
 // A Q x V histogram matrix: dense row-major (row_stride elements between rows) or CSR with
 // int64 indptr (rows + 1), int32 column indices strictly increasing within each row, and
-// values of `dtype`. Explicit zeros in CSR are allowed (ignored).
+// values of `dtype` (DType::F32 or DType::F64; any other is rejected). Explicit zeros in CSR
+// are allowed (ignored).
 struct HistMatrix {
   bool sparse = false;
-  DType dtype = DType::f64;
+  DType dtype = DType::F64;
   int64_t rows = 0, cols = 0;
   const void* data = nullptr;
   int64_t row_stride = 0;            // dense only
