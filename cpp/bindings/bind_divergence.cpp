@@ -10,6 +10,7 @@
 #include "common.h"
 #include "loramix/cpu.h"
 #include "loramix/divergence.h"
+#include "../src/divergence_kernels.h"  // the test hooks below (moving out of _core)
 
 namespace loramix::bind {
 namespace py = pybind11;

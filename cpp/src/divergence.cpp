@@ -34,37 +34,20 @@
 #include <sys/mman.h>
 #endif
 
+#include "divergence_kernels.h"
 #include "loramix/cpu.h"
 #include "loramix/parallel.h"
 
 namespace loramix {
 
 const DivergenceKernels& divergence_kernels(Isa isa) {
-  static const DivergenceKernels k_scalar{scalar::log_f64_scalar, scalar::log_f64_scalar,
-                                          scalar::js_posting_f64_scalar,
-                                          scalar::kl_posting_f64_scalar, scalar::js_terms_f64_scalar,
-                                          scalar::kl_terms_f64_scalar, scalar::js_dense_f64_scalar,
-                                          scalar::kl_dense_f64_scalar, scalar::wd_dense_f64_scalar};
-#if defined(LORAMIX_HAVE_X86)
-  static const DivergenceKernels k_avx2{avx2::log_f64_avx2, avx2::log_f64_avx2, avx2::js_posting_f64_avx2,
-                                        avx2::kl_posting_f64_avx2, avx2::js_terms_f64_avx2,
-                                        avx2::kl_terms_f64_avx2, avx2::js_dense_f64_avx2,
-                                        avx2::kl_dense_f64_avx2, avx2::wd_dense_f64_avx2};
-  static const DivergenceKernels k_avx512{avx512::log_f64_avx512, avx512::log_abs_f64_avx512,
-                                          avx512::js_posting_f64_avx512,
-                                          avx512::kl_posting_f64_avx512, avx512::js_terms_f64_avx512,
-                                          avx512::kl_terms_f64_avx512,
-                                          avx512::js_dense_f64_avx512, avx512::kl_dense_f64_avx512,
-                                          avx512::wd_dense_f64_avx512};
   switch (isa) {
-    case Isa::avx512: return k_avx512;
-    case Isa::avx2: return k_avx2;
-    case Isa::scalar: return k_scalar;
-  }
-#else
-  (void)isa;
+#if defined(LORAMIX_HAVE_X86)
+    case Isa::avx512: return avx512::divergence_kernels();
+    case Isa::avx2: return avx2::divergence_kernels();
 #endif
-  return k_scalar;
+    default: return scalar::divergence_kernels();
+  }
 }
 
 namespace {

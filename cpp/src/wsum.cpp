@@ -11,6 +11,7 @@
 
 #include "loramix/cpu.h"
 #include "loramix/safetensors.h"
+#include "wsum_kernels.h"
 
 namespace loramix {
 namespace {

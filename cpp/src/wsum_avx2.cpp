@@ -3,7 +3,7 @@
 // so the same conversions) handles them. No STL here (see wsum_kernels.h).
 #include <immintrin.h>
 
-#include "loramix/wsum_kernels.h"
+#include "wsum_kernels.h"
 
 namespace loramix {
 namespace avx2 {

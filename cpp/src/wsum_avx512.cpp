@@ -8,7 +8,7 @@
 #endif
 #include <immintrin.h>
 
-#include "loramix/wsum_kernels.h"
+#include "wsum_kernels.h"
 
 namespace loramix {
 namespace avx512 {
