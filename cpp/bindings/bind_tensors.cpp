@@ -222,25 +222,12 @@ void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
   if (!same)
     throw py::value_error("tensor '" + name + "': array shape " + std::string(py::str(arr.attr("shape"))) +
                           " does not match the entry's shape " + std::string(py::str(shape_tuple(e.shape))));
-  const uint64_t n = w.numel(idx);
   const void* data = arr.data();
+  const DType from = need_convert ? DType::F32 : d;
   Pins pins;
   pins.add(&w);
-  {
-    py::gil_scoped_release release;
-    if (!need_convert) {
-      w.pwrite_entry(idx, 0, data, n * dtype_size(d));
-    } else {
-      const std::size_t C = 1 << 16;
-      std::vector<uint16_t> buf(C);
-      for (uint64_t i = 0; i < n; i += C) {
-        const std::size_t c = static_cast<std::size_t>(std::min<uint64_t>(C, n - i));
-        convert_from_f32(static_cast<const float*>(data) + i, buf.data(), d, c);
-        w.pwrite_entry(idx, i * 2, buf.data(), c * 2);
-      }
-    }
-  }
-  w.mark_written(idx);
+  py::gil_scoped_release release;
+  w.write_entry(idx, data, from);
 }
 
 void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string& name,
