@@ -8,9 +8,7 @@
 #include <string>
 
 #include "common.h"
-#include "loramix/cpu.h"
 #include "loramix/divergence.h"
-#include "../src/divergence_kernels.h"  // the test hooks below (moving out of _core)
 
 namespace loramix::bind {
 namespace py = pybind11;
@@ -157,24 +155,6 @@ void register_divergence(py::module_& m) {
           },
           py::arg("P"), py::arg("metric"), py::arg("threads"),
           "P against the prepared bank; same result as divergence(P, R, metric, eps, threads).");
-  m.def(
-      "_divergence_log",
-      [](py::object x) {
-        auto a = require_array<double>(x, "x");
-        py::array_t<double> out(a.size());
-        divergence_kernels(active_isa()).log_f64(a.data(), out.mutable_data(), static_cast<std::size_t>(a.size()));
-        return out;
-      },
-      py::arg("x"), "Test hook: the active ISA's log kernel on a 1-D float64 array of positive finite values.");
-  m.def(
-      "_divergence_log_abs",
-      [](py::object x) {
-        auto a = require_array<double>(x, "x");
-        py::array_t<double> out(a.size());
-        divergence_kernels(active_isa()).log_abs_f64(a.data(), out.mutable_data(), static_cast<std::size_t>(a.size()));
-        return out;
-      },
-      py::arg("x"), "Test hook: the active ISA's log for the sparse js loop (absolute error bound).");
 }
 
 }  // namespace loramix::bind

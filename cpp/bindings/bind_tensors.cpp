@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "common.h"
-#include "loramix/halfconv.h"
 #include "loramix/safetensors.h"
 #include "loramix/wsum.h"
 
@@ -480,24 +479,6 @@ void register_tensors(py::module_& m) {
     }
     return out;
   });
-  // Validates a whole file image held in memory (for fuzz tests); returns the keys.
-  m.def("_parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
-    std::string buf = data;
-    std::vector<TensorInfo> ts;
-    Metadata md;
-    bool has_md = false;
-    std::size_t start = 0;
-    {
-      py::gil_scoped_release release;
-      parse_safetensors(reinterpret_cast<const uint8_t*>(buf.data()), buf.size(), name, &ts, &md, &has_md, &start);
-    }
-    std::vector<std::string> keys;
-    for (const auto& t : ts) keys.push_back(t.name);
-    return keys;
-  });
-  // Scalar reference conversions (halfconv.h directly, no dispatch), for tests.
-  m.def("_scalar_f32_to_bf16", [](float x) { return f32_to_bf16_bits(x); });
-  m.def("_scalar_f32_to_f16", [](float x) { return f32_to_f16_bits(x); });
 }
 
 }  // namespace loramix::bind
