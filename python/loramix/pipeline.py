@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
 from loramix import weights as wts
@@ -72,8 +73,10 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         outs = [out / n for n in names]
     else:
         outs = [out]
+    inputs = [it for it in items if isinstance(it, (str, Path))]
     for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
-        check_output(o, bank, overwrite or dist)
+        check_output(o, bank, overwrite or dist, protect=inputs)
+    created = missing_dirs(out if many else out.parent)   # removed again if the run fails
     fields = tuple(fields) if fields else bank.fields
     if metric not in wts.METRICS:
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
@@ -143,6 +146,10 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         from loramix.mixing import distributed
         mixer, kw = distributed.mix_adapters, dict(scheduler=scheduler, client=client,
                                                    **(distributed_options or {}))
-    results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
-                    provenance=prov, progress=progress, **kw)
+    try:
+        results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
+                        provenance=prov, progress=progress, **kw)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     return results if many else results[0]

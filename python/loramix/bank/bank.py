@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from loramix.core.files import write_json_atomic
+from loramix.core.files import StagedFiles
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
 from loramix.bank import peft_io
@@ -62,18 +61,31 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     """Scan ``bank_dir``, profile each member's dataset, write ``bank.json``; returns its content.
 
     Every member is validated; all problems are collected and raised together as
-    :class:`BankError`. Profiles are reused when nothing changed.
+    :class:`BankError`. Profiles are reused when nothing changed. Nothing in the bank changes
+    until everything is validated: new profiles and the tokenizer are staged next to their
+    places and renamed in together with ``bank.json`` last, so a failed build leaves the bank
+    exactly as it was.
     """
     bank_dir = Path(bank_dir)
     if not bank_dir.is_dir():
         raise BankError(f"bank {bank_dir}: no such folder")
-    fields = tuple(fields)
+    with StagedFiles() as staged:
+        doc = _build(bank_dir, tokenizer, tuple(fields), base_model, split, progress, staged)
+        staged.write(bank_dir / BANK_FILE, (json.dumps(doc, indent=1) + "\n").encode())   # renamed last
+        staged.commit()
+    return doc
+
+
+def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress, staged) -> dict:
+    """``build_bank``'s work; every file it would change is staged in ``staged``."""
     tok_src = prof.tokenizer_file(tokenizer)
+    # a file that is not a tokenizer is refused (naming it) before anything is staged
+    vocab = int(prof.load_tokenizer(tok_src).get_vocab_size(with_added_tokens=True))
     tok_dst = bank_dir / TOKENIZER_NAME
+    tok_use = tok_dst
     if tok_src.resolve() != tok_dst.resolve():
-        shutil.copyfile(tok_src, tok_dst)
-    tok_hash = prof.tokenizer_hash(tok_dst)
-    vocab = int(prof.load_tokenizer(tok_dst).get_vocab_size(with_added_tokens=True))
+        tok_use = staged.write(tok_dst, tok_src.read_bytes())
+    tok_hash = prof.tokenizer_hash(tok_use)
 
     dirs = sorted((d for d in bank_dir.iterdir() if _is_member_dir(d)), key=lambda d: d.name)
     if not dirs:
@@ -100,7 +112,9 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         data = find_member_dataset(d)
         try:
             if data is not None:
-                p = prof.profile_dataset(data, tok_dst, cache=pfile, fields=fields, split=split)
+                p, fresh = prof.cached_profile(data, tok_use, cache=pfile, fields=fields, split=split)
+                if fresh:
+                    p.save(staged.path_for(pfile))
             elif pfile.is_file():
                 p = prof.Profile.load(pfile)
                 p.check_tokenizer(tok_hash, str(pfile))
@@ -161,7 +175,6 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         "members": members,
         "bank_hash": h.hexdigest(),
     }
-    write_json_atomic(bank_dir / BANK_FILE, doc)
     return doc
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from loramix.bank import peft_io
 from loramix.core.files import make_stage_dir
+from loramix.mixing import guard
 from loramix.bank.bank import Bank
 from loramix.version import __version__
 from loramix import weights as wts
@@ -59,16 +60,23 @@ class GenerateResult:
         }
 
 
-def check_output(out, bank: Bank, overwrite: bool) -> Path:
+def check_output(out, bank: Bank, overwrite: bool, protect=()) -> Path:
+    """``out`` as an absolute path, or :class:`OutputError` when it may not be written: inside
+    or holding the bank, existing without ``overwrite``, or existing but not replaceable
+    (:func:`loramix.mixing.guard.replace_refusal`: only an empty folder or a previous loramix
+    output is; ``protect``: more paths, e.g. the input datasets, it must not be or hold)."""
     out = Path(os.path.abspath(out))
-    if bank.contains(out):
+    real, bank_real = Path(os.path.realpath(out)), Path(os.path.realpath(bank.path))
+    if bank.contains(out) or bank_real in real.parents:
         raise OutputError(f"output {out} is inside the bank {bank.path}; choose a folder outside it")
-    if os.path.abspath(bank.path).startswith(str(out) + os.sep):
+    if os.path.abspath(bank.path).startswith(str(out) + os.sep) or guard.within(bank_real, real):
         raise OutputError(f"output {out} contains the bank {bank.path}")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise OutputError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
+    if os.path.lexists(out):
+        why = guard.replace_refusal(out, [bank.path, *protect])
+        if why:
+            raise OutputError(f"output {out} not replaced: {why}")
     return out
 
 
@@ -96,7 +104,11 @@ def _exchange(a: Path, b: Path) -> bool:
 def swap_in(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place. An existing output is swapped with it in one
     atomic step where the OS allows (then the old one, now at ``tmp``, is removed); elsewhere
-    the old output is moved aside first and removed last."""
+    the old output is moved aside first and removed last. The old output is checked again
+    (:func:`loramix.mixing.guard.replace_refusal`) right before: it may have changed since."""
+    why = guard.replace_refusal(out) if os.path.lexists(out) else None
+    if why:
+        raise OutputError(f"output {out} not replaced: {why}")
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)
         return
