@@ -380,3 +380,25 @@ def test_minibank_force_replaces_only_a_previous_mini_bank(tmp_path, monkeypatch
     with pytest.raises(FileExistsError, match="current folder"):
         build("default", ".", scale="tiny", force=True)
     assert (user / "thesis.txt").read_text() == "x"
+
+
+def test_profile_and_chart_outputs_never_replace_a_users_file(w, tmp_path):
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("four years of work")
+    r = _tiny.run_cli("profile", w.queries["music_q"], "--bank", w.bank, "-o", thesis)
+    _one_line_error(r, "thesis.txt", "not a loramix profile")
+    npz = tmp_path / "music.npz"
+    for _ in range(2):   # a profile replaces a profile
+        r = _tiny.run_cli("profile", w.queries["music_q"], "--bank", w.bank, "-o", npz)
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "o"
+    generate(w.queries["animals_q"], w.bank, out)
+    r = _tiny.run_cli("explain", out, "--png", thesis)
+    _one_line_error(r, "thesis.txt", "not an image file")
+    assert thesis.read_text() == "four years of work"
+    png = tmp_path / "chart.png"
+    for _ in range(2):   # a chart replaces a chart
+        r = _tiny.run_cli("explain", out, "--png", png)
+        assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

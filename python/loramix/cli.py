@@ -257,6 +257,7 @@ def _run(args) -> int:
             tok, fields = b.tokenizer_path, args.fields or b.fields
         else:
             tok, fields = args.tokenizer, args.fields or ("input", "output")
+        prof.Profile.check_target(args.out)   # before tokenizing: never over a user's file
         p = prof.build_profile(args.dataset, tok, fields=fields, split=args.split, progress=progress)
         p.save(args.out)
         _emit(args, {"out": args.out, "n_examples": p.n_examples, "n_tokens": p.n_tokens,

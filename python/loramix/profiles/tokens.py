@@ -109,6 +109,21 @@ class Profile:
                      header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **extra)
         return path
 
+    @staticmethod
+    def check_target(path) -> None:
+        """Refuse (:class:`ProfileError` naming it) to save a profile over anything but a
+        profile: ``loramix profile -o F`` never replaces a user's file."""
+        path = Path(path)
+        if path.is_symlink() or path.is_dir():
+            raise ProfileError(f"profile {path}: is a {'link' if path.is_symlink() else 'folder'}; "
+                               "give a new .npz file name")
+        if path.exists():
+            try:
+                Profile.load(path)
+            except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, it is not ours
+                raise ProfileError(f"profile {path}: exists and is not a loramix profile; not replaced "
+                                   f"({type(e).__name__})") from None
+
     @classmethod
     def load(cls, path) -> "Profile":
         try:
