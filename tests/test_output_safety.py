@@ -402,3 +402,32 @@ def test_profile_and_chart_outputs_never_replace_a_users_file(w, tmp_path):
         assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+_KILLED_BUILD = textwrap.dedent("""
+    import os, signal, sys
+    from loramix.core import files
+    def killed(self):   # everything is staged: die before the renames, as under SIGKILL
+        os.kill(os.getpid(), signal.SIGKILL)
+    files.StagedFiles.commit = killed
+    from loramix.bank.bank import build_bank
+    build_bank(sys.argv[1], sys.argv[2])
+""")
+
+
+def test_temporary_files_of_a_killed_build_are_cleaned_and_the_bank_kept(w, tmp_path):
+    bank = _bank_copy(w, tmp_path)
+    tok2 = _tiny.build_tokenizer(tmp_path / "tok2")     # same vocabulary, other bytes: all staged anew
+    tok2.write_text(tok2.read_text() + "\n")
+    before = _tree(bank)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_tiny.PKG_PARENT), str(_tiny.ROOT / "tests")]))
+    r = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(bank), str(tok2)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = sorted(str(p.relative_to(bank)) for p in bank.rglob(".*.tmp"))
+    assert len(left) == 2 + 4, left          # tokenizer.json, bank.json, 4 profiles
+    assert {k: v for k, v in _tree(bank).items() if k not in left} == before
+    res = generate(w.queries["animals_q"], bank, tmp_path / "o")        # the old bank still works
+    assert np.isclose(res.weights.sum(), 1)
+    build_bank(bank, w.tokenizer)
+    assert list(bank.rglob(".*")) == [] and _tree(bank) == before

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from loramix.core.files import StagedFiles
+from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
 from loramix.bank import peft_io
@@ -99,6 +99,7 @@ def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress
         it = tqdm(dirs, desc="bank build", unit="member", file=__import__("sys").stderr)
     skipped = []
     for d in it:
+        clean_stale_stages(d)   # temporary files of a build that was killed
         w = d / peft_io.WEIGHTS_NAME
         if not w.is_file() or w.stat().st_size == 0:
             skipped.append(d.name)

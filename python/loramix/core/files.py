@@ -6,10 +6,11 @@ memory-mapped is never truncated in place. ``tempfile`` creates files 0600 and f
 loramix gives them the permissions ordinary tools give (``0666 & ~umask``, ``0777 & ~umask``),
 so a bank written by one user stays readable by the others and by Dask workers.
 
-Staging folders carry their owner in their name (``.NAME.tmp-PID-HOST-XXXX``): a folder left by
-a process that was killed (SIGKILL, power loss) is removed by the next run that stages next to
-it, once that owner is known to be gone (same host, and a dead PID or another boot). A folder
-of a live process, or of another host sharing the file system, is never touched.
+Staging folders and temporary files carry their owner in their name
+(``.NAME.tmp-PID-HOST-XXXX``): one left by a process that was killed (SIGKILL, power loss) is
+removed by the next run that writes next to it, once that owner is known to be gone (same host,
+and a dead PID or another boot). Those of a live process, or of another host sharing the file
+system, are never touched.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def atomic_path(path, *, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path`` (with
     umask permissions), on any exception it is removed and ``path`` is left untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = _mkstemp_owned(path, suffix)
     os.close(fd)
     try:
         yield tmp
@@ -69,6 +70,14 @@ def atomic_path(path, *, suffix: str = ".tmp") -> Iterator[str]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _mkstemp_owned(path: Path, suffix: str = ".tmp"):
+    """``mkstemp`` next to ``path``, named ``.NAME.tmp-PID-HOST-XXXX.tmp`` (its owner, so a file
+    left by a killed process is removed by the next write there); stale ones are removed first."""
+    clean_stale_stages(path.parent)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-{_host_tag()}-",
+                            suffix=suffix)
 
 
 def atomic_write(path, data: bytes | str) -> Path:
@@ -102,7 +111,7 @@ def make_stage_dir(parent, name: str) -> Path:
 #: stages (an adapter's files, temporary files).
 STAGE_LEGACY_AGE_S = 24 * 3600
 
-_STAGE_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?P<boot>[0-9a-f]{6})-[a-z0-9_]+$")
+_STAGE_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?P<boot>[0-9a-f]{6})-[a-z0-9_]{8}(\.tmp)?$")
 _LEGACY_RE = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}$")
 _STAGED_NAMES = {"adapter_config.json", "adapter_model.safetensors", "loramix.json", "README.md",
                  "weights.png", "bank.json", "tokenizer.json"}
@@ -161,10 +170,12 @@ def _legacy_stale(d: Path) -> bool:
 
 
 def clean_stale_stages(parent) -> list[Path]:
-    """Remove the staging folders in ``parent`` whose owner process is gone; returns them.
+    """Remove the staging folders and temporary files in ``parent`` whose owner process is
+    gone; returns them.
 
-    Only loramix's own names count (``.NAME.tmp-PID-HOST-XXXX``); a folder of a live process or
-    of another host is kept. Best effort: a folder that cannot be removed is left."""
+    Only loramix's own names count (``.NAME.tmp-PID-HOST-XXXX``, files with ``.tmp`` after it);
+    those of a live process or of another host are kept. Best effort: what cannot be removed
+    is left."""
     removed = []
     me = _host_tag()
     try:
@@ -176,6 +187,9 @@ def clean_stale_stages(parent) -> list[Path]:
         try:
             if e.is_dir(follow_symlinks=False) and _stale(e, me):
                 shutil.rmtree(e.path)
+                removed.append(Path(e.path))
+            elif e.is_file(follow_symlinks=False) and _STAGE_RE.match(e.name) and _stale(e, me):
+                os.unlink(e.path)   # a temporary file (atomic write) of a killed process
                 removed.append(Path(e.path))
         except OSError:
             pass
@@ -218,7 +232,7 @@ class StagedFiles:
     def path_for(self, target) -> Path:
         """A new temporary file next to ``target``, renamed over it on commit."""
         target = Path(target)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = _mkstemp_owned(target)
         os.close(fd)
         self._items.append((Path(tmp), target))
         return Path(tmp)
