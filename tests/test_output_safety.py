@@ -431,3 +431,27 @@ def test_temporary_files_of_a_killed_build_are_cleaned_and_the_bank_kept(w, tmp_
     assert np.isclose(res.weights.sum(), 1)
     build_bank(bank, w.tokenizer)
     assert list(bank.rglob(".*")) == [] and _tree(bank) == before
+
+
+def test_dask_batches_replace_only_loramix_outputs(w, tmp_path):
+    from dask.distributed import Client, LocalCluster
+
+    qs = [w.queries["animals_q"], w.queries["music_q"]]
+    out = tmp_path / "many"
+    cluster = LocalCluster(n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1",
+                           dashboard_address=None,
+                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
+    try:
+        with Client(cluster, set_as_default=False) as c:
+            generate(qs, w.bank, out, client=c)
+            (out / "music_q" / "notes.txt").write_text("mine")      # a finished output, with a user's file
+            res = generate(qs, w.bank, out, client=c)              # skipped, not replaced: fine
+            assert [r.status for r in res] == ["skipped", "skipped"]
+            (out / "animals_q" / "adapter_model.safetensors").write_bytes(b"damaged")
+            user = out / "animals_q"
+            (user / "thesis.txt").write_text("x")
+            with pytest.raises(OutputError, match="animals_q not replaced: .*thesis.txt"):
+                generate(qs, w.bank, out, client=c, overwrite=True)
+            assert (user / "thesis.txt").read_text() == "x" and (out / "music_q" / "notes.txt").is_file()
+    finally:
+        cluster.close()

@@ -60,11 +60,12 @@ class GenerateResult:
         }
 
 
-def check_output(out, bank: Bank, overwrite: bool, protect=()) -> Path:
+def check_output(out, bank: Bank, overwrite: bool, protect=(), *, replace: bool = True) -> Path:
     """``out`` as an absolute path, or :class:`OutputError` when it may not be written: inside
-    or holding the bank, existing without ``overwrite``, or existing but not replaceable
-    (:func:`loramix.mixing.guard.replace_refusal`: only an empty folder or a previous loramix
-    output is; ``protect``: more paths, e.g. the input datasets, it must not be or hold)."""
+    or holding the bank, existing without ``overwrite``, or (``replace``: it would be replaced)
+    existing but not replaceable (:func:`loramix.mixing.guard.replace_refusal`: only an empty
+    folder or a previous loramix output is; ``protect``: more paths, e.g. the input datasets, it
+    must not be or hold)."""
     out = Path(os.path.abspath(out))
     real, bank_real = Path(os.path.realpath(out)), Path(os.path.realpath(bank.path))
     if bank.contains(out) or bank_real in real.parents:
@@ -73,7 +74,7 @@ def check_output(out, bank: Bank, overwrite: bool, protect=()) -> Path:
         raise OutputError(f"output {out} contains the bank {bank.path}")
     if os.path.lexists(out) and not overwrite:
         raise OutputError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if os.path.lexists(out):
+    if replace and os.path.lexists(out):
         why = guard.replace_refusal(out, [bank.path, *protect])
         if why:
             raise OutputError(f"output {out} not replaced: {why}")
