@@ -455,3 +455,18 @@ def test_dask_batches_replace_only_loramix_outputs(w, tmp_path):
             assert (user / "thesis.txt").read_text() == "x" and (out / "music_q" / "notes.txt").is_file()
     finally:
         cluster.close()
+
+
+def test_leftovers_of_a_previous_boot_go_and_other_pid_namespaces_stay(tmp_path):
+    mine = files.make_stage_dir(tmp_path, "mine")                  # .mine.tmp-PID-TAG-XXXXXXXX
+    pid, tag = mine.name.split(".tmp-")[1].split("-")[:2]
+    assert pid == str(os.getpid()) and len(tag) == 14
+    boot = "000000" if tag[8:] != "000000" else "111111"
+    old_boot = tmp_path / f".o.tmp-{os.getpid()}-{tag[:8]}{boot}-abcdefgh"   # even a live PID's number
+    old_boot.mkdir()
+    old_file = tmp_path / f".bank.json.tmp-{os.getpid()}-{tag[:8]}{boot}-abcdefgh.tmp"
+    old_file.write_text("{}")
+    other_ns = tmp_path / f".o.tmp-999999-{'0' if tag[0] != '0' else '1'}{tag[1:]}-abcdefgh"
+    other_ns.mkdir()
+    assert sorted(files.clean_stale_stages(tmp_path)) == sorted([old_boot, old_file])
+    assert mine.is_dir() and other_ns.is_dir()

@@ -125,11 +125,19 @@ def _boot_id() -> str:
         return ""
 
 
-def _host_tag(host: str | None = None, boot: str | None = None) -> str:
-    """8 hex digits of the host name, then 6 of the boot id: who owns a staging folder."""
-    host = socket.gethostname() if host is None else host
-    boot = _boot_id() if boot is None else boot
-    return hashlib.sha1(host.encode()).hexdigest()[:8] + hashlib.sha1(boot.encode()).hexdigest()[:6]
+def _pid_namespace() -> str:
+    """The PID namespace (containers on one host sharing a volume number PIDs apart)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _host_tag() -> str:
+    """8 hex digits of the host name and PID namespace (where this process's PIDs mean
+    something), then 6 of the boot id: who owns a staging folder."""
+    host = f"{socket.gethostname()}\0{_pid_namespace()}"
+    return hashlib.sha1(host.encode()).hexdigest()[:8] + hashlib.sha1(_boot_id().encode()).hexdigest()[:6]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -146,7 +154,7 @@ def _stale(entry: os.DirEntry, me: str) -> bool:
     m = _STAGE_RE.match(entry.name)
     if m is not None:
         if m["host"] != me[:8]:
-            return False            # another machine's process: its PIDs mean nothing here
+            return False            # another machine's (or container's) process: its PIDs mean nothing here
         if m["boot"] != me[8:]:
             return True             # this machine rebooted since: the owner is gone
         return int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
