@@ -470,3 +470,21 @@ def test_leftovers_of_a_previous_boot_go_and_other_pid_namespaces_stay(tmp_path)
     other_ns.mkdir()
     assert sorted(files.clean_stale_stages(tmp_path)) == sorted([old_boot, old_file])
     assert mine.is_dir() and other_ns.is_dir()
+
+
+def test_bank_pull_replaces_only_a_dataset_folder_it_placed(w, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from loramix.bank import hub
+    from test_generate import _fake_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repos = _fake_hub(tmp_path / "hf", w)
+    kw = dict(datasets=["Lots-of-LoRAs/task001_food_generation"], cache_dir=tmp_path / "hf" / "hub")
+    hub.pull(repos[:1], tmp_path / "bank", **kw)
+    hub.pull(repos[:1], tmp_path / "bank", **kw)          # a previous pull's folder: replaced
+    data = tmp_path / "bank" / "Mistral-tiny-r4-task000" / "dataset"
+    mine = data / "my_extra_examples.jsonl"
+    mine.write_text('{"input": "a", "output": ["b"]}\n')
+    with pytest.raises(hub.HubError, match="my_extra_examples.jsonl"):
+        hub.pull(repos[:1], tmp_path / "bank", **kw)
+    assert mine.is_file() and (data / "data" / "train-00000-of-00001.parquet").is_file()
