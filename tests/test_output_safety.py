@@ -488,3 +488,21 @@ def test_bank_pull_replaces_only_a_dataset_folder_it_placed(w, tmp_path, monkeyp
     with pytest.raises(hub.HubError, match="my_extra_examples.jsonl"):
         hub.pull(repos[:1], tmp_path / "bank", **kw)
     assert mine.is_file() and (data / "data" / "train-00000-of-00001.parquet").is_file()
+
+
+def test_eval_results_folder_of_someone_else_is_not_written_into(tmp_path):
+    from loramix.evaluation import loo
+
+    cfg = {k: None for k in loo.RESULT_KEYS}
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "results.csv").write_text("their,numbers\n")
+    with pytest.raises(ValueError, match="holds results.csv but no run.json"):
+        loo._check_run(theirs, cfg)
+    assert (theirs / "results.csv").read_text() == "their,numbers\n" and not (theirs / "run.json").exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "notes.txt").write_text("x")          # other files: the run only adds its own
+    loo._check_run(fresh, cfg)
+    loo._check_run(fresh, cfg)                     # a resumed run
+    assert (fresh / "run.json").is_file()

@@ -16,7 +16,8 @@ from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
 from loramix import weights as wts
-from loramix.bank.bank import Bank
+from loramix.bank import integrity
+from loramix.bank.bank import Bank, BankError
 from loramix.mixing.local import mix_adapters
 from loramix.mixing.output import GenerateResult, OutputError, check_output
 
@@ -38,7 +39,8 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
-             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None):
+             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
+             verify: bool = False):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
@@ -56,9 +58,15 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
     (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
     metrics it was trained with (``metric`` is then ignored).
+    ``verify``: first check every byte of the members' weights and configs against the SHA-256
+    recorded at build (:func:`loramix.bank.integrity.verify`); the provenance then says so.
     """
     dist = scheduler is not None or client is not None
     bank = Bank.coerce(bank)
+    if verify:
+        bad = integrity.verify(bank)
+        if bad:
+            raise BankError(f"bank {bank.path}: " + "; ".join(bad))
     many = isinstance(dataset, (list, tuple))
     items = list(dataset) if many else [dataset]
     if not items:
@@ -138,7 +146,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              "exclude": names_q[q], "distances": D[q],
              "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
              any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
-             "combiner": popts.get("combiner_path"),
+             "combiner": popts.get("combiner_path"), "verified": verify or None,
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
     mixer, kw = mix_adapters, {}

@@ -30,7 +30,8 @@ import numpy as np
 from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
-from loramix.bank import peft_io
+from loramix.bank import integrity, peft_io
+from loramix.bank.integrity import file_sha256
 from loramix.profiles import tokens as prof
 
 BANK_FILE = "bank.json"
@@ -43,12 +44,6 @@ class BankError(ValueError):
     """A bank that cannot be used; the message names every bad member and its problem."""
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _is_member_dir(d: Path) -> bool:
@@ -104,10 +99,17 @@ def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress
         if not w.is_file() or w.stat().st_size == 0:
             skipped.append(d.name)
             continue
+        why = integrity.path_problem(bank_dir, d.name, f"member {d.name!r}: folder")
+        if why:
+            problems.append(why)
+            continue
         try:
             spec = peft_io.read_adapter(d, d.name)
+            why = integrity.nonfinite_problem(spec, _open_weights(w, d.name))
         except peft_io.AdapterError as e:
-            problems.append(str(e))
+            why = str(e)
+        if why:
+            problems.append(why)
             continue
         pfile = d / PROFILE_NAME
         data = find_member_dataset(d)
@@ -145,6 +147,7 @@ def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress
             "config_sha256": file_sha256(d / peft_io.CONFIG_NAME),
             "weights_sha256": file_sha256(d / peft_io.WEIGHTS_NAME),
             "weights_size": (d / peft_io.WEIGHTS_NAME).stat().st_size,
+            "weights_sig": integrity.weights_signature(d / peft_io.WEIGHTS_NAME),
         })
     problems += _fit_problems(specs, base_model)
     if problems:
@@ -177,6 +180,15 @@ def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress
         "bank_hash": h.hexdigest(),
     }
     return doc
+
+
+def _open_weights(w: Path, name: str):
+    from loramix.core import tensors
+
+    try:
+        return tensors.SafetensorsFile(str(w))
+    except (ValueError, OSError) as e:
+        raise peft_io.AdapterError(f"member {name!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
 
 
 def same_base_model(a: str | None, b: str | None) -> bool:
@@ -295,13 +307,26 @@ class Bank:
             raise BankError(f"bank {path}: {BANK_FILE} is not valid JSON ({e})") from None
         if doc.get("format") != BANK_FORMAT:
             raise BankError(f"bank {path}: {BANK_FILE} format {doc.get('format')} is not {BANK_FORMAT}")
+        why = integrity.path_problem(path, doc["tokenizer"]["file"], "tokenizer file")
+        if why:
+            raise BankError(f"bank {path}: {BANK_FILE}: {why}")
         tok = path / doc["tokenizer"]["file"]
         if not tok.is_file():
             raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
         if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
             raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
         members, skipped, problems, specs = [], [], [], []
+        dup = integrity.duplicate_names(doc["members"])
+        if dup:
+            raise BankError(f"bank {path}: {BANK_FILE} lists member(s) {', '.join(map(repr, dup))} more than "
+                            "once; member names must be unique (rebuild the bank)")
         for info in doc["members"]:
+            bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}",
+                                                      links_out=k == "dataset")
+                               for k in ("path", "profile", "dataset") if k != "dataset" or info.get(k)) if w]
+            if bad:
+                problems += bad
+                continue
             d = path / info["path"]
             w = d / peft_io.WEIGHTS_NAME
             if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
@@ -319,9 +344,9 @@ class Bank:
             except peft_io.AdapterError as e:
                 problems.append(str(e))
                 continue
-            if check and w.stat().st_size != info.get("weights_size", w.stat().st_size):
-                problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
-                                "the bank was built; rebuild the bank")
+            why = integrity.changed_problem(info["name"], w, info) if check else None
+            if why:
+                problems.append(why)
                 continue
             pp = path / info["profile"]
             if not pp.is_file():
@@ -397,6 +422,11 @@ class Bank:
             for m in self.members:
                 p = prof.Profile.load(m.profile_path)
                 p.check_tokenizer(self.tokenizer_hash, str(m.profile_path))
+                want = m.info.get("dataset_hash")
+                if want and p.dataset_hash != want:
+                    raise BankError(f"bank {self.path}: member {m.name!r}: {m.profile_path.name} is of another "
+                                    f"dataset (hash {p.dataset_hash[:12]}, {BANK_FILE} says {want[:12]}); it was "
+                                    "replaced after the build: rebuild the bank")
                 ps.append(p)
             self._profiles = prof.stack(ps, max(self.vocab_size, max(p.vocab_size for p in ps)))
         return self._profiles

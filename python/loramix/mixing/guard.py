@@ -97,3 +97,21 @@ def replace_refusal(out, protected: Iterable = ()) -> str | None:
 def _some(names: list[str], k: int = 4) -> str:
     more = len(names) - k
     return ", ".join(names[:k]) + (f" and {more} more" if more > 0 else "")
+
+
+def nonfinite_tensor(path) -> tuple[str, int] | None:
+    """``(tensor, flat index)`` of the first NaN or infinite value in the safetensors file
+    ``path`` (a staged output), or None: a non-finite output is never swapped into place."""
+    from loramix.bank.integrity import first_nonfinite
+    from loramix.core import tensors
+
+    f = tensors.SafetensorsFile(str(path))
+    try:
+        for key in f.keys():
+            if f.dtype(key) in ("F32", "F16", "BF16"):
+                i = first_nonfinite(f.numpy(key), f.dtype(key))
+                if i is not None:
+                    return key, i
+    finally:
+        f.close()
+    return None

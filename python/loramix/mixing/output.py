@@ -154,6 +154,11 @@ def weights_metadata(bank: Bank, mode: str) -> dict:
 def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
                  extra: dict) -> GenerateResult:
     """Write config, provenance and card of one output into its stage folder (weights are there)."""
+    bad = guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
+    if bad:
+        raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
+                          "a member used holds NaN/inf (rebuild the bank to find it) or the sum overflows; "
+                          "nothing written")
     used = [bank.members[i].spec for i in info.members]
     used_with_modules = [s for s in used if any(m in info.ranks for m in s.modules)]
     tm = peft_io.target_modules_for(list(info.ranks), used_with_modules)
@@ -179,7 +184,7 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
-    for k in ("metric_options", "combiner"):   # cosine's encoder options, neural's model
+    for k in ("metric_options", "combiner", "verified"):   # cosine's encoder options, neural's model, --verify
         if extra.get(k):
             d[k] = extra[k]
     return d
