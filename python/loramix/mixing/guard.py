@@ -67,7 +67,11 @@ def replace_refusal(out, protected: Iterable = ()) -> str | None:
     if not out.is_dir():
         return "it exists and is not a folder"
     real = _real(out)
-    if within(_real(os.getcwd()), real):
+    try:
+        cwd = _real(os.getcwd())
+    except OSError:   # the current folder was removed: nothing of it to protect
+        cwd = None
+    if cwd is not None and within(cwd, real):
         return "it is the current folder or holds it"
     for p in protected:
         if p is None:
