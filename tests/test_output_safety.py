@@ -453,6 +453,11 @@ def test_dask_batches_replace_only_loramix_outputs(w, tmp_path):
             with pytest.raises(OutputError, match="animals_q not replaced: .*thesis.txt"):
                 generate(qs, w.bank, out, client=c, overwrite=True)
             assert (user / "thesis.txt").read_text() == "x" and (out / "music_q" / "notes.txt").is_file()
+            from loramix.mixing import distributed   # the API below generate(): refused at the swap
+            with pytest.raises(OutputError, match="not replaced: .*thesis.txt"):
+                distributed.mix_adapters(w.bank, np.array([0.25] * 4), [user], client=c, overwrite=True)
+            assert (user / "thesis.txt").read_text() == "x"
+            assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     finally:
         cluster.close()
 

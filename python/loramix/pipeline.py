@@ -83,7 +83,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         outs = [out]
     inputs = [it for it in items if isinstance(it, (str, Path))]
     for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
-        check_output(o, bank, overwrite or dist, protect=inputs, replace=not dist)
+        check_output(o, bank, overwrite or dist, protect=inputs, replace=overwrite or not dist)
     created = missing_dirs(out if many else out.parent)   # removed again if the run fails
     fields = tuple(fields) if fields else bank.fields
     if metric not in wts.METRICS:
