@@ -201,11 +201,11 @@ def test_failed_build_with_a_non_tokenizer_file_leaves_the_bank(w, tmp_path):
     cfg.parent.mkdir()
     cfg.write_text(json.dumps({"model_max_length": 32768, "tokenizer_class": "LlamaTokenizer"}))
     before = _tree(bank)
-    with pytest.raises(ProfileError, match="tokenizer_config.json: not a HF `tokenizers` tokenizer.json"):
+    with pytest.raises(ProfileError, match="tokenizer_config.json: not a tokenizer.json the `tokenizers` library can load"):
         build_bank(bank, cfg)
     assert _tree(bank) == before
     r = _tiny.run_cli("bank", "build", bank, "--tokenizer", cfg)
-    _one_line_error(r, "tokenizer_config.json", "not a HF")
+    _one_line_error(r, "tokenizer_config.json", "not a tokenizer.json")
     assert _tree(bank) == before
     res = generate(w.queries["animals_q"], bank, tmp_path / "out")     # the bank still works
     assert np.isclose(res.weights.sum(), 1)

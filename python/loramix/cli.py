@@ -283,10 +283,10 @@ def _run(args) -> int:
         many = len(args.datasets) > 1
         res = generate(args.datasets if many else args.datasets[0], args.bank, args.out,
                        pipeline=args.pipeline, metric=args.metric, mode=args.mode, top_k=args.top_k,
-                       temperature=args.temperature, dtype=args.dtype, rank=args.rank,
+                       temperature=args.temperature, dtype=args.dtype, rank=args.rank, verify=args.verify,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
-                       scheduler=args.scheduler, verify=args.verify,
+                       scheduler=args.scheduler,
                        metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
                                        if v is not None},
                        pipeline_options={"combiner": args.combiner} if args.combiner else None)

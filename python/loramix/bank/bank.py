@@ -30,9 +30,10 @@ import numpy as np
 from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
-from loramix.bank import integrity, peft_io
-from loramix.bank.integrity import file_sha256
+from loramix.bank import peft_io
 from loramix.profiles import tokens as prof
+from loramix.bank import integrity
+from loramix.bank.integrity import file_sha256
 
 BANK_FILE = "bank.json"
 BANK_FORMAT = 1

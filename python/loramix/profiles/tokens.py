@@ -47,17 +47,15 @@ def tokenizer_hash(path) -> str:
 
 
 def load_tokenizer(path):
-    """The ``tokenizers.Tokenizer`` in ``path`` (a ``tokenizer.json`` or a folder holding one);
-    :class:`ProfileError` naming the file when it is not one (the library raises a bare
-    ``Exception``)."""
     from tokenizers import Tokenizer
 
     f = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(f))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for any bad file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ProfileError(f"tokenizer {f}: not a HF `tokenizers` tokenizer.json ({first})") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ProfileError(f"tokenizer {f}: not a tokenizer.json the `tokenizers` library can load "
+                           f"({msg}); give the model's tokenizer.json (not tokenizer_config.json)") from None
     tok.no_truncation()
     tok.no_padding()
     return tok
