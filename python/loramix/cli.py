@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokenizer", default=None, help="build the bank afterwards with this tokenizer")
     i = bsub.add_parser("info", help="what a bank holds", parents=[common])
     i.add_argument("dir")
+    bv = bsub.add_parser("verify", help="check every member byte against the hashes recorded at build",
+                         parents=[common])
+    bv.add_argument("dir")
     tc = bsub.add_parser("train-combiner", help="train the bank's neural combiner (pipeline neural)",
                          parents=[common])
     tc.add_argument("dir")
@@ -107,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
     ge.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    ge.add_argument("--verify", action="store_true", help="first check every bank member byte (bank verify)")
     ge.add_argument("--encoder", default=None, help="metric cosine: a BERT-family encoder folder (default MiniLM)")
     ge.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="metric cosine: int8 encoder")
     ge.add_argument("--combiner", default=None, help="pipeline neural: combiner .onnx (default BANK/combiner.onnx)")
@@ -221,6 +225,15 @@ def _run(args) -> int:
                 from loramix.profiles import embeddings as semantic
 
                 semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize)
+        elif args.bank_cmd == "verify":
+            from loramix.bank import integrity
+
+            b = bankmod.Bank.open(args.dir)
+            bad = integrity.verify(b)
+            if bad:
+                raise bankmod.BankError(f"bank {args.dir}: " + "; ".join(bad))
+            _emit(args, {"bank": args.dir, "members": len(b.members), "ok": True},
+                  f"bank {args.dir}: {len(b.members)} members match the hashes recorded at build")
         elif args.bank_cmd == "train-combiner":
             from loramix.weights import neural
 
@@ -257,6 +270,7 @@ def _run(args) -> int:
             tok, fields = b.tokenizer_path, args.fields or b.fields
         else:
             tok, fields = args.tokenizer, args.fields or ("input", "output")
+        prof.Profile.check_target(args.out)   # before tokenizing: never over a user's file
         p = prof.build_profile(args.dataset, tok, fields=fields, split=args.split, progress=progress)
         p.save(args.out)
         _emit(args, {"out": args.out, "n_examples": p.n_examples, "n_tokens": p.n_tokens,
@@ -269,7 +283,7 @@ def _run(args) -> int:
         many = len(args.datasets) > 1
         res = generate(args.datasets if many else args.datasets[0], args.bank, args.out,
                        pipeline=args.pipeline, metric=args.metric, mode=args.mode, top_k=args.top_k,
-                       temperature=args.temperature, dtype=args.dtype, rank=args.rank,
+                       temperature=args.temperature, dtype=args.dtype, rank=args.rank, verify=args.verify,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
                        scheduler=args.scheduler,

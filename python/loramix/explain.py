@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from loramix.core.files import atomic_path
 from loramix.mixing.output import PROVENANCE_NAME
 
 
@@ -36,6 +38,26 @@ def format_text(prov: dict, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+#: How the image files a chart may replace begin (PNG, JPEG, PDF, SVG): a chart written before.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"%PDF", b"<?xml", b"<svg")
+
+
+def check_chart_target(png) -> None:
+    """Refuse (:class:`ExplainError` naming it) to write a chart over anything but an image file: a
+    ``--png`` pointed at a user's file never replaces it."""
+    png = Path(png)
+    if png.is_dir():
+        raise ExplainError(f"chart {png}: is a folder; give a file name such as {png / 'weights.png'}")
+    if png.is_symlink():
+        raise ExplainError(f"chart {png}: is a symbolic link; not replaced (choose another --png path)")
+    if png.exists():
+        with open(png, "rb") as fh:
+            head = fh.read(8)
+        if not head.startswith(_IMAGE_MAGIC):
+            raise ExplainError(f"chart {png}: exists and is not an image file; not replaced "
+                               "(choose another --png path)")
+
+
 def plot(prov: dict, png, top: int = 20) -> Path:
     """Horizontal bar chart of the top weights (matplotlib, Agg backend)."""
     import matplotlib
@@ -51,7 +73,9 @@ def plot(prov: dict, png, top: int = 20) -> Path:
         ax.set_title(f"loramix: {prov.get('mode')} / {prov.get('pipeline')} / {prov.get('metric')}")
         fig.tight_layout()
         png = Path(png)
-        fig.savefig(png, dpi=100)
+        check_chart_target(png)
+        with atomic_path(png) as tmp:   # a temporary file, renamed over png when complete
+            fig.savefig(tmp, dpi=100, format=png.suffix[1:].lower() or "png")
     finally:
         plt.close(fig)
     return png

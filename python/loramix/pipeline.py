@@ -12,10 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
 from loramix import weights as wts
-from loramix.bank.bank import Bank
+from loramix.bank import integrity
+from loramix.bank.bank import Bank, BankError
 from loramix.mixing.local import mix_adapters
 from loramix.mixing.output import GenerateResult, OutputError, check_output
 
@@ -37,7 +39,8 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
-             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None):
+             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
+             verify: bool = False):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
@@ -55,9 +58,15 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
     (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
     metrics it was trained with (``metric`` is then ignored).
+    ``verify``: first check every byte of the members' weights and configs against the SHA-256
+    recorded at build (:func:`loramix.bank.integrity.verify`); the provenance then says so.
     """
     dist = scheduler is not None or client is not None
     bank = Bank.coerce(bank)
+    if verify:
+        bad = integrity.verify(bank)
+        if bad:
+            raise BankError(f"bank {bank.path}: " + "; ".join(bad))
     many = isinstance(dataset, (list, tuple))
     items = list(dataset) if many else [dataset]
     if not items:
@@ -72,8 +81,10 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         outs = [out / n for n in names]
     else:
         outs = [out]
+    inputs = [it for it in items if isinstance(it, (str, Path))]
     for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
-        check_output(o, bank, overwrite or dist)
+        check_output(o, bank, overwrite or dist, protect=inputs, replace=overwrite or not dist)
+    created = missing_dirs(out if many else out.parent)   # removed again if the run fails
     fields = tuple(fields) if fields else bank.fields
     if metric not in wts.METRICS:
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
@@ -135,7 +146,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              "exclude": names_q[q], "distances": D[q],
              "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
              any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
-             "combiner": popts.get("combiner_path"),
+             "combiner": popts.get("combiner_path"), "verified": verify or None,
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
     mixer, kw = mix_adapters, {}
@@ -143,6 +154,10 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         from loramix.mixing import distributed
         mixer, kw = distributed.mix_adapters, dict(scheduler=scheduler, client=client,
                                                    **(distributed_options or {}))
-    results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
-                    provenance=prov, progress=progress, **kw)
+    try:
+        results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
+                        provenance=prov, progress=progress, **kw)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     return results if many else results[0]

@@ -426,7 +426,7 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     dtype_name = mixmod.normalize_dtype(dtype, bank.dtype)
     infos = mixmod.plan(bank, W, mode, rank)
     keys = [target_key(bank.hash, W[q], mode, rank, dtype_name) for q in range(len(outs))]
-    outs = [check_output(o, bank, True) for o in outs]
+    outs = [check_output(o, bank, True, replace=False) for o in outs]   # replaced ones: swap_in checks
     if len(set(outs)) != len(outs):
         raise OutputError("two outputs share one path")
     todo = []

@@ -49,7 +49,13 @@ def tokenizer_hash(path) -> str:
 def load_tokenizer(path):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_file(path)))
+    f = tokenizer_file(path)
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ProfileError(f"tokenizer {f}: not a tokenizer.json the `tokenizers` library can load "
+                           f"({msg}); give the model's tokenizer.json (not tokenizer_config.json)") from None
     tok.no_truncation()
     tok.no_padding()
     return tok
@@ -100,6 +106,21 @@ class Profile:
             np.savez(fh, ids=self.ids.astype(np.int64), counts=self.counts.astype(np.int64),
                      header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **extra)
         return path
+
+    @staticmethod
+    def check_target(path) -> None:
+        """Refuse (:class:`ProfileError` naming it) to save a profile over anything but a
+        profile: ``loramix profile -o F`` never replaces a user's file."""
+        path = Path(path)
+        if path.is_symlink() or path.is_dir():
+            raise ProfileError(f"profile {path}: is a {'link' if path.is_symlink() else 'folder'}; "
+                               "give a new .npz file name")
+        if path.exists():
+            try:
+                Profile.load(path)
+            except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, it is not ours
+                raise ProfileError(f"profile {path}: exists and is not a loramix profile; not replaced "
+                                   f"({type(e).__name__})") from None
 
     @classmethod
     def load(cls, path) -> "Profile":
@@ -163,12 +184,23 @@ def profile_dataset(dataset, tokenizer, *, cache=None, fields: Iterable[str] = d
     """A profile of ``dataset``; ``cache`` (a ``.npz`` path) is reused when the tokenizer and the
     dataset are unchanged (same files, sizes and mtimes, or same content hash), else rebuilt and
     rewritten. A ``.npz`` given as ``dataset`` is loaded and checked against the tokenizer."""
+    prof, fresh = cached_profile(dataset, tokenizer, cache=cache, fields=fields, split=split,
+                                 progress=progress)
+    if fresh and cache is not None:
+        prof.save(cache)
+    return prof
+
+
+def cached_profile(dataset, tokenizer, *, cache=None, fields: Iterable[str] = ds.DEFAULT_FIELDS,
+                   split: str = "train", progress: bool = False) -> tuple[Profile, bool]:
+    """:func:`profile_dataset` without writing anything: ``(profile, fresh)``, ``fresh`` when it
+    was built (``cache`` missing or stale) and so is for the caller to save."""
     fields = tuple(fields)
     tok_hash = tokenizer_hash(tokenizer)
     if Path(dataset).suffix == ".npz":
         prof = Profile.load(dataset)
         prof.check_tokenizer(tok_hash, str(dataset))
-        return prof
+        return prof, False
     if cache is not None and Path(cache).is_file():
         try:
             prof = Profile.load(cache)
@@ -176,13 +208,10 @@ def profile_dataset(dataset, tokenizer, *, cache=None, fields: Iterable[str] = d
             prof = None
         if prof is not None and prof.tokenizer_hash == tok_hash and tuple(prof.fields) == fields:
             if prof.fingerprint == ds.fingerprint(dataset, split):
-                return prof
+                return prof, False
             if prof.dataset_hash == ds.content_hash(dataset, split, fields):
-                return prof
-    prof = build_profile(dataset, tokenizer, fields=fields, split=split, progress=progress)
-    if cache is not None:
-        prof.save(cache)
-    return prof
+                return prof, False
+    return build_profile(dataset, tokenizer, fields=fields, split=split, progress=progress), True
 
 
 def stack(profiles, vocab_size: int | None = None):
