@@ -31,7 +31,7 @@ import numpy as np
 from loramix.core.files import write_json_atomic
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
-from loramix.bank import peft_io
+from loramix.bank import peft_io, schema
 from loramix.profiles import tokens as prof
 
 BANK_FILE = "bank.json"
@@ -279,6 +279,9 @@ class Bank:
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BankError(f"bank {path}: {BANK_FILE} is not valid JSON ({e})") from None
+        bad = schema.problems(doc, BANK_FILE)
+        if bad and not (isinstance(doc, dict) and doc.get("format") not in (None, BANK_FORMAT)):
+            raise BankError(f"bank {path}: " + "; ".join(bad))
         if doc.get("format") != BANK_FORMAT:
             raise BankError(f"bank {path}: {BANK_FILE} format {doc.get('format')} is not {BANK_FORMAT}")
         tok = path / doc["tokenizer"]["file"]

@@ -50,7 +50,13 @@ def tokenizer_hash(path) -> str:
 def load_tokenizer(path):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_file(path)))
+    f = tokenizer_file(path)
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ProfileError(f"tokenizer {f}: not a tokenizer.json the `tokenizers` library can load "
+                           f"({msg}); give the model's tokenizer.json (not tokenizer_config.json)") from None
     tok.no_truncation()
     tok.no_padding()
     return tok
@@ -109,10 +115,16 @@ class Profile:
                 header = json.loads(bytes(z["header"]).decode())
                 ids, counts = z["ids"], z["counts"]
                 emb = z["embedding"] if "embedding" in z.files else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, __import__("zipfile").BadZipFile) as e:
             raise ProfileError(f"profile {path}: unreadable ({e})") from None
+        if not isinstance(header, dict):
+            raise ProfileError(f"profile {path}: its header is not a JSON object")
         if header.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"profile {path}: format {header.get('format')} is not {PROFILE_FORMAT}")
+        for key, typ in (("vocab_size", int), ("tokenizer_hash", str)):
+            if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
+                raise ProfileError(f"profile {path}: its header lacks {key!r} "
+                                   f"({'an integer' if typ is int else 'a string'} expected); rebuild it")
         return cls(ids=ids, counts=counts, vocab_size=int(header["vocab_size"]),
                    tokenizer_hash=header["tokenizer_hash"], dataset_hash=header.get("dataset_hash", ""),
                    fingerprint=header.get("fingerprint", ""), n_examples=int(header.get("n_examples", 0)),
