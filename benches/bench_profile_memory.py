@@ -64,7 +64,11 @@ def make_dataset(path: Path, mb: float, seed: int = 0) -> None:
         w = rng.choice(words)
         parts.append(w)
         n += len(w) + 1
-    path.write_text(json.dumps({"input": " ".join(parts), "output": "done"}) + "\n")
+    text = " ".join(parts)
+    if path.suffix == ".csv":
+        path.write_text(f"input,output\n{text},done\n")
+    else:
+        path.write_text(json.dumps({"input": text, "output": "done"}) + "\n")
 
 
 def main(argv=None) -> int:
@@ -72,14 +76,17 @@ def main(argv=None) -> int:
     ap.add_argument("--mb", type=float, default=8.0, help="length of the one line, in MB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--only", choices=["before", "after"], default=None,
+                    help="run one variant (before needs ~190 MB of RAM per MB of line)")
+    ap.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     a = ap.parse_args(argv)
     load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     res = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as d:
-        data = Path(d) / "long.jsonl"
+        data = Path(d) / f"long.{a.format}"
         make_dataset(data, a.mb)
         for _ in range(a.repeats):
-            for variant in ("before", "after"):
+            for variant in ([a.only] if a.only else ("before", "after")):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "python"), str(data),
                                       str(TOKENIZER), variant], capture_output=True, text=True,
                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
         if ok:
             summary[v].update({k: statistics.median(r[k] for r in ok) for k in ("hwm", "anon_peak", "seconds")})
             summary[v]["n_tokens"] = sorted({r["n_tokens"] for r in ok})
-    for v in ("before", "after"):
+    for v in ([a.only] if a.only else ("before", "after")):
         s = summary[v]
         if "hwm" in s:
             print(f"{v:6s}: VmHWM {s['hwm'] / 2**20:7.1f} MiB, RssAnon peak {s['anon_peak'] / 2**20:7.1f} MiB, "

@@ -257,3 +257,10 @@ def test_dataset_of_empty_texts_is_refused(w, capsys, tmp_path, rows):
     msg = one_error(capsys, "generate", d, "--bank", w.bank, "-o", tmp_path / "o")
     assert f"dataset {d}: all {len(rows)} examples are empty in fields input, output" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_csv_with_a_long_field_is_read(tmp_path):
+    f = tmp_path / "d.csv"
+    long = "word " * 60000                 # 300 KB: over the csv module's default 128 KiB field cap
+    f.write_text(f"input,output\n{long},x\n")
+    assert [t for b in readers.iter_texts(f) for t in b] == [long + "x"]

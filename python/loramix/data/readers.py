@@ -148,6 +148,8 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
         elif suf == ".csv":
             # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first field's name
             with open(f, newline="", encoding="utf-8-sig") as fh:
+                # a long example is a long field: lift the csv module's 128 KiB default cap
+                csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
                 yield from _batched(csv.DictReader(fh), batch_size)
         elif suf == ".parquet":
             import pyarrow.parquet as pq
@@ -161,7 +163,7 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
             raise DatasetError(f"dataset {f}: unsupported file type {suf or '(none)'}")
     except DatasetError:
         raise
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"dataset {f}: cannot read it ({e})") from None
     except Exception as e:  # pyarrow raises its own ArrowInvalid etc.
         if type(e).__module__.startswith("pyarrow"):
@@ -172,7 +174,7 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
 def _jsonl(f: Path):
     with open(f, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
-            if not line.strip():
+            if line.isspace() or not line:    # (strip() would copy a long line)
                 continue
             try:
                 rec = json.loads(line)
@@ -180,6 +182,7 @@ def _jsonl(f: Path):
                 raise DatasetError(f"dataset {f}: line {n} is not JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise DatasetError(f"dataset {f}: line {n} is not a JSON object")
+            line = None    # a long line is not kept alive beside its parsed record
             yield rec
 
 
@@ -261,8 +264,11 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
                 raise DatasetError(
                     f"dataset {path}: example {n} has no field {missing[0]!r} "
                     f"(fields present: {', '.join(map(str, rec)) or 'none'}); choose fields with --fields")
-            out.append("".join(_text(rec[k]) for k in fields))
-            nonblank += bool(out[-1].strip())
+            parts = [t for t in (_text(rec[k]) for k in fields) if t]
+            # one non-empty field: its string itself, not a copy (a long example is held once)
+            out.append(parts[0] if len(parts) == 1 else "".join(parts))
+            nonblank += not out[-1].isspace() and bool(out[-1])
+        batch.clear()      # the records' strings live on only in ``out``
         yield out
     if n == 0:
         raise DatasetError(f"dataset {path}: it holds no examples")
