@@ -120,6 +120,8 @@ def test_tokenizer_library_errors_name_the_file(w, bank, capsys, tmp_path, conte
      "bank.json member 0 ('m0') lacks 'path' (a string)"),
     (lambda d: {**d, "members": "m0"}, "bank.json has 'members' = 'm0', not a list"),
     (lambda d: {**d, "tokenizer": {**d["tokenizer"], "vocab_size": "big"}}, "'vocab_size' = 'big', not an integer"),
+    # found by tools/fuzz.py: a non-string base model crashed the base-model comparison
+    (lambda d: {**d, "base_model": True}, "bank.json has 'base_model' = 'True', not a string or null"),
 ])
 def test_bank_json_missing_keys_are_named(w, bank, capsys, tmp_path, edit, expect):
     edit_json(bank / "bank.json", edit)
@@ -147,6 +149,7 @@ def test_profile_header_missing_key(w, capsys, tmp_path):
     ({"lora_alpha": None}, "lora_alpha=None; a number is expected"),
     ({"rank_pattern": {"q_proj": "2"}}, "rank_pattern['q_proj'] = '2'; a positive integer is expected"),
     ({"alpha_pattern": [1, 2]}, "alpha_pattern='[1, 2]'; an object"),
+    ({"base_model_name_or_path": 7}, "base_model_name_or_path=7; a string or null is expected"),
 ])
 def test_adapter_config_values_are_named(w, bank, capsys, cfg_edit, expect):
     edit_json(bank / "m1" / "adapter_config.json", lambda c: {**c, **cfg_edit})

@@ -119,6 +119,9 @@ def check_config_values(cfg: dict, name: str) -> None:
     where = f"member {name!r}: {CONFIG_NAME}"
     if "r" in cfg and not (_is_num(cfg["r"], True) and cfg["r"] >= 1):
         raise AdapterError(f"{where} has r={cfg['r']!r}; a positive integer is expected")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{where} has base_model_name_or_path={base!r}; a string or null is expected")
     if "lora_alpha" in cfg and not _is_num(cfg["lora_alpha"]):
         raise AdapterError(f"{where} has lora_alpha={cfg['lora_alpha']!r}; a number is expected")
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):

@@ -45,6 +45,8 @@ def problems(doc, file: str = "bank.json") -> list[str]:
         if not (isinstance(v, list) and len(v) == 2 and all(not _bad(x, int) and x > 0 for x in v)):
             out.append(f"{file} 'modules' entry {k!r} is {str(v)[:40]!r}, not [in_features, out_features]")
             break
+    if doc.get("base_model") is not None and not isinstance(doc.get("base_model"), str):
+        out.append(f"{file} has 'base_model' = {str(doc['base_model'])[:40]!r}, not a string or null")
     if isinstance(doc.get("fields"), list) and not all(isinstance(f, str) for f in doc["fields"]):
         out.append(f"{file} 'fields' holds a non-string")
     for i, m in enumerate(doc.get("members") or [] if isinstance(doc.get("members"), list) else []):
@@ -53,6 +55,9 @@ def problems(doc, file: str = "bank.json") -> list[str]:
             continue
         name = m.get("name")
         out += _need(m, _MEMBER, f"{file} member {i}" + (f" ({name!r})" if isinstance(name, str) else ""))
+        for key in ("dataset", "dataset_hash", "weights_sha256", "config_sha256"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                out.append(f"{file} member {i} ({name!r}) has {key!r} = {str(m[key])[:40]!r}, not a string")
         ws = m.get("weights_size")
         if ws is not None and (_bad(ws, int) or ws < 0):
             out.append(f"{file} member {i} ({name!r}) has 'weights_size' = {str(ws)[:40]!r}, "
