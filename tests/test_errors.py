@@ -267,3 +267,11 @@ def test_csv_with_a_long_field_is_read(tmp_path):
     long = "word " * 60000                 # 300 KB: over the csv module's default 128 KiB field cap
     f.write_text(f"input,output\n{long},x\n")
     assert [t for b in readers.iter_texts(f) for t in b] == [long + "x"]
+
+
+@pytest.mark.parametrize("prov", ["[]", '{"mode": "factors"}', '{"weights": {"m0": "big"}}'])
+def test_explain_on_a_foreign_provenance_file(capsys, tmp_path, prov):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "loramix.json").write_text(prov)
+    msg = one_error(capsys, "explain", tmp_path / "o")
+    assert f"{tmp_path / 'o' / 'loramix.json'}: lacks 'weights'" in msg
