@@ -44,9 +44,11 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
     it) and all are mixed in one pass over the bank. ``exclude``: member names left out (one
-    name as a string, or a list), for every dataset, or one list of names per dataset. ``leave_one_out``: also leave out every
-    member trained on the very same data (same dataset content hash, as recorded in bank.json),
-    as the paper does when it evaluates on the bank's own tasks.
+    name as a string, or a list), for every dataset, or one list of names per dataset.
+    ``leave_one_out``: also leave out every member trained on the very same data (same dataset
+    content hash, as recorded in bank.json), as the paper does when it evaluates on the bank's
+    own tasks. ``rank``: mode ``svd`` only (refused with ``factors``/``concat``; a warning when
+    more than the exact mix holds).
     Returns a :class:`GenerateResult` (a list for a list of datasets).
     ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
     the batch on that Dask cluster (:mod:`loramix.mixing.distributed`; ``distributed_options`` go to
