@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                     help="run the batch on this Dask scheduler (pip install 'loramix[dask]'); bank and "
                          "outputs must be on a filesystem every worker sees")
+    ge.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --scheduler: give up when it has not answered after this long (default 10)")
 
     ex = sub.add_parser("explain", help="top contributors of a generated adapter", parents=[common])
     ex.add_argument("out")
@@ -287,6 +289,7 @@ def _run(args) -> int:
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
                        scheduler=args.scheduler,
+                       distributed_options={"connect_timeout": args.connect_timeout} if args.scheduler else None,
                        metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
                                        if v is not None},
                        pipeline_options={"combiner": args.combiner} if args.combiner else None)

@@ -19,6 +19,7 @@ from loramix import weights as wts
 from loramix.bank import integrity
 from loramix.bank.bank import Bank, BankError
 from loramix.mixing.local import mix_adapters
+from loramix.mixing.modes import check_rank
 from loramix.mixing.output import GenerateResult, OutputError, check_output
 
 __all__ = ["generate", "GenerateResult", "OutputError", "mix_adapters"]
@@ -45,10 +46,12 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
-    it) and all are mixed in one pass over the bank. ``exclude``: member names left out, for
-    every dataset, or one list of names per dataset. ``leave_one_out``: also leave out every
-    member trained on the very same data (same dataset content hash, as recorded in bank.json),
-    as the paper does when it evaluates on the bank's own tasks.
+    it) and all are mixed in one pass over the bank. ``exclude``: member names left out (one
+    name as a string, or a list), for every dataset, or one list of names per dataset.
+    ``leave_one_out``: also leave out every member trained on the very same data (same dataset
+    content hash, as recorded in bank.json), as the paper does when it evaluates on the bank's
+    own tasks. ``rank``: mode ``svd`` only (refused with ``factors``/``concat``; a warning when
+    more than the exact mix holds).
     Returns a :class:`GenerateResult` (a list for a list of datasets).
     ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
     the batch on that Dask cluster (:mod:`loramix.mixing.distributed`; ``distributed_options`` go to
@@ -62,6 +65,12 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     recorded at build (:func:`loramix.bank.integrity.verify`); the provenance then says so.
     """
     dist = scheduler is not None or client is not None
+    if isinstance(exclude, str):   # one member's name, not a sequence of one-letter names
+        exclude = [exclude]
+    if scheduler is not None and isinstance(scheduler, str):   # refuse a bad address before any work
+        from loramix.mixing.scheduler import check_scheduler_address
+        check_scheduler_address(scheduler)
+    check_rank(None, None, mode, rank)   # refuse --rank with factors/concat before any work
     bank = Bank.coerce(bank)
     if verify:
         bad = integrity.verify(bank)
@@ -140,6 +149,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
     W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
                            pipeline, temperature=temperature, top_k=top_k, exclude=excl, **popts)
+    check_rank(bank, W, mode, rank)      # svd: say so when the rank asked is more than the mix holds
     if many:
         out.mkdir(parents=True, exist_ok=True)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,

@@ -30,7 +30,7 @@ import numpy as np
 from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
-from loramix.bank import peft_io
+from loramix.bank import peft_io, schema
 from loramix.profiles import tokens as prof
 from loramix.bank import integrity
 from loramix.bank.integrity import file_sha256
@@ -306,6 +306,9 @@ class Bank:
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BankError(f"bank {path}: {BANK_FILE} is not valid JSON ({e})") from None
+        bad = schema.problems(doc, BANK_FILE)
+        if bad and not (isinstance(doc, dict) and doc.get("format") not in (None, BANK_FORMAT)):
+            raise BankError(f"bank {path}: " + "; ".join(bad))
         if doc.get("format") != BANK_FORMAT:
             raise BankError(f"bank {path}: {BANK_FILE} format {doc.get('format')} is not {BANK_FORMAT}")
         why = integrity.path_problem(path, doc["tokenizer"]["file"], "tokenizer file")

@@ -21,6 +21,7 @@ import numpy as np
 
 from loramix.core.files import atomic_path
 from loramix.data import readers as ds
+from loramix.profiles import chunks
 
 PROFILE_FORMAT = 1
 
@@ -129,10 +130,16 @@ class Profile:
                 header = json.loads(bytes(z["header"]).decode())
                 ids, counts = z["ids"], z["counts"]
                 emb = z["embedding"] if "embedding" in z.files else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, __import__("zipfile").BadZipFile) as e:
             raise ProfileError(f"profile {path}: unreadable ({e})") from None
+        if not isinstance(header, dict):
+            raise ProfileError(f"profile {path}: its header is not a JSON object")
         if header.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"profile {path}: format {header.get('format')} is not {PROFILE_FORMAT}")
+        for key, typ in (("vocab_size", int), ("tokenizer_hash", str)):
+            if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
+                raise ProfileError(f"profile {path}: its header lacks {key!r} "
+                                   f"({'an integer' if typ is int else 'a string'} expected); rebuild it")
         return cls(ids=ids, counts=counts, vocab_size=int(header["vocab_size"]),
                    tokenizer_hash=header["tokenizer_hash"], dataset_hash=header.get("dataset_hash", ""),
                    fingerprint=header.get("fingerprint", ""), n_examples=int(header.get("n_examples", 0)),
@@ -152,23 +159,31 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     """Tokenize ``dataset`` (a path) with ``tokenizer`` (a path) into a :class:`Profile`."""
     fields = tuple(fields)
     tok = load_tokenizer(tokenizer)
+    plan = chunks.cut_plan(tokenizer_file(tokenizer))
     vocab = int(tok.get_vocab_size(with_added_tokens=True))
     acc = np.zeros(vocab, dtype=np.int64)
     n = 0
+    stats: dict = {}
     bar = _bar(progress, f"profile {ds.dataset_name(dataset)}", "ex")
     for texts in ds.iter_texts(dataset, fields, split=split, batch_size=batch_size):
-        encs = tok.encode_batch(texts, add_special_tokens=True)
-        ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs]) if encs else \
-            np.zeros(0, np.int64)
-        if ids.size:
-            if ids.max() >= acc.size:   # added tokens beyond the reported size
-                acc = np.concatenate([acc, np.zeros(int(ids.max()) + 1 - acc.size, np.int64)])
-            acc += np.bincount(ids, minlength=acc.size)
+        # long examples in bounded pieces: the tokenizer's memory stays bounded (profiles/chunks.py)
+        for ids in chunks.encoded_ids(tok, texts, plan, stats):
+            if ids.size:
+                if ids.max() >= acc.size:   # added tokens beyond the reported size
+                    acc = np.concatenate([acc, np.zeros(int(ids.max()) + 1 - acc.size, np.int64)])
+                acc += np.bincount(ids, minlength=acc.size)
         n += len(texts)
         if bar is not None:
             bar.update(len(texts))
     if bar is not None:
         bar.close()
+    if stats.get("forced_cuts"):
+        import warnings
+
+        warnings.warn(f"dataset {dataset}: {stats['forced_cuts']} cut(s) of long examples fell where "
+                      f"tokenizer {tokenizer_file(tokenizer)} may split differently "
+                      f"({plan.why or 'a run of over ' + str(chunks.PIECE_CHARS // 2) + ' characters without a space'}); "
+                      "token counts there may differ by a few tokens per cut", stacklevel=2)
     if acc.sum() == 0:
         raise ds.DatasetError(f"dataset {dataset}: its examples hold no tokens")
     nz = np.flatnonzero(acc)
