@@ -104,10 +104,9 @@ def test_tokenizer_library_errors_name_the_file(w, bank, capsys, tmp_path, conte
     bad.write_text(content)
     msg = one_error(capsys, "profile", w.queries["animals_q"], "--tokenizer", bad, "-o", tmp_path / "p.npz")
     assert f"tokenizer {bad}: not a tokenizer.json the `tokenizers` library can load" in msg
-    # bank build copies the tokenizer in before loading it (item 2, another branch, fixes the order):
-    # the message names the file that failed to load
+    # bank build loads the tokenizer before it copies anything in: the message names the user's file
     msg = one_error(capsys, "bank", "build", bank, "--tokenizer", bad)
-    assert "tokenizer.json: not a tokenizer.json the `tokenizers` library can load" in msg
+    assert f"tokenizer {bad}: not a tokenizer.json the `tokenizers` library can load" in msg
 
 
 # ------------------------------------------------------------------ 12: unclear one-liners
