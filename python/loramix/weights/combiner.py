@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numba as nb
 import numpy as np
 
 from loramix.weights import pipelines as wts
@@ -440,6 +439,7 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     obj_val = mlp.Objective(p, Xv, exv, G, val_rows, e_val, gd) if n_val else None
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', not {optimizer!r}")
+    nb = mlp.require_numba()   # training only; a clear error naming the extra without it
     nthreads = threads or int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or nb.config.NUMBA_NUM_THREADS
     prev_threads = nb.get_num_threads()
     nb.set_num_threads(max(1, min(int(nthreads), nb.config.NUMBA_NUM_THREADS)))
