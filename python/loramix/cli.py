@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                          "default path OUT/weights.png")
     ex.add_argument("--top", type=int, default=10)
     _add_eval_demo(sub, common)
+    _add_export(sub, common)
 
     b = sub.add_parser("bench", add_help=False,
                        help="speed and memory vs peers (runs the harness in a source checkout's benches/)")
@@ -145,6 +146,30 @@ def _add_generate_extras(ge) -> None:
                          "(default auto; see docs/distributed.md)")
     ge.add_argument("--dask-parts", type=int, default=None, metavar="N",
                     help="with --scheduler: module slices or target groups (default: worker threads)")
+    ge.add_argument("--format", default="peft", choices=["peft", "gguf"],
+                    help="gguf: also write OUT/adapter_model.gguf, a llama.cpp LoRA adapter (pip install "
+                         "'loramix[gguf]')")
+
+
+def _add_export(sub, common) -> None:
+    ex = sub.add_parser("export", parents=[common], help="write a generated adapter in another format (gguf)")
+    ex.add_argument("adapter", help="a PEFT LoRA adapter folder")
+    ex.add_argument("--format", required=True, choices=["gguf"])
+    ex.add_argument("-o", "--out", default=None, help="output file (default: ADAPTER/adapter_model.gguf)")
+    ex.add_argument("--base", default=None, help="base model folder (default: the adapter's base model)")
+    ex.add_argument("--outtype", default="f16", choices=["f16", "f32"],
+                    help="tensor type (f16: convert_lora_to_gguf.py's default)")
+
+
+def _run_export(args, results=None) -> dict:
+    """``loramix export`` (or ``generate --format gguf`` on its ``results``): GGUF files written."""
+    from loramix.mixing.gguf_export import export_gguf
+
+    if results is None:
+        p = export_gguf(args.adapter, args.out, base=args.base, outtype=args.outtype)
+        _emit(args, {"adapter": args.adapter, "gguf": str(p)}, f"{p}: llama.cpp LoRA adapter (GGUF)")
+        return {}
+    return {str(r.out): str(export_gguf(r.out)) for r in results}
 
 
 def _dask_options(args) -> dict | None:
@@ -330,6 +355,10 @@ def _run(args) -> int:
                        base_model=args.base_model, distributed_options=_dask_options(args))
         res = res if many else [res]
         docs = [r.to_dict() for r in res]
+        if args.format == "gguf":
+            ggufs = _run_export(args, res)
+            for d in docs:
+                d["gguf"] = ggufs[d["out"]]
         _emit(args, {"adapters": docs} if many else docs[0],
               "\n".join(f"{r.out}: " + ", ".join(f"{m} {w:.3f}" for m, w in r.top(5)) for r in res))
     elif args.cmd == "explain":
@@ -338,6 +367,8 @@ def _run(args) -> int:
         s = explain(args.out, png=True if args.png == "" else args.png, top=args.top)
         _emit(args, {k: v for k, v in s.items() if k != "text"},
               s["text"] + (f"\nchart: {s['png']}" if s.get("png") else ""))
+    elif args.cmd == "export":
+        _run_export(args)
     elif args.cmd == "bench":
         return _run_bench(args.bench_args)
     return 0
