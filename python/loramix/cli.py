@@ -6,13 +6,16 @@
     loramix bank train-combiner DIR              train the bank's neural combiner (pipeline neural)
     loramix profile DATASET --bank DIR -o F.npz  a dataset's token profile
     loramix generate DATASET... --bank DIR -o OUT
-    loramix explain OUT                          top contributors + a PNG bar chart
+    loramix generate --from OUT/loramix.json -o NEW   the same adapter again, bit for bit
+    loramix explain OUT [--png]                  top contributors (+ a PNG bar chart)
+    loramix export OUT --format gguf             a llama.cpp LoRA adapter (GGUF)
     loramix eval leave-one-out --bank DIR        held-out comparison over a bank with test splits
     loramix demo [--task NAME]                   the built-in job on the shipped mini bank
     loramix bench [--scale laptop|paper] [--suite kernels|mix|e2e|all]   speed/memory vs peers
 
 Errors end with a one-line ``loramix: error: ...`` and a non-zero exit (``--debug`` shows the
-traceback). ``--json`` prints one JSON document on stdout for scripts; progress goes to stderr.
+traceback). ``--json`` prints one JSON document on stdout for scripts, also on failure (an
+``{"error": ...}`` object, :mod:`loramix.cliutil`); progress goes to stderr. ``--version``.
 """
 from __future__ import annotations
 
