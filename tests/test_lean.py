@@ -49,7 +49,7 @@ def test_generate_cli_imports_nothing_heavy_even_with_a_trained_combiner(w, tmp_
             f"assert main(['generate', {str(w.queries['music_q'])!r}, {str(w.queries['animals_q'])!r}, "
             f"'--bank', {str(bank)!r}, '-o', {str(tmp_path / 'o')!r}, '--pipeline', 'neural', '--json']) == 0\n"
             f"assert main(['explain', {str(tmp_path / 'o' / 'music_q')!r}]) == 0\n" + LOADED)
-    r = _py(code, block=("numba",))   # and it runs without numba at all
+    r = _py(code, block=("numba", "scipy"))   # and it runs without numba and scipy at all
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
     prov = json.loads((tmp_path / "o" / "music_q" / "loramix.json").read_text())
@@ -87,3 +87,24 @@ def test_missing_matplotlib_only_matters_for_png(w, tmp_path):
 def _tiny_cli_blocked(args, module):
     code = f"from loramix.cli import main\nsys.exit(main({args!r}))\n"
     return _py(code, block=(module,))
+
+
+@pytest.mark.parametrize("mode", ["factors", "svd"])
+def test_generate_without_scipy_gives_the_same_bytes(w, tmp_path, mode):
+    """The base install has no scipy: js (the compiled core on the core's own CSR) and the mix give
+    the bytes of a run with scipy; mmd names the extra."""
+    from loramix.pipeline import generate
+
+    qs = [str(w.queries["animals_q"]), str(w.queries["music_q"])]
+    generate(qs, w.bank, tmp_path / "with", mode=mode, rank=2, top_k=3)
+    code = ("import json\nfrom loramix.pipeline import generate\n"
+            f"generate({qs!r}, {str(w.bank)!r}, {str(tmp_path / 'without')!r}, mode={mode!r}, rank=2, top_k=3)\n"
+            + LOADED)
+    r = _py(code, block=("scipy",))
+    assert r.returncode == 0, r.stderr
+    for q in ("animals_q", "music_q"):
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / "with" / q / f).read_bytes() == (tmp_path / "without" / q / f).read_bytes(), (q, f)
+    r = _tiny_cli_blocked(["generate", qs[0], "--bank", str(w.bank), "-o", str(tmp_path / "m"), "--metric", "mmd"],
+                          "scipy")
+    assert r.returncode == 1 and "metric mmd needs scipy" in r.stderr and "loramix[scipy]" in r.stderr
