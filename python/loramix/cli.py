@@ -363,7 +363,9 @@ def _run(args) -> int:
             for d in docs:
                 d["gguf"] = ggufs[d["out"]]
         _emit(args, {"adapters": docs} if many else docs[0],
-              "\n".join(f"{r.out}: " + ", ".join(f"{m} {w:.3f}" for m, w in r.top(5)) for r in res))
+              "\n".join(f"{r.out}: " + ", ".join(f"{m} {w:.3f}" for m, w in r.top(5))
+                        + (" (skipped: already there, verified)" if r.status == "skipped" else "")
+                        + (f"\n  gguf: {d['gguf']}" if d.get("gguf") else "") for r, d in zip(res, docs)))
     elif args.cmd == "explain":
         from loramix.explain import explain
 
