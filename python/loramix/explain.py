@@ -63,7 +63,10 @@ def check_chart_target(png) -> None:
 
 def plot(prov: dict, png, top: int = 20) -> Path:
     """Horizontal bar chart of the top weights (matplotlib, Agg backend)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"writing the chart {png} needs matplotlib: pip install 'loramix[plot]'") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -85,10 +88,14 @@ def plot(prov: dict, png, top: int = 20) -> Path:
 
 
 def explain(out, png=None, top: int = 10) -> dict:
-    """Read ``out``'s provenance; write a PNG (default ``out/weights.png``); return a summary."""
+    """Read ``out``'s provenance and return a summary; with ``png`` (a path, or True for
+    ``out/weights.png``) also write a bar chart (matplotlib: the ``plot`` extra). Nothing is
+    written without it."""
     prov = read_provenance(out)
-    png = Path(out) / "weights.png" if png is None else Path(png)
-    plot(prov, png, max(top, 1))
-    return {"out": str(out), "png": str(png), "mode": prov.get("mode"),
+    if png is True:
+        png = Path(out) / "weights.png"
+    if png:
+        png = plot(prov, Path(png), max(top, 1))
+    return {"out": str(out), "png": str(png) if png else None, "mode": prov.get("mode"),
             "pipeline": prov.get("pipeline"), "metric": prov.get("metric"),
             "top": [[m, w] for m, w in contributors(prov, top)], "text": format_text(prov, top)}

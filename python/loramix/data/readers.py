@@ -152,7 +152,7 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
                 csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
                 yield from _batched(csv.DictReader(fh), batch_size)
         elif suf == ".parquet":
-            import pyarrow.parquet as pq
+            pq = require_pyarrow(f, "pyarrow.parquet")
             pf = pq.ParquetFile(f)
             _check_columns(f, pf.schema_arrow.names, columns)
             for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
@@ -212,8 +212,20 @@ def _json(f: Path):
         yield rec
 
 
+def require_pyarrow(f, module: str = "pyarrow"):
+    """``module`` (pyarrow or one of its submodules); without pyarrow a :class:`DatasetError`
+    naming the file and the extra that installs it (the base install reads JSON and CSV only)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DatasetError(f"dataset {f}: reading {Path(f).suffix} files needs pyarrow, which is not "
+                           "installed: pip install 'loramix[parquet]'") from None
+
+
 def _arrow(f: Path, batch_size: int, columns: tuple | None = None):
-    import pyarrow as pa
+    pa = require_pyarrow(f)
 
     def rows(rb):
         return (rb.select(list(columns)) if columns else rb).to_pylist()

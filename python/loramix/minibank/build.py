@@ -44,6 +44,17 @@ def _log(msg: str) -> None:
     print(f"[minibank {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def portable_tokenizer_config(base_dir: Path) -> None:
+    """Name the tokenizer class every transformers from 4.4x to 5.x knows: transformers 5 saves
+    ``TokenizersBackend`` (and a ``backend`` key), which 4.x cannot load; ``PreTrainedTokenizerFast``
+    loads the same tokenizer.json in both (5.x maps it onto its backend), with the same ids."""
+    p = Path(base_dir) / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg.pop("backend", None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -257,6 +268,7 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
                                      unk_token="<unk>", pad_token="<pad>", padding_side="left",
                                      model_max_length=mc["max_position_embeddings"])
     hf_tok.save_pretrained(base_dir)
+    portable_tokenizer_config(base_dir)
     _log(f"base done, loss {loss:.3f}")
 
     # 4. one LoRA per task

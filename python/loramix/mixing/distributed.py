@@ -110,8 +110,9 @@ import numpy as np
 from loramix.mixing import modes as mixmod
 from loramix.bank import peft_io
 from loramix.bank.bank import Bank, BankError, file_sha256
-from loramix.mixing.output import (PROVENANCE_NAME, GenerateResult, OutputError, check_output, finish_stage,
-                                   stage_folder, swap_in, weight_matrix, weights_metadata)
+from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage,  # noqa: F401
+                                   is_complete, seal, stage_folder, swap_in, target_key, weight_matrix,
+                                   weights_metadata)
 from loramix.mixing.scheduler import connect as connect_scheduler
 from loramix.version import __version__
 
@@ -131,42 +132,11 @@ class BatchResult(GenerateResult):
 
 # ------------------------------------------------------------------ keys and verification
 
-def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
-    """What one output is a function of, hashed: the bank, its weight row and the settings."""
-    h = hashlib.sha256()
-    h.update(json.dumps([bank_hash, mode, rank, dtype, __version__]).encode())
-    h.update(np.ascontiguousarray(w_row, dtype="<f8").tobytes())
-    return h.hexdigest()
-
-
 def batch_key(bank_hash: str, W, mode: str, rank, dtype: str, split: str, n_parts: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([bank_hash, mode, rank, dtype, __version__, split, n_parts, W.shape]).encode())
     h.update(np.ascontiguousarray(W, dtype="<f8").tobytes())
     return h.hexdigest()
-
-
-def is_complete(out, key: str) -> bool:
-    """Whether ``out`` holds a finished adapter for ``key`` whose files match their checksums."""
-    out = Path(out)
-    try:
-        b = json.loads((out / PROVENANCE_NAME).read_text()).get("batch") or {}
-        return (b.get("target_key") == key
-                and file_sha256(out / peft_io.WEIGHTS_NAME) == b.get("weights_sha256")
-                and file_sha256(out / peft_io.CONFIG_NAME) == b.get("config_sha256"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _seal(stage: Path, key: str, split: str) -> str:
-    """Add the key and the checksums of weights and config to the staged provenance."""
-    p = stage / PROVENANCE_NAME
-    prov = json.loads(p.read_text())
-    sha = file_sha256(stage / peft_io.WEIGHTS_NAME)
-    prov["batch"] = {"target_key": key, "split": split, "weights_sha256": sha,
-                     "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
-    p.write_text(json.dumps(prov, indent=1) + "\n")
-    return sha
 
 
 # ------------------------------------------------------------------ worker side
@@ -288,7 +258,7 @@ def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
 def _finish(spec, bank, q, info, stage, out, extra) -> str:
     """Config, provenance (sealed with the checksums) and card, then the rename into place."""
     finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra)
-    sha = _seal(stage, spec["keys"][q], spec["split"])
+    sha = seal(stage, spec["keys"][q], spec["split"])
     if out.exists() and not spec["overwrite"]:
         raise OutputError(f"output {out} appeared during the batch; not replaced")
     swap_in(stage, out)

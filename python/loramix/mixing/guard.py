@@ -23,7 +23,7 @@ PROVENANCE_NAME = "loramix.json"
 #: The files a generated adapter folder holds (``explain`` adds ``weights.png``). Another
 #: feature that writes into an output folder adds its file names here.
 OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", PROVENANCE_NAME, "README.md",
-                "weights.png"}
+                "weights.png", "adapter_model.gguf"}   # explain --png; --format gguf
 
 #: Keys every loramix provenance file has had since the first release.
 PROVENANCE_KEYS = ("loramix_version", "bank_hash", "mode", "weights")

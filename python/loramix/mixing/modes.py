@@ -277,7 +277,11 @@ def truncated_factors(b_stack: np.ndarray, a_stack: np.ndarray, r: int):
 
 
 def _lanczos_svd(b_stack, a_stack, r):
-    from scipy.sparse.linalg import LinearOperator, svds
+    try:
+        from scipy.sparse.linalg import LinearOperator, svds
+    except ImportError:
+        raise ImportError(f"mode svd with a stacked rank above {SVD_DENSE_MAX} needs scipy, which is not "
+                          "installed: pip install 'loramix[scipy]'") from None
 
     op = LinearOperator(
         (b_stack.shape[0], a_stack.shape[1]), dtype=np.float64,

@@ -230,9 +230,9 @@ def cached_profile(dataset, tokenizer, *, cache=None, fields: Iterable[str] = ds
 
 
 def stack(profiles, vocab_size: int | None = None):
-    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts."""
-    import scipy.sparse as sp
-
+    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts; without
+    scipy (the base install leaves it out) the core's own :class:`loramix.core.divergence.CSR`,
+    which the compiled metrics (js, kl, wd) take as well."""
     v = vocab_size or max(p.vocab_size for p in profiles)
     indptr = np.zeros(len(profiles) + 1, dtype=np.int64)
     for i, p in enumerate(profiles):
@@ -241,6 +241,12 @@ def stack(profiles, vocab_size: int | None = None):
         indptr[i + 1] = indptr[i] + p.ids.size
     idx = np.concatenate([p.ids for p in profiles]).astype(np.int64) if profiles else np.zeros(0, np.int64)
     val = np.concatenate([p.counts for p in profiles]).astype(np.float64) if profiles else np.zeros(0)
+    try:
+        import scipy.sparse as sp
+    except ImportError:
+        from loramix.core.divergence import CSR
+
+        return CSR(indptr, idx, val, v)
     return sp.csr_array((val, idx, indptr), shape=(len(profiles), v))
 
 
