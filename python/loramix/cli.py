@@ -182,9 +182,10 @@ def _run_export(args, results=None) -> dict:
 
 
 def _dask_options(args) -> dict | None:
-    opts = {k: v for k, v in (("split", args.dask_split), ("parts", args.dask_parts)) if v is not None}
+    opts = {k: v for k, v in (("split", args.dask_split), ("parts", args.dask_parts),
+                              ("connect_timeout", args.connect_timeout)) if v is not None}
     if opts and not args.scheduler:
-        raise ValueError("--dask-split/--dask-parts choose how a Dask batch is split; give --scheduler too")
+        raise ValueError("--dask-split/--dask-parts/--connect-timeout are for a Dask batch; give --scheduler too")
     return opts or None
 
 
@@ -368,7 +369,6 @@ def _run(args) -> int:
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
                        scheduler=args.scheduler,
-                       distributed_options={"connect_timeout": args.connect_timeout} if args.scheduler else None,
                        metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
                                        if v is not None},
                        pipeline_options={"combiner": args.combiner} if args.combiner else None,
