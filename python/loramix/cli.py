@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--exclude", action="append", default=[], help="member to leave out (repeatable)")
     ge.add_argument("--leave-one-out", action="store_true",
                     help="leave out members trained on the very same data (same content hash)")
+    ge.add_argument("--protocol", default="loramix", choices=["loramix", "paper"],
+                    help="paper: excluded members enter the row's mean/std before they are dropped (the paper's code)")
     ge.add_argument("--fields", type=_fields, default=None)
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
@@ -144,6 +146,8 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--temperatures", type=float, nargs="+", default=(),
                     help="extra temperatures for the default pipeline and metric (systems normalized-js-T<t>)")
     lo.add_argument("--top-k", type=int, default=None)
+    lo.add_argument("--protocol", default="loramix", choices=["loramix", "paper"],
+                    help="paper: the held-out task's self-distance enters the row's mean/std (the paper's code)")
     lo.add_argument("--max-new-tokens", type=int, default=24)
     lo.add_argument("--max-prompt-tokens", type=int, default=512)
     lo.add_argument("--batch-size", type=int, default=512, help="rows per generation batch (all systems share it)")
@@ -191,7 +195,8 @@ def _run_eval_demo(args, progress: bool) -> int:
                       max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
                       threads=args.threads, keep_adapters=args.keep_adapters,
                       neural_metrics=args.neural_metrics, neural_folds=args.neural_folds,
-                      neural_seed=args.neural_seed, neural_hidden=args.neural_hidden, log=log)
+                      neural_seed=args.neural_seed, neural_hidden=args.neural_hidden, protocol=args.protocol,
+                      log=log)
     _emit(args, s, markdown_table(s) + f"\n\nresults in {args.out}/ (results.csv, table.md, summary.json)")
     return 0
 
@@ -272,7 +277,7 @@ def _run(args) -> int:
                        temperature=args.temperature, dtype=args.dtype, rank=args.rank,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
-                       scheduler=args.scheduler,
+                       scheduler=args.scheduler, protocol=args.protocol,
                        metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
                                        if v is not None},
                        pipeline_options={"combiner": args.combiner} if args.combiner else None)

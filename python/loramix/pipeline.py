@@ -37,7 +37,8 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
-             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None):
+             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
+             protocol: str = "loramix"):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
@@ -54,7 +55,9 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``metric_options`` go to an embedding metric (``encoder`` folder, ``quantize``, ``cap``,
     ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
     (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
-    metrics it was trained with (``metric`` is then ignored).
+    metrics it was trained with (``metric`` is then ignored). ``protocol="paper"``: excluded
+    members enter the row statistics before they are dropped, as the paper's leave-one-out code
+    does (:func:`loramix.weights.mixing_weights`); the default leaves them out.
     """
     dist = scheduler is not None or client is not None
     bank = Bank.coerce(bank)
@@ -128,10 +131,11 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             excl[q, hit] = True
             names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
     W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
-                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, **popts)
+                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, protocol=protocol, **popts)
     if many:
         out.mkdir(parents=True, exist_ok=True)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
+             **({"protocol": protocol} if protocol != "loramix" else {}),
              "exclude": names_q[q], "distances": D[q],
              "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
              any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,

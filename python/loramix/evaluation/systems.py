@@ -222,10 +222,11 @@ def exclusion_mask(bank: Bank, rows: list[int]) -> np.ndarray:
 
 def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
                 temperature: float = 1.0, top_k: int | None = None,
-                pipeline_options: dict | None = None) -> tuple[dict, dict, dict]:
+                pipeline_options: dict | None = None, protocol: str = "loramix") -> tuple[dict, dict, dict]:
     """``(weights, distances, errors)``: ``weights[system][task]`` (N,) for every mixed system,
     ``distances[metric]`` (T, N), and ``errors[system]`` for systems that could not be computed
-    (e.g. a pipeline that needs options it was not given): those are skipped, not fatal."""
+    (e.g. a pipeline that needs options it was not given): those are skipped, not fatal.
+    ``protocol``: how excluded members enter the row statistics (see :func:`loramix.weights.mixing_weights`)."""
     rows = [bank.index(t) for t in tasks]
     train = [train_split(bank.members[i].path) for i in rows]
     mask = exclusion_mask(bank, rows)
@@ -248,7 +249,7 @@ def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
                 else:
                     w = wts.mixing_weights(d, s.pipeline, top_k=top_k,
                                            temperature=s.temperature or temperature,
-                                           exclude=mask, **(pipeline_options or {}))
+                                           exclude=mask, protocol=protocol, **(pipeline_options or {}))
             wts.check_weights(w)
             W[s.name] = {t: w[q] for q, t in enumerate(tasks)}
         except Exception as e:   # noqa: BLE001 - one broken system must not end the run

@@ -166,7 +166,7 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
-    for k in ("metric_options", "combiner"):   # cosine's encoder options, neural's model
+    for k in ("metric_options", "combiner", "protocol"):   # cosine's encoder options, neural's model, --protocol paper
         if extra.get(k):
             d[k] = extra[k]
     return d
