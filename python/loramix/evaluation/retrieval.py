@@ -58,6 +58,19 @@ class TaskSet:
     bank: object = None
     _cache: dict = field(default_factory=dict)
 
+    def instructions(self) -> np.ndarray:
+        """(N, d) instruction embeddings (:mod:`loramix.profiles.instruction`), computed once."""
+        if "instr" not in self._cache:
+            from loramix.profiles import instruction as ins
+
+            opts = {k: v for k, v in self.embed_options.items() if k in ("encoder", "quantize", "threads")}
+            if self.bank is not None:
+                self._cache["instr"] = ins.bank_instructions(self.bank, **opts)
+            else:
+                self._cache["instr"] = np.stack([ins.compute_instruction_embedding(p, **opts)[0]
+                                                 for p in self.paths]).astype(np.float64)
+        return self._cache["instr"]
+
     def embeddings(self) -> np.ndarray:
         """(N, d) dataset sentence embeddings (computed once, ONNX Runtime)."""
         if "emb" not in self._cache:
@@ -218,7 +231,22 @@ def _cosine(ts: TaskSet, **_) -> np.ndarray:
     return cosine_distances(E, E)
 
 
+def _instruction(ts: TaskSet, **_) -> np.ndarray:
+    from loramix.weights.cosine import cosine_distances
+
+    E = ts.instructions()
+    return cosine_distances(E, E)
+
+
+def _hybrid(ts: TaskSet, **_) -> np.ndarray:
+    from loramix.weights.hybrid import hybrid_distances
+
+    return hybrid_distances(distance_matrix(ts, "js"), distance_matrix(ts, "instruction"))
+
+
 FEATURE_METRICS["cosine"] = _cosine
+FEATURE_METRICS["instruction"] = _instruction
+FEATURE_METRICS["hybrid"] = _hybrid
 
 
 def evaluate_retrieval(ts: TaskSet, *, metrics: Sequence[str] | None = None,
