@@ -94,10 +94,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="output adapter folder (with several datasets: a folder of adapters)")
     ge.add_argument("--pipeline", default="normalized",
                     help="attentional | normalized (the paper's best) | neural (bank train-combiner) | any registered")
-    ge.add_argument("--metric", default="js", help="js | kl | wd | mmd | cosine (sentence embeddings) | any registered metric")
+    ge.add_argument("--metric", default="hybrid",   # = loramix.weights.DEFAULT_METRIC (not imported: fast start)
+                    help="hybrid (default: js + the datasets' instructions embedded) | js (the paper's) | kl | wd | "
+                         "mmd | cosine (sentence embeddings) | instruction | any registered metric")
     ge.add_argument("--mode", default="factors", choices=["factors", "concat", "svd"])
     ge.add_argument("--top-k", type=int, default=None, help="keep the k nearest members, renormalized")
-    ge.add_argument("--temperature", type=float, default=1.0, help="softmin temperature")
+    ge.add_argument("--temperature", type=float, default=0.25,
+                    help="softmin temperature (default 0.25; the paper's: --metric js --temperature 1)")
     ge.add_argument("--rank", type=int, default=None, help="svd mode: output rank (default: the bank's)")
     ge.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: the bank's)")
     ge.add_argument("--exclude", action="append", default=[], help="member to leave out (repeatable)")

@@ -31,8 +31,8 @@ def _dataset_hash(item, query, fields, split) -> str:
     return ds.content_hash(item, split, fields)
 
 
-def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js",
-             mode: str = "factors", top_k: int | None = None, temperature: float = 1.0,
+def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: str = wts.DEFAULT_METRIC,
+             mode: str = "factors", top_k: int | None = None, temperature: float = wts.DEFAULT_TEMPERATURE,
              dtype: str | None = None, *, rank: int | None = None, exclude: Sequence = (),
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
@@ -40,6 +40,10 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
              protocol: str = "loramix"):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
+
+    Defaults: the ``normalized`` pipeline on the ``hybrid`` metric (js on token histograms +
+    cosine of the datasets' instruction embeddings) at temperature 0.25; the paper's pipeline is
+    ``pipeline="normalized", metric="js", temperature=1.0`` (:data:`loramix.weights.PAPER_DEFAULTS`).
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after

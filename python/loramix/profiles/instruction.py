@@ -9,8 +9,8 @@ The instruction is found without labels or format knowledge: the longest common 
 first text field (``input``) over the first ``cap`` examples, cut back to a whitespace boundary.
 When it is shorter than :data:`MIN_CHARS` (no shared instruction), the dataset's first
 :data:`FALLBACK_EXAMPLES` example texts are embedded and averaged instead. One dataset costs one
-(or a few) encoder calls, and the result is cached in the dataset's profile ``.npz``
-(``meta["instruction"]``) with a key naming the encoder weights and options.
+(or a few) encoder calls; the result is cached in ``$LORAMIX_CACHE/instructions`` by the dataset's
+content hash and a key naming the encoder weights and options (banks are never written to).
 """
 from __future__ import annotations
 
@@ -43,15 +43,18 @@ def instruction_text(dataset, fields: Sequence[str] = ds.DEFAULT_FIELDS, *, spli
     :data:`FALLBACK_EXAMPLES` full example texts (used when there is no instruction)."""
     fields = tuple(fields)
     prefix, texts, n = None, [], 0
-    firsts = (t for b in ds.iter_texts(dataset, fields[:1], split=split) for t in b)
-    wholes = (t for b in ds.iter_texts(dataset, fields, split=split) for t in b)
-    for first, whole in zip(firsts, wholes):
-        prefix = first if prefix is None else _common_prefix(prefix, first)
-        if len(texts) < FALLBACK_EXAMPLES:
-            texts.append(whole)
-        n += 1
-        if n >= cap:
-            break
+    a, b = ds.iter_texts(dataset, fields[:1], split=split), ds.iter_texts(dataset, fields, split=split)
+    try:
+        for first, whole in zip((t for x in a for t in x), (t for x in b for t in x)):
+            prefix = first if prefix is None else _common_prefix(prefix, first)
+            if len(texts) < FALLBACK_EXAMPLES:
+                texts.append(whole)
+            n += 1
+            if n >= cap:
+                break
+    finally:   # stop reading: close the files now, not at garbage collection
+        a.close()
+        b.close()
     if n == 0:
         raise ds.DatasetError(f"dataset {dataset}: no examples to find an instruction in")
     if n > 1 and prefix and not prefix[-1].isspace():   # do not end inside a word
@@ -85,60 +88,73 @@ def compute_instruction_embedding(dataset, *, fields: Sequence[str] = ds.DEFAULT
     return e.astype(np.float32), ("prefix" if text is not None else "examples")
 
 
-def ensure_instruction(p: prof.Profile, data=None, *, key: str, fields, split: str = "train", save_to=None,
+def _cache_file(key: str, dataset_hash: str) -> Path:
+    from loramix.profiles.encoder import cache_dir
+
+    k = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "instructions" / k / f"{dataset_hash[:40]}.npy"
+
+
+def cached_instruction(data, *, dataset_hash: str | None = None, key: str, fields, split: str = "train",
                        **opts) -> np.ndarray:
-    """The instruction embedding cached in ``p.meta`` under ``key``; else computed from ``data``
-    (or ``p.source``), stored in ``p.meta`` and, with ``save_to``, written to that profile file."""
-    got = p.meta.get("instruction") if isinstance(p.meta, dict) else None
-    if got and got.get("key") == key:
-        return np.asarray(got["embedding"], dtype=np.float32)
-    src = data if data is not None else (p.source or None)
-    if src is None or not Path(src).exists():
-        raise prof.ProfileError(f"profile {p.source or save_to}: no instruction embedding for this encoder "
-                                f"and its data ({src}) is not at hand to compute one")
-    e, what = compute_instruction_embedding(src, fields=fields, split=split, **opts)
-    p.meta = {**(p.meta or {}), "instruction": {"key": key, "from": what,
-                                                "embedding": [float(x) for x in e]}}
-    if save_to is not None:
-        p.save(save_to)
+    """The instruction embedding of the dataset at ``data``, kept in ``$LORAMIX_CACHE/instructions``
+    by (``key``, dataset content hash): banks and user folders are never written to."""
+    from loramix.core.files import atomic_path
+
+    h = dataset_hash or ds.content_hash(data, split, tuple(fields))
+    f = _cache_file(key, h)
+    if f.is_file():
+        try:
+            e = np.load(f, allow_pickle=False)
+            if e.ndim == 1 and np.all(np.isfinite(e)):
+                return e.astype(np.float32)
+        except (OSError, ValueError):
+            pass   # unreadable cache entry: recompute and replace it
+    e, _ = compute_instruction_embedding(data, fields=fields, split=split, **opts)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(f) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, e)
+    except OSError:
+        pass   # a read-only cache only costs recomputation
     return e
 
 
 def bank_instructions(bank, *, encoder=None, quantize=None, cap: int = DEFAULT_CAP, threads=None,
                       max_length=None) -> np.ndarray:
-    """(N, d) instruction embeddings of the bank's members, cached in their profile files."""
+    """(N, d) instruction embeddings of the bank's members (cached by dataset content hash)."""
     from loramix.data.readers import find_member_dataset
 
     key = instruction_key(encoder, quantize, fields=bank.fields, cap=cap, max_length=max_length)
+    opts = dict(encoder=encoder, quantize=quantize, cap=cap, threads=threads, max_length=max_length)
     out = []
     for m in bank.members:
-        p = prof.Profile.load(m.profile_path)
         data = bank.path / m.info["dataset"] if m.info.get("dataset") else find_member_dataset(m.path)
-        out.append(ensure_instruction(p, data, key=key, fields=bank.fields, save_to=m.profile_path,
-                                      encoder=encoder, quantize=quantize, cap=cap, threads=threads,
-                                      max_length=max_length))
+        if data is None or not Path(data).exists():
+            raise prof.ProfileError(f"bank member {m.name!r}: its dataset is not at hand ({m.path}); "
+                                    "the instruction metric needs each member's training data")
+        h = m.info.get("dataset_hash") or None
+        out.append(cached_instruction(data, dataset_hash=h, key=key, fields=bank.fields, **opts))
     return np.stack(out).astype(np.float64)
 
 
 def query_instructions(items, bank, *, fields, split: str = "train", cache=None, encoder=None, quantize=None,
                        cap: int = DEFAULT_CAP, threads=None, max_length=None) -> np.ndarray:
-    """(Q, d) instruction embeddings of query datasets (paths, saved profiles or :class:`Profile` s);
-    a saved profile, or one in the ``cache`` folder, keeps it."""
+    """(Q, d) instruction embeddings of query datasets (paths, or :class:`Profile` s / saved
+    profiles whose ``source`` data is at hand). ``cache`` is accepted for symmetry and unused:
+    embeddings are cached in ``$LORAMIX_CACHE/instructions``."""
     key = instruction_key(encoder, quantize, fields=fields, cap=cap, max_length=max_length)
     opts = dict(encoder=encoder, quantize=quantize, cap=cap, threads=threads, max_length=max_length)
     out = []
     for it in items:
-        if isinstance(it, prof.Profile):
-            out.append(ensure_instruction(it, key=key, fields=fields, split=split, **opts))
-        elif Path(it).suffix == ".npz":
-            p = prof.Profile.load(it)
-            out.append(ensure_instruction(p, key=key, fields=fields, split=split, save_to=it, **opts))
-        elif cache:
-            p = prof.query_profile(it, bank, fields=fields, split=split, cache=cache)
-            c = Path(cache) / f"{ds.dataset_name(Path(it))}.{prof.tokenizer_hash(bank.tokenizer_path)[:12]}.npz"
-            out.append(ensure_instruction(p, it, key=key, fields=fields, split=split, save_to=c, **opts))
-        else:
-            out.append(compute_instruction_embedding(it, fields=fields, split=split, **opts)[0])
+        h = None
+        if isinstance(it, prof.Profile) or Path(it).suffix == ".npz":
+            p = it if isinstance(it, prof.Profile) else prof.Profile.load(it)
+            if not p.source or not Path(p.source).exists():
+                raise prof.ProfileError(f"profile {p.source or it}: the instruction metric needs the dataset "
+                                        "itself, and it is not at hand; pass the dataset path")
+            it, h = p.source, p.dataset_hash or None
+        out.append(cached_instruction(it, dataset_hash=h, key=key, fields=fields, split=split, **opts))
     return np.stack(out).astype(np.float64)
 
 
@@ -147,5 +163,5 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-__all__ = ["instruction_text", "instruction_key", "compute_instruction_embedding", "ensure_instruction",
+__all__ = ["instruction_text", "instruction_key", "compute_instruction_embedding", "cached_instruction",
            "bank_instructions", "query_instructions", "MIN_CHARS", "FALLBACK_EXAMPLES"]

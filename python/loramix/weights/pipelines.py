@@ -30,6 +30,15 @@ from typing import Callable
 
 import numpy as np
 
+#: loramix's defaults for generating an adapter (``loramix generate``): the ``hybrid`` metric (token
+#: histograms + the datasets' instructions), standardized, at a temperature that keeps the few
+#: nearest members (docs/evaluation.md: chosen on the mini bank's valid split, checked on real tasks).
+DEFAULT_PIPELINE = "normalized"
+DEFAULT_METRIC = "hybrid"
+DEFAULT_TEMPERATURE = 0.25
+#: the paper's best pipeline, exactly: ``--pipeline normalized --metric js --temperature 1``
+PAPER_DEFAULTS = {"pipeline": "normalized", "metric": "js", "temperature": 1.0}
+
 PipelineFn = Callable[..., np.ndarray]
 PIPELINES: dict[str, PipelineFn] = {}
 PIPELINE_INPUT: dict[str, str] = {}        # name -> "row" (one distance row) | "matrices"
