@@ -252,13 +252,15 @@ FEATURE_METRICS["hybrid"] = _hybrid
 def evaluate_retrieval(ts: TaskSet, *, metrics: Sequence[str] | None = None,
                        pipelines: Sequence[str] | None = None, temperature: float | None = None,
                        top_k: int | None = None, systems: Sequence[tuple] | None = None,
-                       log: Callable | None = None) -> dict:
+                       default_system: bool = False, log: Callable | None = None) -> dict:
     """Score every metric x pipeline on the task set ``ts`` (:func:`load_tasks` / :func:`bank_tasks`).
 
     ``metrics`` default: every registered histogram metric and ``cosine``; ``pipelines`` default:
     every registered row pipeline (not ``neural``, which needs adapters). ``temperature`` /
     ``top_k``: for every pipeline (default: each pipeline's own default). ``systems``: extra
-    ``(label, metric, pipeline, options)`` rows. Returns ``{"systems": {label: scores}, ...}``.
+    ``(label, metric, pipeline, options)`` rows; ``default_system``: add loramix's generate default
+    (``normalized-hybrid-T0.25``) when its metric is among ``metrics``. Returns
+    ``{"systems": {label: scores}, ...}``.
     """
     if metrics is None:
         metrics = [m for m, (_, kind) in wts.METRICS.items() if kind == "histogram"] + \
@@ -267,6 +269,9 @@ def evaluate_retrieval(ts: TaskSet, *, metrics: Sequence[str] | None = None,
         pipelines = [p for p in wts.PIPELINES if wts.PIPELINE_INPUT.get(p, "row") == "row"
                      and p not in SKIP_PIPELINES]
     rows = [(f"{p}-{m}", m, p, {}) for m in metrics for p in pipelines] + list(systems or ())
+    dp, dm, dt = wts.DEFAULT_PIPELINE, wts.DEFAULT_METRIC, wts.DEFAULT_TEMPERATURE
+    if default_system and dm in metrics:
+        rows.append((f"{dp}-{dm}-T{dt:g}", dm, dp, {"temperature": dt}))
     _, excl, _ = masks(ts.categories, ts.sources)
     Ds, out = {}, {}
     for label, m, p, opts in rows:
@@ -311,3 +316,16 @@ def markdown_table(summary: dict, *, per_category: bool = True) -> str:
             lines.append(f"| {c} | {n} | " + " | ".join(f"{firsts[m]['categories'][c]['p1']:.2f}"
                                                         for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def write_summary(summary: dict, out) -> Path:
+    """Write ``summary.json`` and ``table.md`` into the folder ``out``; returns it."""
+    from loramix.core.files import atomic_path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("summary.json", json.dumps(summary, indent=1) + "\n"),
+                       ("table.md", markdown_table(summary) + "\n")):
+        with atomic_path(out / name) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return out

