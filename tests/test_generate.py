@@ -17,11 +17,6 @@ from loramix.pipeline import OutputError, generate, mix_adapters
 from loramix.profiles.tokens import ProfileError, build_profile
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def test_generate_api_matches_pipeline_and_loads_in_peft(w, tmp_path):
     import peft  # noqa: F401
     b = Bank.open(w.bank)

@@ -31,7 +31,8 @@ def info() -> dict:
 
 
 from loramix.core import divergence as _core_divergence  # noqa: E402
-from loramix.core.divergence import CSR  # noqa: E402
+from loramix.core.divergence import CSR, PreparedHistograms  # noqa: E402
+from loramix.core.divergence import prepare as prepare_histograms  # noqa: E402
 from loramix.core.tensors import (  # noqa: E402
     SafetensorsFile,
     SafetensorsWriter,
@@ -91,7 +92,7 @@ divergence.CSR = CSR
 
 __all__ = [
     "info", "__version__",
-    "divergence", "CSR", "cosine_distances",
+    "divergence", "CSR", "prepare_histograms", "PreparedHistograms", "cosine_distances",
     "SafetensorsFile", "SafetensorsWriter", "weighted_sum", "gram", "mix_into",
     "f32_to_bf16", "bf16_to_f32", "f32_to_f16", "f16_to_f32",
     "Bank", "build_bank", "Profile", "build_profile",

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokenizer", default=None, help="build the bank afterwards with this tokenizer")
     i = bsub.add_parser("info", help="what a bank holds", parents=[common])
     i.add_argument("dir")
+    bv = bsub.add_parser("verify", help="check every member byte against the hashes recorded at build",
+                         parents=[common])
+    bv.add_argument("dir")
     tc = bsub.add_parser("train-combiner", help="train the bank's neural combiner (pipeline neural)",
                          parents=[common])
     tc.add_argument("dir")
@@ -114,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
     ge.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    ge.add_argument("--verify", action="store_true", help="first check every bank member byte (bank verify)")
     ge.add_argument("--encoder", default=None, help="metric cosine: a BERT-family encoder folder (default MiniLM)")
     ge.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="metric cosine: int8 encoder")
     ge.add_argument("--cap", type=int, default=None,
@@ -122,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                     help="run the batch on this Dask scheduler (pip install 'loramix[dask]'); bank and "
                          "outputs must be on a filesystem every worker sees")
+    ge.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --scheduler: give up when it has not answered after this long (default 10)")
 
     ex = sub.add_parser("explain", help="top contributors of a generated adapter", parents=[common])
     ex.add_argument("out")
@@ -276,6 +282,15 @@ def _run(args) -> int:
 
                 semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize,
                                          **({"cap": args.cap} if args.cap is not None else {}))
+        elif args.bank_cmd == "verify":
+            from loramix.bank import integrity
+
+            b = bankmod.Bank.open(args.dir)
+            bad = integrity.verify(b)
+            if bad:
+                raise bankmod.BankError(f"bank {args.dir}: " + "; ".join(bad))
+            _emit(args, {"bank": args.dir, "members": len(b.members), "ok": True},
+                  f"bank {args.dir}: {len(b.members)} members match the hashes recorded at build")
         elif args.bank_cmd == "train-combiner":
             from loramix.weights import neural
 
@@ -312,6 +327,7 @@ def _run(args) -> int:
             tok, fields = b.tokenizer_path, args.fields or b.fields
         else:
             tok, fields = args.tokenizer, args.fields or ("input", "output")
+        prof.Profile.check_target(args.out)   # before tokenizing: never over a user's file
         p = prof.build_profile(args.dataset, tok, fields=fields, split=args.split, progress=progress)
         p.save(args.out)
         _emit(args, {"out": args.out, "n_examples": p.n_examples, "n_tokens": p.n_tokens,
@@ -324,10 +340,11 @@ def _run(args) -> int:
         many = len(args.datasets) > 1
         res = generate(args.datasets if many else args.datasets[0], args.bank, args.out,
                        pipeline=args.pipeline, metric=args.metric, mode=args.mode, top_k=args.top_k,
-                       temperature=args.temperature, dtype=args.dtype, rank=args.rank,
+                       temperature=args.temperature, dtype=args.dtype, rank=args.rank, verify=args.verify,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
                        scheduler=args.scheduler, protocol=args.protocol,
+                       distributed_options={"connect_timeout": args.connect_timeout} if args.scheduler else None,
                        metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize),
                                                          ("cap", args.cap)) if v is not None},
                        pipeline_options={"combiner": args.combiner} if args.combiner else None)

@@ -12,11 +12,14 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
 from loramix import weights as wts
-from loramix.bank.bank import Bank
+from loramix.bank import integrity
+from loramix.bank.bank import Bank, BankError
 from loramix.mixing.local import mix_adapters
+from loramix.mixing.modes import check_rank
 from loramix.mixing.output import GenerateResult, OutputError, check_output
 
 __all__ = ["generate", "GenerateResult", "OutputError", "mix_adapters"]
@@ -38,7 +41,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
              metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
-             protocol: str = "loramix"):
+             verify: bool = False, protocol: str = "loramix"):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     Defaults: the ``normalized`` pipeline on the ``hybrid`` metric (js on token histograms +
@@ -47,10 +50,12 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
-    it) and all are mixed in one pass over the bank. ``exclude``: member names left out, for
-    every dataset, or one list of names per dataset. ``leave_one_out``: also leave out every
-    member trained on the very same data (same dataset content hash, as recorded in bank.json),
-    as the paper does when it evaluates on the bank's own tasks.
+    it) and all are mixed in one pass over the bank. ``exclude``: member names left out (one
+    name as a string, or a list), for every dataset, or one list of names per dataset.
+    ``leave_one_out``: also leave out every member trained on the very same data (same dataset
+    content hash, as recorded in bank.json), as the paper does when it evaluates on the bank's
+    own tasks. ``rank``: mode ``svd`` only (refused with ``factors``/``concat``; a warning when
+    more than the exact mix holds).
     Returns a :class:`GenerateResult` (a list for a list of datasets).
     ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
     the batch on that Dask cluster (:mod:`loramix.mixing.distributed`; ``distributed_options`` go to
@@ -59,12 +64,24 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
     ``metric_options`` go to an embedding metric (``encoder`` folder, ``quantize``, ``cap``,
     ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
     (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
-    metrics it was trained with (``metric`` is then ignored). ``protocol="paper"``: excluded
-    members enter the row statistics before they are dropped, as the paper's leave-one-out code
-    does (:func:`loramix.weights.mixing_weights`); the default leaves them out.
+    metrics it was trained with (``metric`` is then ignored).
+    ``verify``: first check every byte of the members' weights and configs against the SHA-256
+    recorded at build (:func:`loramix.bank.integrity.verify`); the provenance then says so.
+    ``protocol="paper"``: excluded members enter the row statistics before they are dropped, as the
+    paper's leave-one-out code does (:func:`loramix.weights.mixing_weights`); the default leaves them out.
     """
     dist = scheduler is not None or client is not None
+    if isinstance(exclude, str):   # one member's name, not a sequence of one-letter names
+        exclude = [exclude]
+    if scheduler is not None and isinstance(scheduler, str):   # refuse a bad address before any work
+        from loramix.mixing.scheduler import check_scheduler_address
+        check_scheduler_address(scheduler)
+    check_rank(None, None, mode, rank)   # refuse --rank with factors/concat before any work
     bank = Bank.coerce(bank)
+    if verify:
+        bad = integrity.verify(bank)
+        if bad:
+            raise BankError(f"bank {bank.path}: " + "; ".join(bad))
     many = isinstance(dataset, (list, tuple))
     items = list(dataset) if many else [dataset]
     if not items:
@@ -79,8 +96,10 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
         outs = [out / n for n in names]
     else:
         outs = [out]
+    inputs = [it for it in items if isinstance(it, (str, Path))]
     for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
-        check_output(o, bank, overwrite or dist)
+        check_output(o, bank, overwrite or dist, protect=inputs, replace=overwrite or not dist)
+    created = missing_dirs(out if many else out.parent)   # removed again if the run fails
     fields = tuple(fields) if fields else bank.fields
     if metric not in wts.METRICS:
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
@@ -136,6 +155,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
             names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
     W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
                            pipeline, temperature=temperature, top_k=top_k, exclude=excl, protocol=protocol, **popts)
+    check_rank(bank, W, mode, rank)      # svd: say so when the rank asked is more than the mix holds
     if many:
         out.mkdir(parents=True, exist_ok=True)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
@@ -143,7 +163,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
              "exclude": names_q[q], "distances": D[q],
              "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
              any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
-             "combiner": popts.get("combiner_path"),
+             "combiner": popts.get("combiner_path"), "verified": verify or None,
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
     mixer, kw = mix_adapters, {}
@@ -151,6 +171,10 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
         from loramix.mixing import distributed
         mixer, kw = distributed.mix_adapters, dict(scheduler=scheduler, client=client,
                                                    **(distributed_options or {}))
-    results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
-                    provenance=prov, progress=progress, **kw)
+    try:
+        results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
+                        provenance=prov, progress=progress, **kw)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     return results if many else results[0]

@@ -174,6 +174,17 @@ def encode_example(tok, prompt: str, answer: str | None, eos_id: int) -> tuple[l
     return p + a, [-100] * len(p) + a
 
 
+def _check_replaceable(out: Path) -> None:
+    """``force`` replaces a previous mini bank only: never a folder of someone else's files, a
+    link, or the current folder or one holding it."""
+    cwd, real = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(out))
+    if not (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out} is not empty and holds no mini bank (no {MANIFEST}); not deleted, "
+                              "even with --force")
+    if out.is_symlink() or real == cwd or real in cwd.parents:
+        raise FileExistsError(f"{out} is a link, the current folder or holds it; not deleted, even with --force")
+
+
 def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", threads: int | None = None,
           force: bool = False) -> dict:
     """Build the bank for ``suite`` into ``out`` and return the manifest."""
@@ -196,6 +207,7 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty (use force=True / --force)")
+        _check_replaceable(out)
         shutil.rmtree(out)
     threads = threads or suite.get("threads", 2)
     _set_determinism(threads)

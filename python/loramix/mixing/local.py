@@ -6,6 +6,7 @@ from typing import Sequence
 
 from loramix.bank import peft_io
 from loramix.bank.bank import Bank
+from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.mixing import modes as mixmod
 from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage, stage_folder,
                                    swap_in, weight_matrix, weights_metadata)
@@ -24,6 +25,8 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     dtype_name = mixmod.normalize_dtype(dtype, bank.dtype)
     mixmod.plan(bank, W, mode, rank)   # fail on a bad mode/rank before anything is created
     stages = []
+    created = sorted({d for o in outs for d in missing_dirs(o.parent)}, key=lambda d: -len(d.parts))
+    ok = False
     try:
         stages = [stage_folder(o) for o in outs]
         infos = mixmod.mix_to_files(bank, W, [s / peft_io.WEIGHTS_NAME for s in stages], mode,
@@ -36,7 +39,10 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
         for stage, out in zip(stages, outs):
             swap_in(stage, out)
             stages = [s for s in stages if s != stage]
+        ok = True
         return results
     finally:
         for s in stages:
             shutil.rmtree(s, ignore_errors=True)
+        if not ok:   # folders this call created for its outputs go again (when still empty)
+            remove_empty_dirs(created)

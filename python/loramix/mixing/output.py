@@ -18,6 +18,7 @@ import numpy as np
 
 from loramix.bank import peft_io
 from loramix.core.files import make_stage_dir
+from loramix.mixing import guard
 from loramix.bank.bank import Bank
 from loramix.version import __version__
 from loramix import weights as wts
@@ -59,16 +60,24 @@ class GenerateResult:
         }
 
 
-def check_output(out, bank: Bank, overwrite: bool) -> Path:
+def check_output(out, bank: Bank, overwrite: bool, protect=(), *, replace: bool = True) -> Path:
+    """``out`` as an absolute path, or :class:`OutputError` when it may not be written: inside
+    or holding the bank, existing without ``overwrite``, or (``replace``: it would be replaced)
+    existing but not replaceable (:func:`loramix.mixing.guard.replace_refusal`: only an empty
+    folder or a previous loramix output is; ``protect``: more paths, e.g. the input datasets, it
+    must not be or hold)."""
     out = Path(os.path.abspath(out))
-    if bank.contains(out):
+    real, bank_real = Path(os.path.realpath(out)), Path(os.path.realpath(bank.path))
+    if bank.contains(out) or bank_real in real.parents:
         raise OutputError(f"output {out} is inside the bank {bank.path}; choose a folder outside it")
-    if os.path.abspath(bank.path).startswith(str(out) + os.sep):
+    if os.path.abspath(bank.path).startswith(str(out) + os.sep) or guard.within(bank_real, real):
         raise OutputError(f"output {out} contains the bank {bank.path}")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise OutputError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
+    if replace and os.path.lexists(out):
+        why = guard.replace_refusal(out, [bank.path, *protect])
+        if why:
+            raise OutputError(f"output {out} not replaced: {why}")
     return out
 
 
@@ -96,7 +105,11 @@ def _exchange(a: Path, b: Path) -> bool:
 def swap_in(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place. An existing output is swapped with it in one
     atomic step where the OS allows (then the old one, now at ``tmp``, is removed); elsewhere
-    the old output is moved aside first and removed last."""
+    the old output is moved aside first and removed last. The old output is checked again
+    (:func:`loramix.mixing.guard.replace_refusal`) right before: it may have changed since."""
+    why = guard.replace_refusal(out) if os.path.lexists(out) else None
+    if why:
+        raise OutputError(f"output {out} not replaced: {why}")
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -141,6 +154,11 @@ def weights_metadata(bank: Bank, mode: str) -> dict:
 def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
                  extra: dict) -> GenerateResult:
     """Write config, provenance and card of one output into its stage folder (weights are there)."""
+    bad = guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
+    if bad:
+        raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
+                          "a member used holds NaN/inf (rebuild the bank to find it) or the sum overflows; "
+                          "nothing written")
     used = [bank.members[i].spec for i in info.members]
     used_with_modules = [s for s in used if any(m in info.ranks for m in s.modules)]
     tm = peft_io.target_modules_for(list(info.ranks), used_with_modules)
@@ -166,7 +184,8 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
-    for k in ("metric_options", "combiner", "protocol"):   # cosine's encoder options, neural's model, --protocol paper
+    for k in ("metric_options", "combiner", "verified", "protocol"):   # cosine's encoder options, neural's model,
+        # --verify, --protocol paper
         if extra.get(k):
             d[k] = extra[k]
     return d
