@@ -132,7 +132,7 @@ def test_card_matches_what_peft_writes(w, hubbank, tmp_path, monkeypatch):
     prov = json.loads((out / "loramix.json").read_text())
     for m, wt in res.top(2):
         assert f"| {m} | {wt:.6f} |" in ours.text
-    assert prov["bank_hash"] in ours.text and "`js`" in ours.text
+    assert prov["bank_hash"] in ours.text and f"`{prov['metric']}`" in ours.text
 
 
 def test_card_with_a_local_base_names_no_hub_model(w, relbank, tmp_path):

@@ -56,15 +56,6 @@ def _recipe(items, bank, pipeline, mode, top_k, temperature, dtype, rank, fields
             "exclude": [list(e) for e in exclude], "base_model": base, **opts}
 
 
-def _widen(m, v: int):
-    """The CSR matrix ``m`` with ``v`` columns (queries may use added tokens beyond the bank's)."""
-    if hasattr(m, "_replace"):   # the core's CSR (no scipy)
-        return m._replace(n_cols=v)
-    import scipy.sparse as sp
-
-    return sp.csr_array((m.data, m.indices, m.indptr), shape=(m.shape[0], v))
-
-
 def _takes(fn, name: str) -> bool:
     """Whether a registered metric accepts keyword ``name`` (older ones may not take ``progress``)."""
     import inspect
@@ -191,7 +182,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
             qm = prof.stack(queries, v)
             bm = bank.profiles()
             if bm.shape[1] != v:
-                bm = _widen(bm, v)
+                bm = prof.widen(bm, v)
         Ds[m] = wts.distances(qm, bm, m)
     D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)

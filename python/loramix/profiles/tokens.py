@@ -229,6 +229,16 @@ def cached_profile(dataset, tokenizer, *, cache=None, fields: Iterable[str] = ds
     return build_profile(dataset, tokenizer, fields=fields, split=split, progress=progress), True
 
 
+def widen(m, v: int):
+    """The stacked profiles ``m`` (scipy CSR or the core's :class:`CSR`) with ``v`` columns: queries
+    may use added tokens beyond the bank's vocabulary. Needs no scipy for the core's CSR."""
+    if hasattr(m, "_replace"):   # the core's CSR (no scipy)
+        return m._replace(n_cols=v)
+    import scipy.sparse as sp
+
+    return sp.csr_array((m.data, m.indices, m.indptr), shape=(m.shape[0], v))
+
+
 def stack(profiles, vocab_size: int | None = None):
     """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts; without
     scipy (the base install leaves it out) the core's own :class:`loramix.core.divergence.CSR`,

@@ -47,15 +47,13 @@ def _encoder_available(encoder) -> bool:
 
 
 def _token_distances(datasets, bank, *, fields, split, cache, metric="js") -> np.ndarray:
-    import scipy.sparse as sp
-
     from loramix.profiles import tokens as prof
 
     queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=cache) for d in datasets]
     v = max([bank.vocab_size] + [q.vocab_size for q in queries])
     bm = bank.profiles()
     if bm.shape[1] != v:
-        bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
+        bm = prof.widen(bm, v)
     return distances(prof.stack(queries, v), bm, metric)
 
 
