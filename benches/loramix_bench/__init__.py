@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 SUITES = ("kernels", "mix", "e2e", "all")
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="layers mixed in the leave-one-out case (default all; output = N adapters)")
     p.add_argument("--exact-all-max", type=int, default=64,
                    help="largest N for concat/svd with top-k all (output/QR grow with N)")
+    p.add_argument("--svd-timeout", type=float, default=60.0,
+                   help="seconds after which an svd case is stopped and reported as capped (0: no cap)")
     p.add_argument("--scratch", default=None,
                    help="folder for mixed outputs while timing (default /dev/shm/loramix-bench; one case "
                         "also writes to OUT/tmp on disk)")
@@ -52,16 +55,21 @@ def run(args) -> int:
     root = Path(args.bank_dir).resolve()
     dtype = {"bf16": "BF16", "f32": "F32", "f16": "F16"}[args.dtype]
     opts = {k: getattr(args, k) for k in ("repeat", "peft_n", "peft_svd_layers", "loo_layers", "exact_all_max",
-                                          "delete_fp32", "dtype", "suite", "fp32", "scratch")}
+                                          "delete_fp32", "dtype", "suite", "fp32", "scratch",
+                                          "svd_timeout")}
     r = suites.Run(Path(args.out), args.scale, root, opts, log)
     r.doc["command"] = "loramix bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    r.loadavg("start")
     want = SUITES[:-1] if args.suite == "all" else (args.suite,)
+    inputs_s = 0.0
     if "kernels" in want:
         log("suite kernels")
         suites.suite_kernels(r)
     if "mix" in want or "e2e" in want:
         log(f"inputs under {root} ...")
+        t0 = time.perf_counter()
         bank, target = synth.ensure_inputs(root, args.scale, dtype, progress=True)
+        inputs_s = time.perf_counter() - t0   # generating the bank: once per --bank-dir, not the bench
         if "mix" in want:
             log("suite mix")
             suites.suite_mix(r, bank)
@@ -71,7 +79,10 @@ def run(args) -> int:
     if args.fp32:
         log("suite fp32")
         suites.suite_fp32(r)
-    r.doc["finished"] = __import__("time").strftime("%Y-%m-%d %H:%M:%S UTC", __import__("time").gmtime())
+    r.loadavg("end")
+    r.doc["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    r.doc["wall_s"] = time.perf_counter() - r.t0
+    r.doc["inputs_s"] = inputs_s
     r.save()
     text = report.tables(r.doc) + "\n" + report.goals(r.doc)
     (r.out / "bench.md").write_text(f"Command: `{r.doc['command']}`\n\n" + text)
