@@ -403,13 +403,15 @@ def suite_mix(run: Run, bank: Path) -> None:
              {"case": "loramix_mix", "bank": str(bank), "mode": "factors", "repeat": rep, "out": str(run.out / "tmp")},
              probe="read")
     # the paper's approach: whole (n, P) fp32 matrix in RAM + torch.matmul
+    laptop = run.scale == "laptop"   # the default run: peers at smaller n (their load time grows with n)
     n_paper, pred = fit_n(run, bank_bytes, per_f32, N)
+    n_paper = min(n_paper, run.args.get("paper_n") or (32 if laptop else N))
     run.note("mix", "paper_fit", pred)
     if n_paper >= 2:
         run.case("mix", f"paper: fp32 (n, P) in RAM + torch.matmul, n={n_paper}",
                  {"case": "paper_matmul", "bank": str(bank), "n": n_paper, "repeat": rep}, probe="read")
     # PEFT add_weighted_adapter on a skeleton (cat doubles memory: the result holds all n)
-    n_peft_cap = run.args.get("peft_n") or min(N, 64)
+    n_peft_cap = run.args.get("peft_n") or min(N, 16 if laptop else 64)
     n_peft, pred = fit_n(run, bank_bytes, per_f32, N, copies=2.2)
     run.note("mix", "peft_fit", pred)
     n_peft = min(n_peft, n_peft_cap)
@@ -426,7 +428,7 @@ def suite_mix(run: Run, bank: Path) -> None:
                       "layers": layers})
     # all N leave-one-out adapters in one pass (each row has one zero weight: the core keeps such
     # sources in its GEMM panel), against fp32 GEMM measured right before and after each case
-    loo_layers = run.args.get("loo_layers")
+    loo_layers = run.args.get("loo_layers") or (4 if laptop else None)
     lay = loo_layers or "all"
     krep = 1 if N > 128 else rep
     run.case("mix", f"loramix LOO Q={N} factors via mix_into, written, layers={lay}",
