@@ -376,7 +376,7 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
                    seed: int = 0, max_epochs: int = 2000, patience: int = 100, lr: float = 0.01,
                    weight_decay: float = 0.0, feature_names: Sequence[str] | None = None,
                    baseline_feature: int | None = None, log_every: int = 0,
-                   optimizer: str = "lbfgs", precision: str = "float32",
+                   optimizer: str = "lbfgs", precision: str = "float32", min_delta: float = 1e-4,
                    threads: int | None = None) -> tuple[NeuralCombiner, History]:
     """Train the combiner leave-one-out on the bank's own members.
 
@@ -387,8 +387,10 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     members. Full-batch optimization of the relative loss: ``optimizer="lbfgs"`` (scipy's L-BFGS-B;
     the net has ~F·H parameters, so quasi-Newton steps converge in tens to hundreds of
     iterations) or ``"adam"`` (``lr``, ``weight_decay``). An "epoch" is one iteration; early
-    stopping on the validation loss after ``patience`` epochs without improvement
-    (``val_frac=0``: no validation, runs ``max_epochs``); the best parameters are kept.
+    stopping on the validation loss after ``patience`` epochs without an improvement of at least
+    ``min_delta`` (relative) over the loss that last reset the count — L-BFGS keeps finding
+    improvements of 1e-9 near its minimum, which would restart the count again and again
+    (``val_frac=0``: no validation, runs ``max_epochs``); the best parameters seen are kept.
     ``precision``: dtype of the per-epoch ``W @ G`` product (the rest is float64). ``log_every > 0`` logs the curve to the ``loramix.weights.combiner`` logger.
     Returns ``(combiner, history)``.
     """
@@ -453,7 +455,7 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     nthreads = int(threads or _core.default_threads())   # LORAMIX_NUM_THREADS or the core count
     obj_train = mlp.Objective(p, Xt, ext, G, train_rows, e_train, gd, nthreads)
     obj_val = mlp.Objective(p, Xv, exv, G, val_rows, e_val, gd, nthreads) if n_val else None
-    state = {"best": p.copy(), "best_loss": np.inf, "since": 0, "epoch": 0}
+    state = {"best": p.copy(), "best_loss": np.inf, "mark": np.inf, "since": 0, "epoch": 0}
 
     def record(loss, vloss) -> bool:
         """Log one epoch; True when early stopping says stop."""
@@ -464,10 +466,12 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
         if log_every and e % log_every == 0:
             log.info("epoch %d  train %.6g  val %.6g", e, loss, vloss)
         state["epoch"] += 1
-        bl = state["best_loss"]
+        bl, mark = state["best_loss"], state["mark"]
         if not np.isfinite(bl) or vloss < bl - 1e-12 * abs(bl):
-            state.update(best=p.copy(), best_loss=vloss, since=0)
+            state.update(best=p.copy(), best_loss=vloss)
             hist.best_epoch, hist.best_val_loss, hist.best_train_loss = e, float(vloss), float(loss)
+        if not np.isfinite(mark) or vloss < mark - min_delta * abs(mark):
+            state.update(mark=vloss, since=0)
             return False
         state["since"] += 1
         if n_val and state["since"] >= patience:
