@@ -115,7 +115,12 @@ class Run:
         self.log(f"  [{suite}] {label} ...")
         before = self.probe(probe) if probe else None
         t0 = time.perf_counter()
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         res = C.run_case(spec, **kw)
+        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)   # the case's CPU: what a quiet machine would need
+        res["case_cpu_s"] = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
         self._seq += 1
         if probe:
             after = self.probe(probe)
