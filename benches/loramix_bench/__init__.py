@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="also generate the fp32 bank as published (37.7 MB x N) and mix from it cold")
     p.add_argument("--delete-fp32", action="store_true", help="delete the fp32 bank after measuring")
     p.add_argument("--peft-n", type=int, default=None, help="members loaded into PEFT (default min(N, 64, fit); 16 at laptop scale)")
-    p.add_argument("--peft-svd-layers", type=int, default=1,
-                   help="layers for PEFT svd (dense SVDs, minutes per layer), extrapolated to 32")
+    p.add_argument("--peft-svd-layers", type=int, default=None,
+                   help="layers for PEFT svd (dense SVDs, minutes per layer), extrapolated to 32 "
+                        "(default 1; 0 at laptop scale, where loramix svd is capped anyway)")
     p.add_argument("--loo-layers", type=int, default=None,
                    help="layers mixed in the leave-one-out case (default all; 4 at laptop scale; output = N adapters)")
     p.add_argument("--exact-all-max", type=int, default=64,

@@ -426,7 +426,7 @@ def suite_mix(run: Run, bank: Path) -> None:
                      {"case": "peft_mix", "bank": str(bank), "n": n_peft, "combination": comb, "repeat": 1},
                      probe="read")
         layers = run.args.get("peft_svd_layers")
-        layers = 1 if layers is None else layers
+        layers = (0 if laptop else 1) if layers is None else layers
         if layers > 0:
             run.case("mix", f"PEFT add_weighted_adapter svd, n={n_peft}, {layers} layer(s)",
                      {"case": "peft_mix", "bank": str(bank), "n": n_peft, "combination": "svd", "repeat": 1,
