@@ -284,3 +284,23 @@ def test_train_combiner_validates_inputs(rng):
         C.train_combiner(f, np.triu(np.ones((5, 5))))
     comb, hist = C.train_combiner(f, np.eye(5) + 0.1, val_frac=0, max_epochs=5)
     assert len(hist.train_loss) == 5 and not hist.stopped_early and hist.val_members == []
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 1e-4, 1e-2])
+def test_early_stopping_counts_patience_from_the_last_real_improvement(min_delta):
+    """Training stops ``patience`` epochs after the last validation loss that beat the loss of the
+    previous reset by at least ``min_delta`` (relative), and still returns the best epoch seen."""
+    X, D = planted_bank(N=40, seed=4)
+    N = len(D)
+    feats, _ = C.pair_features({"js": D}, exclude=np.eye(N, dtype=bool))
+    patience = 7
+    _, hist = C.train_combiner(feats, X @ X.T, hidden=4, seed=0, max_epochs=400, patience=patience,
+                               min_delta=min_delta)
+    assert hist.stopped_early
+    mark, last = np.inf, 0
+    for e, v in enumerate(hist.val_loss):   # the rule, replayed on the recorded curve
+        if not np.isfinite(mark) or v < mark - min_delta * abs(mark):
+            mark, last = v, e
+    assert len(hist.val_loss) == last + patience + 1
+    assert hist.best_val_loss == min(hist.val_loss)
+    assert hist.val_loss[hist.best_epoch] == hist.best_val_loss
