@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,11 +27,13 @@ from typing import Iterable
 
 import numpy as np
 
-from loramix.core.files import write_json_atomic
+from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
-from loramix.bank import peft_io
+from loramix.bank import peft_io, schema
 from loramix.profiles import tokens as prof
+from loramix.bank import integrity
+from loramix.bank.integrity import file_sha256
 
 BANK_FILE = "bank.json"
 BANK_FORMAT = 1
@@ -44,12 +45,6 @@ class BankError(ValueError):
     """A bank that cannot be used; the message names every bad member and its problem."""
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _is_member_dir(d: Path) -> bool:
@@ -62,18 +57,31 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     """Scan ``bank_dir``, profile each member's dataset, write ``bank.json``; returns its content.
 
     Every member is validated; all problems are collected and raised together as
-    :class:`BankError`. Profiles are reused when nothing changed.
+    :class:`BankError`. Profiles are reused when nothing changed. Nothing in the bank changes
+    until everything is validated: new profiles and the tokenizer are staged next to their
+    places and renamed in together with ``bank.json`` last, so a failed build leaves the bank
+    exactly as it was.
     """
     bank_dir = Path(bank_dir)
     if not bank_dir.is_dir():
         raise BankError(f"bank {bank_dir}: no such folder")
-    fields = tuple(fields)
+    with StagedFiles() as staged:
+        doc = _build(bank_dir, tokenizer, tuple(fields), base_model, split, progress, staged)
+        staged.write(bank_dir / BANK_FILE, (json.dumps(doc, indent=1) + "\n").encode())   # renamed last
+        staged.commit()
+    return doc
+
+
+def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress, staged) -> dict:
+    """``build_bank``'s work; every file it would change is staged in ``staged``."""
     tok_src = prof.tokenizer_file(tokenizer)
+    # a file that is not a tokenizer is refused (naming it) before anything is staged
+    vocab = int(prof.load_tokenizer(tok_src).get_vocab_size(with_added_tokens=True))
     tok_dst = bank_dir / TOKENIZER_NAME
+    tok_use = tok_dst
     if tok_src.resolve() != tok_dst.resolve():
-        shutil.copyfile(tok_src, tok_dst)
-    tok_hash = prof.tokenizer_hash(tok_dst)
-    vocab = int(prof.load_tokenizer(tok_dst).get_vocab_size(with_added_tokens=True))
+        tok_use = staged.write(tok_dst, tok_src.read_bytes())
+    tok_hash = prof.tokenizer_hash(tok_use)
 
     dirs = sorted((d for d in bank_dir.iterdir() if _is_member_dir(d)), key=lambda d: d.name)
     if not dirs:
@@ -87,20 +95,30 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         it = tqdm(dirs, desc="bank build", unit="member", file=__import__("sys").stderr)
     skipped = []
     for d in it:
+        clean_stale_stages(d)   # temporary files of a build that was killed
         w = d / peft_io.WEIGHTS_NAME
         if not w.is_file() or w.stat().st_size == 0:
             skipped.append(d.name)
             continue
+        why = integrity.path_problem(bank_dir, d.name, f"member {d.name!r}: folder")
+        if why:
+            problems.append(why)
+            continue
         try:
             spec = peft_io.read_adapter(d, d.name)
+            why = integrity.nonfinite_problem(spec, _open_weights(w, d.name))
         except peft_io.AdapterError as e:
-            problems.append(str(e))
+            why = str(e)
+        if why:
+            problems.append(why)
             continue
         pfile = d / PROFILE_NAME
         data = find_member_dataset(d)
         try:
             if data is not None:
-                p = prof.profile_dataset(data, tok_dst, cache=pfile, fields=fields, split=split)
+                p, fresh = prof.cached_profile(data, tok_use, cache=pfile, fields=fields, split=split)
+                if fresh:
+                    p.save(staged.path_for(pfile))
             elif pfile.is_file():
                 p = prof.Profile.load(pfile)
                 p.check_tokenizer(tok_hash, str(pfile))
@@ -130,6 +148,7 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
             "config_sha256": file_sha256(d / peft_io.CONFIG_NAME),
             "weights_sha256": file_sha256(d / peft_io.WEIGHTS_NAME),
             "weights_size": (d / peft_io.WEIGHTS_NAME).stat().st_size,
+            "weights_sig": integrity.weights_signature(d / peft_io.WEIGHTS_NAME),
         })
     problems += _fit_problems(specs, base_model)
     if problems:
@@ -161,8 +180,16 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         "members": members,
         "bank_hash": h.hexdigest(),
     }
-    write_json_atomic(bank_dir / BANK_FILE, doc)
     return doc
+
+
+def _open_weights(w: Path, name: str):
+    from loramix.core import tensors
+
+    try:
+        return tensors.SafetensorsFile(str(w))
+    except (ValueError, OSError) as e:
+        raise peft_io.AdapterError(f"member {name!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
 
 
 def same_base_model(a: str | None, b: str | None) -> bool:
@@ -279,15 +306,31 @@ class Bank:
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BankError(f"bank {path}: {BANK_FILE} is not valid JSON ({e})") from None
+        bad = schema.problems(doc, BANK_FILE)
+        if bad and not (isinstance(doc, dict) and doc.get("format") not in (None, BANK_FORMAT)):
+            raise BankError(f"bank {path}: " + "; ".join(bad))
         if doc.get("format") != BANK_FORMAT:
             raise BankError(f"bank {path}: {BANK_FILE} format {doc.get('format')} is not {BANK_FORMAT}")
+        why = integrity.path_problem(path, doc["tokenizer"]["file"], "tokenizer file")
+        if why:
+            raise BankError(f"bank {path}: {BANK_FILE}: {why}")
         tok = path / doc["tokenizer"]["file"]
         if not tok.is_file():
             raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
         if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
             raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
         members, skipped, problems, specs = [], [], [], []
+        dup = integrity.duplicate_names(doc["members"])
+        if dup:
+            raise BankError(f"bank {path}: {BANK_FILE} lists member(s) {', '.join(map(repr, dup))} more than "
+                            "once; member names must be unique (rebuild the bank)")
         for info in doc["members"]:
+            bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}",
+                                                      links_out=k == "dataset")
+                               for k in ("path", "profile", "dataset") if k != "dataset" or info.get(k)) if w]
+            if bad:
+                problems += bad
+                continue
             d = path / info["path"]
             w = d / peft_io.WEIGHTS_NAME
             if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
@@ -305,9 +348,9 @@ class Bank:
             except peft_io.AdapterError as e:
                 problems.append(str(e))
                 continue
-            if check and w.stat().st_size != info.get("weights_size", w.stat().st_size):
-                problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
-                                "the bank was built; rebuild the bank")
+            why = integrity.changed_problem(info["name"], w, info) if check else None
+            if why:
+                problems.append(why)
                 continue
             pp = path / info["profile"]
             if not pp.is_file():
@@ -383,6 +426,11 @@ class Bank:
             for m in self.members:
                 p = prof.Profile.load(m.profile_path)
                 p.check_tokenizer(self.tokenizer_hash, str(m.profile_path))
+                want = m.info.get("dataset_hash")
+                if want and p.dataset_hash != want:
+                    raise BankError(f"bank {self.path}: member {m.name!r}: {m.profile_path.name} is of another "
+                                    f"dataset (hash {p.dataset_hash[:12]}, {BANK_FILE} says {want[:12]}); it was "
+                                    "replaced after the build: rebuild the bank")
                 ps.append(p)
             self._profiles = prof.stack(ps, max(self.vocab_size, max(p.vocab_size for p in ps)))
         return self._profiles

@@ -99,6 +99,30 @@ def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInf
     return infos
 
 
+def check_rank(bank, W, mode: str, rank: int | None) -> None:
+    """What ``generate`` asks of ``rank``: only mode ``svd`` has a free output rank, so ``rank``
+    with ``factors`` (the members' largest rank) or ``concat`` (their sum) is refused; in ``svd``
+    a rank above what a module's exact mix holds (``Σ r_i`` of its members used, or its layer
+    size) is lowered to that (the exact mix) with a warning naming how many modules got less.
+    ``W``: the weights (Q, N), or None to check only the mode."""
+    if rank is None:
+        return
+    if mode != "svd":
+        raise MixError(f"rank={rank} applies to mode svd only: mode {mode} keeps "
+                       + ("the members' largest rank" if mode == "factors" else "the sum of the members' ranks")
+                       + "; drop --rank or use --mode svd")
+    if W is None:
+        return
+    got = [r for info in plan(bank, W, mode, rank) for r in info.ranks.values()]
+    short = [r for r in got if r < int(rank)]
+    if short:
+        import warnings
+
+        warnings.warn(f"rank {rank} is more than the exact mix holds in {len(short)} of {len(got)} "
+                      f"module(s): they get rank {min(short)}-{max(short)} (the sum of the ranks of the members "
+                      "used, or the layer size), i.e. the exact mix", stacklevel=3)
+
+
 def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = None,
                  dtype: str | None = None, metadata: dict | None = None,
                  progress: bool = False, threads: int | None = None) -> list[MixInfo]:
@@ -253,7 +277,11 @@ def truncated_factors(b_stack: np.ndarray, a_stack: np.ndarray, r: int):
 
 
 def _lanczos_svd(b_stack, a_stack, r):
-    from scipy.sparse.linalg import LinearOperator, svds
+    try:
+        from scipy.sparse.linalg import LinearOperator, svds
+    except ImportError:
+        raise ImportError(f"mode svd with a stacked rank above {SVD_DENSE_MAX} needs scipy, which is not "
+                          "installed: pip install 'loramix[scipy]'") from None
 
     op = LinearOperator(
         (b_stack.shape[0], a_stack.shape[1]), dtype=np.float64,

@@ -329,7 +329,11 @@ def _fit_adam(p, obj_train, obj_val, record, max_epochs, lr, weight_decay):
 
 
 def _fit_lbfgs(p, obj_train, obj_val, record, max_epochs):
-    from scipy.optimize import minimize
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise ImportError("training the neural combiner needs scipy, which is not installed: "
+                          "pip install 'loramix[train]'") from None
 
     keys = MLPParams.TRAINABLE
     shapes = [getattr(p, k).shape for k in keys]
