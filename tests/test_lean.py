@@ -44,7 +44,7 @@ def test_generate_cli_imports_nothing_heavy_even_with_a_trained_combiner(w, tmp_
 
     bank = tmp_path / "bank"
     shutil.copytree(w.bank, bank)
-    train_bank_combiner(bank, ("js",), max_epochs=5, patience=5)   # training needs numba (here: installed)
+    train_bank_combiner(bank, ("js",), max_epochs=5, patience=5)   # training needs scipy (here: installed)
     code = ("import json\nfrom loramix.cli import main\n"
             f"assert main(['generate', {str(w.queries['music_q'])!r}, {str(w.queries['animals_q'])!r}, "
             f"'--bank', {str(bank)!r}, '-o', {str(tmp_path / 'o')!r}, '--pipeline', 'neural', '--json']) == 0\n"
@@ -56,11 +56,17 @@ def test_generate_cli_imports_nothing_heavy_even_with_a_trained_combiner(w, tmp_
     assert prov["pipeline"] == "neural"
 
 
-def test_missing_numba_names_the_extra(w, tmp_path):
+def test_training_needs_no_numba_and_missing_scipy_names_the_extra(w, tmp_path):
+    """The combiner's kernels are in the compiled core: training runs without numba; its optimizer
+    (scipy's L-BFGS) names the extra when missing. Rouge-L (evaluation) still needs numba."""
     bank = tmp_path / "bank"
     shutil.copytree(w.bank, bank)
     r = _tiny_cli_blocked(["bank", "train-combiner", str(bank)], "numba")
-    assert r.returncode == 1 and "needs numba" in r.stderr and "pip install 'loramix[train]'" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert (bank / "combiner.onnx").is_file()
+    r = _py("import sys\nfrom loramix.cli import main\n"
+            f"sys.exit(main({['bank', 'train-combiner', str(bank)]!r}))\n", block=("scipy", "scipy.optimize"))
+    assert r.returncode == 1 and "needs scipy" in r.stderr and "pip install 'loramix[train]'" in r.stderr
     r = _py("import loramix.evaluation.rouge", block=("numba",))
     assert r.returncode == 1 and "pip install 'loramix[eval]'" in r.stderr
 

@@ -91,160 +91,6 @@ def member_flat(m, keys) -> np.ndarray:
     return np.concatenate([m.file.to_f32(k).reshape(-1) for k in keys])
 
 
-class KernelClock:
-    """Time spent inside ``tensors.mix_into`` (the compiled kernel + writes), to split a mix into
-    the core's share and the Python around it (``mix.py`` looks ``tensors.mix_into`` up per call)."""
-
-    def __init__(self):
-        from loramix.core import tensors
-
-        self.total = 0.0
-        self.calls = 0
-        self._orig = tensors.mix_into
-        self._tensors = tensors
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return self._orig(*a, **k)
-            finally:
-                self.total += time.perf_counter() - t0
-                self.calls += 1
-
-        tensors.mix_into = timed
-
-    def restore(self):
-        self._tensors.mix_into = self._orig
-
-
-class ReleaseMappedPages:
-    """Prototype of a fix, not the library's behaviour: after each ``mix_into`` call, drop this
-    process's page-table entries for the bytes just read (``madvise(MADV_DONTNEED)``). The data
-    stays in the page cache; only the mapping's resident set shrinks, so VmHWM stops growing
-    with the bytes read. The range released starts ``margin`` bytes below each source, clamped
-    to the first tensor of its file: the kernel's fault-around maps the aligned 64 KiB window
-    around a faulting page, i.e. pages of the previous (already released) tensor too."""
-
-    def __init__(self, bank, margin: int = 1 << 20):
-        import bisect
-        import ctypes
-        import mmap
-
-        from loramix.core import tensors
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        page = mmap.PAGESIZE
-        starts = []
-        for m in bank.members:   # where each file's tensor data begins in this process
-            f = m.file
-            starts.append(min(f.numpy(k).__array_interface__["data"][0] for k in f.keys()))
-        starts.sort()
-        self._orig = tensors.mix_into
-        self._tensors = tensors
-
-        def release(sources):
-            for src in sources:
-                if not isinstance(src, tensors.TensorRef):
-                    continue
-                a = src.numpy()
-                lo = a.__array_interface__["data"][0]
-                hi = lo + a.nbytes
-                base = starts[max(0, bisect.bisect_right(starts, lo) - 1)]
-                lo = max(lo - margin, base)
-                lo += -lo % page          # never below the file's first tensor page
-                hi += -hi % page
-                if hi > lo:
-                    libc.madvise(lo, hi - lo, 4)   # MADV_DONTNEED
-
-        def wrapped(writers, name, sources, *a, **k):
-            try:
-                return self._orig(writers, name, sources, *a, **k)
-            finally:
-                release(sources)
-
-        tensors.mix_into = wrapped
-
-    def restore(self):
-        self._tensors.mix_into = self._orig
-
-
-class FastMixPython:
-    """Prototype of a fix in ``mix.py``, not the library's behaviour: the per-member Python of a
-    factors mix made O(members used) instead of O(members in the bank) per module:
-    ``_module_index`` computed once per bank (it runs 3 times per mix), the per-module rank
-    arrays of ``plan`` cached, and ``used`` in ``_mix_factors_group`` found with one numpy
-    expression instead of one ``np.any(W[targets, i])`` per member."""
-
-    def __init__(self):
-        from loramix.mixing import modes as mix
-
-        self.mix = mix
-        self.saved = (mix._module_index, mix.plan, mix._mix_factors_group)
-        orig_index = mix._module_index
-
-        def module_index(bank):
-            if getattr(bank, "_lmx_modidx", None) is None:
-                bank._lmx_modidx = orig_index(bank)
-            return bank._lmx_modidx
-
-        def ranks(bank, name, holders):
-            cache = bank.__dict__.setdefault("_lmx_ranks", {})
-            if name not in cache:
-                cache[name] = np.array([bank.members[i].modules[name].rank for i in holders])
-            return cache[name]
-
-        def plan(bank, W, mode, rank=None):
-            if mode not in mix.MODES:
-                raise mix.MixError(f"unknown mode {mode!r}")
-            W = np.atleast_2d(W)
-            mem = bank.members
-            infos = [mix.MixInfo(members=[int(i) for i in np.flatnonzero(W[q])]) for q in range(W.shape[0])]
-            for name, holders in module_index(bank).items():
-                h = np.asarray(holders)
-                rk = ranks(bank, name, holders)
-                nz = W[:, h] != 0
-                ms = mem[holders[0]].modules[name]
-                for q in np.flatnonzero(nz.any(axis=1)):
-                    used = rk[nz[q]]
-                    if mode == "factors":
-                        r = int(used.max())
-                    elif mode == "concat":
-                        r = int(used.sum())
-                    else:
-                        r = min(int(rank or bank.rank), int(used.sum()), ms.in_features, ms.out_features)
-                    infos[q].ranks[name] = r
-            return infos
-
-        def group(bank, W, name, holders, targets, r_out, writers, threads):   # mix.py's, but `used`
-            from loramix.bank import peft_io
-            from loramix.core import tensors
-
-            h = np.asarray(holders)
-            used = h[(W[np.ix_(targets, h)] != 0).any(axis=0)].tolist()
-            a_src, b_src, scale = [], [], []
-            for i in used:
-                m = bank.members[i]
-                ms = m.modules[name]
-                if ms.rank == r_out:
-                    a_src.append(m.file.tensor(ms.a_key))
-                    b_src.append(m.file.tensor(ms.b_key))
-                else:
-                    a_src.append(mix._padded(m, ms.a_key, r_out, 0))
-                    b_src.append(mix._padded(m, ms.b_key, r_out, 1))
-                scale.append(ms.scaling)
-            wa = W[np.ix_(targets, used)]
-            wb = wa * np.asarray(scale)[None, :]
-            ws = [writers[q] for q in targets]
-            tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
-            tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
-
-        mix._module_index, mix.plan, mix._mix_factors_group = module_index, plan, group
-
-    def restore(self):
-        self.mix._module_index, self.mix.plan, self.mix._mix_factors_group = self.saved
-
-
 def _profile(fn, top: int = 12) -> list[str]:
     """cProfile of one untimed call: the ``top`` functions by own time, one line each."""
     import cProfile
@@ -366,8 +212,9 @@ def ceiling_gemm(lib: str = "numpy", n: int = 4096, repeat: int = 3, **_):
 @case
 def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repeat: int = 3,
                 out: str = "", layers: int | None = None, dtype: str | None = None, warmup: int = 1,
-                release: bool = False, profile: bool = False, fast_python: bool = False, **_):
-    """``mix_adapters`` (the library path of ``loramix generate`` after the weights)."""
+                profile: bool = False, **_):
+    """``mix_adapters`` (the library path of ``loramix generate`` after the weights), public API only.
+    With ``warmup=0`` the timed runs include the first one in this fresh process."""
     from loramix.bank.bank import Bank
     from loramix.mixing.local import mix_adapters
 
@@ -382,27 +229,18 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         import resource
 
         first: list = []
-        rel = ReleaseMappedPages(b) if release else None
-        fast = FastMixPython() if fast_python else None
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        clock = KernelClock()
         ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
                      warmup, first)
-        clock.restore()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         faults = (ru1.ru_minflt - ru0.ru_minflt) / max(1, repeat + warmup)
         sys_s = (ru1.ru_stime - ru0.ru_stime) / max(1, repeat + warmup)
         prof_top = _profile(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype,
                                                  overwrite=True)) if profile else None
-        if rel is not None:
-            rel.restore()
-        if fast is not None:
-            fast.restore()
-        kernel_s = clock.total / max(1, repeat + warmup)
         nread = tensor_bytes(b, used)
         outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size
         shutil.rmtree(outdir, ignore_errors=True)
-    return _finish({**C.summary(ts), "first_s": first[0] if first else None, "mix_into_s": kernel_s,
+    return _finish({**C.summary(ts), "first_s": first[0] if first else None,
                     "profile": prof_top, "minor_faults_per_run": faults, "sys_s_per_run": sys_s,
                     "open_s": t_open, "members_read": int(used.size), "bytes_read": nread,
                     "gb_per_s": nread / np.median(ts) / C.GB, "out_bytes": outsize}, s, base)
@@ -508,22 +346,10 @@ def peft_mix(bank: str, n: int, combination: str = "cat", repeat: int = 1, layer
 
 
 # ----------------------------------------------------------------------------- many adapters
-TINY = 1e-30   # replaces the LOO zeros in the "dense" prototype: w*x is then below f32 rounding of the sum
-
-
-def loramix_loo_weights(b, n: int, dense_zeros: bool) -> np.ndarray:
-    W = loo_weights(b, n)
-    if dense_zeros:
-        W[W == 0] = TINY
-    return W
-
-
 @case
 def loramix_loo(bank: str, repeat: int = 1, out: str = "", layers: int | None = None,
-                dtype: str | None = None, dense_zeros: bool = False, **_):
-    """All N leave-one-out adapters in one pass (Q = N factors mix through ``mix_into``).
-    ``dense_zeros``: prototype of a core fix, the LOO zeros replaced by 1e-30 so the core takes
-    its blocked GEMM path for every source (a zero weight sends a source to the per-row path)."""
+                dtype: str | None = None, **_):
+    """All N leave-one-out adapters in one pass (Q = N factors mix through ``mix_into``)."""
     from loramix.bank.bank import Bank
     from loramix.mixing.local import mix_adapters
 
@@ -531,7 +357,7 @@ def loramix_loo(bank: str, repeat: int = 1, out: str = "", layers: int | None = 
     with C.PeakSampler() as s:
         b = subset_bank(Bank.open(bank), layers)
         n = len(b.members)
-        W = loramix_loo_weights(b, n, dense_zeros)
+        W = loo_weights(b, n)
         P = tensor_bytes(b, [0]) // {"F32": 4, "BF16": 2, "F16": 2}[b.dtype]
         root = Path(out or tempfile.mkdtemp(prefix="lmx-loo-"))
         root.mkdir(parents=True, exist_ok=True)
@@ -549,9 +375,9 @@ def loramix_loo(bank: str, repeat: int = 1, out: str = "", layers: int | None = 
 
 
 @case
-def loramix_loo_kernel(bank: str, repeat: int = 3, tensors: int = 6, dense_zeros: bool = False, **_):
+def loramix_loo_kernel(bank: str, repeat: int = 3, tensors: int = 6, **_):
     """The mix kernel alone: ``weighted_sum`` of Q = N LOO rows over N members for a few
-    tensors, output in memory (no file writes). ``dense_zeros``: see :func:`loramix_loo`."""
+    tensors, output in memory (no file writes)."""
     from loramix.bank.bank import Bank
     from loramix.core.tensors import weighted_sum
 
@@ -559,7 +385,7 @@ def loramix_loo_kernel(bank: str, repeat: int = 3, tensors: int = 6, dense_zeros
     with C.PeakSampler() as s:
         b = Bank.open(bank)
         n = len(b.members)
-        W = loramix_loo_weights(b, n, dense_zeros).astype(np.float32)
+        W = loo_weights(b, n).astype(np.float32)
         keys = [k for ms in list(b.members[0].modules.values())[:tensors // 2] for k in (ms.a_key, ms.b_key)]
         srcs = [[m.file.tensor(k) for m in b.members] for k in keys]
         P = sum(int(np.prod(b.members[0].file.shape(k))) for k in keys)
@@ -642,11 +468,8 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
             W = wts.mixing_weights(D, "normalized")
             t["weights"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            clock = KernelClock()
             mix_adapters(b, W, [outdir / "adapter"], overwrite=True)
-            clock.restore()
             t["mix_write"] = time.perf_counter() - t0
-            t["(of which mix_into)"] = clock.total
             del b   # unmap this iteration's files: VmHWM is then one generate's, not the sum of all
             gc.collect()
             if r:

@@ -11,6 +11,7 @@ namespace py = pybind11;
 namespace loramix::bind {
 void register_divergence(py::module_& m);
 void register_tensors(py::module_& m);
+void register_mlp(py::module_& m);
 }  // namespace loramix::bind
 
 PYBIND11_MODULE(_core, m) {
@@ -49,4 +50,5 @@ PYBIND11_MODULE(_core, m) {
 
   bind::register_divergence(m);
   bind::register_tensors(m);
+  bind::register_mlp(m);
 }

@@ -10,7 +10,7 @@ so the bank enters only through its Gram matrix G (N×N): in factor space (``fac
 inner products of the members' flattened tensors (:func:`loramix.weights.gram.factor_gram`), in delta space
 (``concat`` / ``svd`` modes) ``G[i,j] = Σ_modules s_i s_j trace((B_iᵀB_j)(A_j A_iᵀ))``
 (:func:`loramix.weights.gram.delta_gram`, from r×r products only). Training then costs nothing that grows with the
-adapters' size: full-batch L-BFGS (or Adam) on analytic gradients (numpy + numba kernels), with a validation split of
+adapters' size: full-batch L-BFGS (or Adam) on analytic gradients (numpy + the core's MLP kernels), with a validation split of
 members and early stopping. The reported loss is relative: Σ ℓ_i / Σ G_ii over the rows.
 
 Model: features f (F) → standardize (train-set mean/std) → z;
@@ -365,11 +365,22 @@ def _fit_lbfgs(p, obj_train, obj_val, record, max_epochs):
              options={"maxiter": max(0, max_epochs - 1), "maxcor": 20, "ftol": 1e-12, "gtol": 1e-10})
 
 
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread (threadpoolctl), or nothing without it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, val_frac: float = 0.2,
                    seed: int = 0, max_epochs: int = 2000, patience: int = 100, lr: float = 0.01,
                    weight_decay: float = 0.0, feature_names: Sequence[str] | None = None,
                    baseline_feature: int | None = None, log_every: int = 0,
-                   optimizer: str = "lbfgs", precision: str = "float32",
+                   optimizer: str = "lbfgs", precision: str = "float32", min_delta: float = 1e-4,
                    threads: int | None = None) -> tuple[NeuralCombiner, History]:
     """Train the combiner leave-one-out on the bank's own members.
 
@@ -380,8 +391,10 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     members. Full-batch optimization of the relative loss: ``optimizer="lbfgs"`` (scipy's L-BFGS-B;
     the net has ~F·H parameters, so quasi-Newton steps converge in tens to hundreds of
     iterations) or ``"adam"`` (``lr``, ``weight_decay``). An "epoch" is one iteration; early
-    stopping on the validation loss after ``patience`` epochs without improvement
-    (``val_frac=0``: no validation, runs ``max_epochs``); the best parameters are kept.
+    stopping on the validation loss after ``patience`` epochs without an improvement of at least
+    ``min_delta`` (relative) over the loss that last reset the count — L-BFGS keeps finding
+    improvements of 1e-9 near its minimum, which would restart the count again and again
+    (``val_frac=0``: no validation, runs ``max_epochs``); the best parameters seen are kept.
     ``precision``: dtype of the per-epoch ``W @ G`` product (the rest is float64). ``log_every > 0`` logs the curve to the ``loramix.weights.combiner`` logger.
     Returns ``(combiner, history)``.
     """
@@ -439,15 +452,14 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     if precision not in ("float32", "float64"):
         raise ValueError("precision must be 'float32' or 'float64'")
     gd = np.float32 if precision == "float32" else np.float64
-    obj_train = mlp.Objective(p, Xt, ext, G, train_rows, e_train, gd)
-    obj_val = mlp.Objective(p, Xv, exv, G, val_rows, e_val, gd) if n_val else None
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', not {optimizer!r}")
-    nb = mlp.require_numba()   # training only; a clear error naming the extra without it
-    nthreads = threads or int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or nb.config.NUMBA_NUM_THREADS
-    prev_threads = nb.get_num_threads()
-    nb.set_num_threads(max(1, min(int(nthreads), nb.config.NUMBA_NUM_THREADS)))
-    state = {"best": p.copy(), "best_loss": np.inf, "since": 0, "epoch": 0}
+    from loramix import _core
+
+    nthreads = int(threads or _core.default_threads())   # LORAMIX_NUM_THREADS or the core count
+    obj_train = mlp.Objective(p, Xt, ext, G, train_rows, e_train, gd, nthreads)
+    obj_val = mlp.Objective(p, Xv, exv, G, val_rows, e_val, gd, nthreads) if n_val else None
+    state = {"best": p.copy(), "best_loss": np.inf, "mark": np.inf, "since": 0, "epoch": 0}
 
     def record(loss, vloss) -> bool:
         """Log one epoch; True when early stopping says stop."""
@@ -458,10 +470,12 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
         if log_every and e % log_every == 0:
             log.info("epoch %d  train %.6g  val %.6g", e, loss, vloss)
         state["epoch"] += 1
-        bl = state["best_loss"]
+        bl, mark = state["best_loss"], state["mark"]
         if not np.isfinite(bl) or vloss < bl - 1e-12 * abs(bl):
-            state.update(best=p.copy(), best_loss=vloss, since=0)
+            state.update(best=p.copy(), best_loss=vloss)
             hist.best_epoch, hist.best_val_loss, hist.best_train_loss = e, float(vloss), float(loss)
+        if not np.isfinite(mark) or vloss < mark - min_delta * abs(mark):
+            state.update(mark=vloss, since=0)
             return False
         state["since"] += 1
         if n_val and state["since"] >= patience:
@@ -469,13 +483,13 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
             return True
         return False
 
-    try:
+    # The per-epoch W @ G is small (R x N x N): one BLAS thread runs it in a few milliseconds,
+    # while BLAS worker threads that wait for each other on a loaded machine made it 10-60x slower.
+    with _one_blas_thread():
         if optimizer == "lbfgs":
             _fit_lbfgs(p, obj_train, obj_val, record, max_epochs)
         else:
             _fit_adam(p, obj_train, obj_val, record, max_epochs, lr, weight_decay)
-    finally:
-        nb.set_num_threads(prev_threads)
     best = state["best"]
     hist.seconds = time.perf_counter() - t0
     meta = {"loramix.hidden": str(hidden), "loramix.training": json.dumps({

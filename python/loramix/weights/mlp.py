@@ -1,40 +1,15 @@
-"""The neural combiner's model: an MLP on per-pair features with fused numba kernels for its forward
-and backward passes, and the leave-one-out reconstruction objective it is trained on
-(:mod:`loramix.weights.combiner` trains and exports it)."""
+"""The neural combiner's model: an MLP on per-pair features, and the leave-one-out reconstruction
+objective it is trained on (:mod:`loramix.weights.combiner` trains and exports it). The per-pair
+forward and backward passes run in the compiled core (``loramix._core.mlp_forward`` /
+``mlp_backward``, ``cpp/src/mlp.cpp``): no JIT compilation in a fresh process, gradients that do
+not depend on the thread count; :func:`forward` is the numpy reference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-# numba is imported on the first use of a training kernel, never at import: a trained combiner runs
-# in ONNX Runtime, so generating with the neural pipeline needs no numba (the `train` extra).
-nb = None
-TRAIN_EXTRA = "pip install 'loramix[train]'"
-
-
-def require_numba():
-    """The numba module, imported now; a clear error naming the extra when it is not installed."""
-    global nb
-    if nb is None:
-        try:
-            import numba
-        except ImportError:
-            raise ImportError("training the neural combiner (loramix bank train-combiner, train_combiner) "
-                              f"needs numba, which is not installed: {TRAIN_EXTRA}") from None
-        nb = numba
-    return nb
-
-
-_JIT: dict = {}
-
-
-def _jit(fn):
-    """``fn`` compiled by numba (parallel, fastmath, cached on disk), once per process."""
-    k = _JIT.get(fn.__name__)
-    if k is None:
-        k = _JIT[fn.__name__] = require_numba().njit(parallel=True, fastmath=True, cache=True)(fn)
-    return k
+from loramix import _core
 
 
 def exclude_mask(exclude, shape) -> np.ndarray:
@@ -83,70 +58,15 @@ def forward(p: MLPParams, X: np.ndarray):
     return s, Z, Hh
 
 
-_NCHUNKS = 32  # fixed partial-sum chunks: gradients do not depend on the thread count
-
-
-def _mlp_forward_kernel(Z, W1, b1, w2, skip, Hbuf, s):  # pragma: no cover - compiled
-    M, F = Z.shape
-    H = W1.shape[1]
-    for m in nb.prange(M):
-        acc = 0.0
-        for f in range(F):
-            acc += Z[m, f] * skip[f]
-        for h in range(H):
-            Hbuf[m, h] = b1[h]
-        for f in range(F):
-            z = Z[m, f]
-            for h in range(H):
-                Hbuf[m, h] += z * W1[f, h]
-        for h in range(H):
-            a = Hbuf[m, h]
-            t = a / (1.0 + abs(a))
-            Hbuf[m, h] = t
-            acc += t * w2[h]
-        s[m] = acc
-
-
-def _mlp_backward_kernel(Z, Hbuf, ds, w2, gW1, gb1, gw2, gskip):  # pragma: no cover - compiled
-    # gW1 (C, F, H), gb1 (C, H), gw2 (C, H), gskip (C, F): per-chunk partials, summed by the caller
-    M, F = Z.shape
-    H = Hbuf.shape[1]
-    C = gW1.shape[0]
-    for c in nb.prange(C):
-        lW1 = np.zeros((F, H))
-        lb1 = np.zeros(H)
-        lw2 = np.zeros(H)
-        lsk = np.zeros(F)
-        da = np.empty(H)
-        for m in range(c * M // C, (c + 1) * M // C):
-            d = ds[m]
-            if d == 0.0:
-                continue
-            for h in range(H):
-                t = Hbuf[m, h]
-                lw2[h] += d * t
-                u = 1.0 - abs(t)  # softsign'(a) = 1 / (1 + |a|)^2 = (1 - |t|)^2
-                da[h] = d * w2[h] * u * u
-                lb1[h] += da[h]
-            for f in range(F):
-                z = Z[m, f]
-                lsk[f] += d * z
-                for h in range(H):
-                    lW1[f, h] += da[h] * z
-        gW1[c] = lW1
-        gb1[c] = lb1
-        gw2[c] = lw2
-        gskip[c] = lsk
-
-
 class Objective:
     """Relative loss Σ_{i∈rows} ℓ_i / energy over a fixed set of target rows, and its gradient.
 
-    The standardized features and the hidden-activation buffer are computed/allocated once;
-    the per-pair MLP runs in fused numba kernels (no N²×H temporaries per epoch)."""
+    The standardized features are computed once; each call runs the MLP over the R·N pairs in
+    the core (forward, then a backward pass that recomputes the hidden layer instead of keeping
+    an R·N×H buffer) on ``threads`` threads."""
 
     def __init__(self, p: MLPParams, X: np.ndarray, ex: np.ndarray, G: np.ndarray, rows: np.ndarray, energy: float,
-                 gram_dtype=np.float64):
+                 gram_dtype=np.float64, threads: int = 1):
         R, N, F = X.shape
         # W @ G is the one O(R N^2) product; float32 there is 4x faster and plenty for training
         # (the loss is reported from the same product; the oracle tests use float64)
@@ -159,11 +79,13 @@ class Objective:
         self.Gt = np.ascontiguousarray(G[:, rows].T)  # (R, N): G[t_q, :]
         self.Gdiag = G[rows, rows]
         self.energy = energy
-        self.H = np.empty((R * N, p.W1.shape[1]), np.float64)
         self.s = np.empty(R * N, np.float64)
+        self.threads = max(1, int(threads))
 
     def __call__(self, p: MLPParams, need_grad: bool = True):
-        _jit(_mlp_forward_kernel)(self.Z, p.W1, p.b1, p.w2, p.skip, self.H, self.s)
+        f64 = lambda a: np.ascontiguousarray(a, np.float64)  # noqa: E731  (no copy when already so)
+        W1, b1, w2 = f64(p.W1), f64(p.b1), f64(p.w2)
+        _core.mlp_forward(self.Z, W1, b1, w2, f64(p.skip), self.s, self.threads)
         W = softmax_rows(self.s.reshape(self.shape), self.ex)
         GW = (W.astype(self.Gmul.dtype) @ self.Gmul).astype(np.float64)
         per_row = np.einsum("qn,qn->q", GW, W) - 2.0 * np.einsum("qn,qn->q", W, self.Gt) + self.Gdiag
@@ -172,11 +94,9 @@ class Objective:
             return loss, None
         dW = 2.0 * (GW - self.Gt) / self.energy
         ds = W * (dW - np.einsum("qn,qn->q", W, dW)[:, None])  # softmax backward; 0 where excluded
-        F, Hd = p.W1.shape
-        C = _NCHUNKS
-        gW1, gb1, gw2, gskip = np.zeros((C, F, Hd)), np.zeros((C, Hd)), np.zeros((C, Hd)), np.zeros((C, F))
-        _jit(_mlp_backward_kernel)(self.Z, self.H, np.ascontiguousarray(ds.reshape(-1)), p.w2, gW1, gb1, gw2, gskip)
-        return loss, {"W1": gW1.sum(0), "b1": gb1.sum(0), "w2": gw2.sum(0), "skip": gskip.sum(0)}
+        gW1, gb1, gw2, gskip = _core.mlp_backward(self.Z, W1, b1, w2, np.ascontiguousarray(ds.reshape(-1)),
+                                                  self.threads)
+        return loss, {"W1": gW1, "b1": gb1, "w2": gw2, "skip": gskip}
 
 
 def loss_and_grad(p: MLPParams, X: np.ndarray, ex: np.ndarray, G: np.ndarray, rows: np.ndarray,
