@@ -22,7 +22,6 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -31,6 +30,7 @@ import numpy as np
 from loramix.core.files import write_json_atomic
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
+from loramix.bank import index as bank_index
 from loramix.bank import peft_io
 from loramix.profiles import tokens as prof
 
@@ -80,7 +80,7 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         raise BankError(f"bank {bank_dir}: no adapter subfolders (each needs {peft_io.CONFIG_NAME} "
                         f"and {peft_io.WEIGHTS_NAME})")
     problems, members = [], []
-    specs = []
+    specs, index_rows, profiles = [], [], []
     it = dirs
     if progress:
         from tqdm import tqdm
@@ -112,6 +112,7 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
             problems.append(f"member {d.name!r}: {e}")
             continue
         specs.append(spec)
+        index_rows.append(_index_row(d, spec, p))
         members.append({
             "name": d.name,
             "path": d.name,
@@ -162,7 +163,27 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         "bank_hash": h.hexdigest(),
     }
     write_json_atomic(bank_dir / BANK_FILE, doc)
+    for row, m in zip(index_rows, members):
+        row["name"] = m["name"]
+    bank_index.write(bank_dir, doc, index_rows,
+                     prof.stack([r.pop("profile") for r in index_rows], max([vocab] + [r["vocab"] for r in index_rows])))
     return doc
+
+
+def _index_row(d: Path, spec: peft_io.AdapterSpec, p) -> dict:
+    """What :mod:`loramix.bank.index` records of one member (its files as they are now)."""
+    from loramix.core import tensors
+
+    w = d / peft_io.WEIGHTS_NAME
+    return {
+        "config": spec.raw_config, "dtype": spec.dtype,
+        "modules": [[m.name, m.rank, m.in_features, m.out_features, m.scaling, m.a_key, m.b_key]
+                    for m in spec.modules.values()],
+        "tensors": bank_index.tensor_layout(tensors.SafetensorsFile(str(w))),
+        "data_start": bank_index.data_start(w),
+        "stat": bank_index.file_stat([w, d / peft_io.CONFIG_NAME, d / PROFILE_NAME]).tolist(),
+        "profile": p, "vocab": p.vocab_size,
+    }
 
 
 def same_base_model(a: str | None, b: str | None) -> bool:
@@ -202,18 +223,44 @@ def _fit_problems(specs, base_model=None) -> list[str]:
     return problems
 
 
-@dataclass
 class Member:
-    name: str
-    path: Path
-    spec: peft_io.AdapterSpec
-    profile_path: Path
-    info: dict = field(default_factory=dict)
-    _file: object = None
+    """One member of an opened bank: its name, folder, adapter spec, profile file and bank.json
+    entry. Members opened from the bank's index build their folder path and spec on first use
+    (the module table is shared by every member of one layout), so opening stays cheap."""
+
+    def __init__(self, name: str, path, spec, profile_path, info: dict | None = None, _file=None):
+        self.name = name
+        self._path = path
+        self._spec = spec             # an AdapterSpec, or a callable building it from the path
+        self._profile_path = profile_path
+        self.info = info if info is not None else {}
+        self._file = _file
+
+    @property
+    def path(self) -> Path:
+        if not isinstance(self._path, Path):
+            self._path = Path(self._path)
+        return self._path
+
+    @property
+    def profile_path(self) -> Path:
+        if not isinstance(self._profile_path, Path):
+            self._profile_path = Path(self._profile_path)
+        return self._profile_path
+
+    @property
+    def spec(self) -> peft_io.AdapterSpec:
+        if not isinstance(self._spec, peft_io.AdapterSpec):
+            self._spec = self._spec(self.name, self.path)
+        return self._spec
+
+    def __repr__(self) -> str:
+        return f"Member({self.name!r}, {str(self._path)!r})"
 
     @property
     def modules(self):
-        return self.spec.modules
+        s = self._spec
+        return s.modules if isinstance(s, peft_io.AdapterSpec) else s.modules
 
     @property
     def file(self):
@@ -233,6 +280,128 @@ class Member:
         return np.ascontiguousarray(np.pad(x, pad))
 
 
+def _open_member(path: Path, info: dict, check: bool):
+    """``(Member, None)``, ``(None, None)`` for a missing/empty member (skipped), or
+    ``(None, problem)``: one member read the full way (config, safetensors header, specs)."""
+    from loramix.core import tensors
+
+    d = path / info["path"]
+    w = d / peft_io.WEIGHTS_NAME
+    if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
+            not (d / peft_io.CONFIG_NAME).is_file():
+        return None, None
+    try:
+        cfg = peft_io.read_config(d, info["name"])
+        try:
+            sf = tensors.SafetensorsFile(str(w))
+        except (ValueError, OSError) as e:
+            raise peft_io.AdapterError(
+                f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
+        spec = peft_io.spec_from_file(cfg, sf, d, info["name"])
+    except peft_io.AdapterError as e:
+        return None, str(e)
+    if check and w.stat().st_size != info.get("weights_size", w.stat().st_size):
+        return None, (f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
+                      "the bank was built; rebuild the bank")
+    pp = path / info["profile"]
+    if not pp.is_file():
+        return None, f"member {info['name']!r}: profile {info['profile']} is missing"
+    return Member(info["name"], d, spec, pp, info, sf), None
+
+
+class _SpecFactory:
+    """Builds a member's AdapterSpec from its layout group's config and shared module table."""
+
+    def __init__(self, cfg: dict, modules: dict, dtype: str):
+        self.cfg, self.modules, self.dtype = cfg, modules, dtype
+
+    def __call__(self, name: str, path: Path) -> peft_io.AdapterSpec:
+        cfg = self.cfg
+        return peft_io.AdapterSpec(
+            name=name, path=path, base_model=cfg.get("base_model_name_or_path"),
+            r=int(cfg.get("r", 8)), lora_alpha=float(cfg.get("lora_alpha", 8)),
+            use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}), target_modules=cfg.get("target_modules"),
+            layers_to_transform=cfg.get("layers_to_transform"), modules=self.modules, dtype=self.dtype,
+            raw_config=cfg)
+
+
+def _load_index(path: Path, doc: dict):
+    """The bank's index if present, well formed and written for this bank.json; else None
+    (with a warning saying why, when an index file is there)."""
+    f = path / bank_index.INDEX_NAME
+    if not f.is_file():
+        return None
+    try:
+        idx = bank_index.read(f)
+    except bank_index.BankIndexError as e:
+        warnings.warn(f"bank {path}: ignoring its index ({e}); `loramix bank build` rewrites it", stacklevel=3)
+        return None
+    if idx.meta.get("bank_hash") != doc.get("bank_hash") or \
+            idx.meta.get("names") != [m["name"] for m in doc["members"]]:
+        warnings.warn(f"bank {path}: {bank_index.INDEX_NAME} was written for another {BANK_FILE}; "
+                      "opening without it (`loramix bank build` rewrites it)", stacklevel=3)
+        return None
+    return idx
+
+
+def _members_from_index(path: Path, doc: dict, idx, check: bool):
+    """Members from the index: one ``stat`` per member file, specs shared per layout. A member
+    whose weights or config changed since indexing is read the full way (and named in a
+    warning); a changed profile makes :meth:`Bank.profiles` read the profile files."""
+    meta, stat = idx.meta, idx.arrays["stat"].tolist()
+    specs_by_key: dict = {}
+    members, skipped, problems, reps, changed = [], [], [], [], []
+    stale = False
+    root = os.fspath(path)
+    for i, info in enumerate(doc["members"]):
+        # plain strings and tuples here: pathlib and numpy cost more than the stat calls
+        ds = f"{root}/{info['path']}"
+        now = bank_index.file_stat((f"{ds}/{peft_io.WEIGHTS_NAME}", f"{ds}/{peft_io.CONFIG_NAME}",
+                                    f"{root}/{info['profile']}"), as_list=True)
+        if now[0] <= 0 or now[2] < 0:
+            skipped.append(info["name"])
+            stale = True
+            continue
+        if now[:4] != stat[i][:4]:
+            changed.append(info["name"])
+            stale = True
+            m, problem = _open_member(path, info, check)
+            if problem:
+                problems.append(problem)
+            elif m is None:
+                skipped.append(info["name"])
+            else:
+                members.append(m)
+                reps.append(m.spec)
+            continue
+        if now[4] < 0:
+            problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
+            continue
+        if now[4:] != stat[i][4:]:
+            stale = True
+        if check and now[0] != info.get("weights_size", now[0]):
+            problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
+                            "the bank was built; rebuild the bank")
+            continue
+        ci, li, _ = meta["members"][i]
+        key = (ci, li)
+        if key not in specs_by_key:
+            cfg, lay = meta["configs"][ci], meta["layouts"][li]
+            mods = {r[0]: peft_io.ModuleSpec(r[0], int(r[1]), int(r[2]), int(r[3]), float(r[4]), r[5], r[6])
+                    for r in lay["modules"]}
+            specs_by_key[key] = _SpecFactory(cfg, mods, lay["dtype"])
+            first = True
+        else:
+            first = False
+        m = Member(info["name"], ds, specs_by_key[key], f"{root}/{info['profile']}", info)
+        members.append(m)
+        if first:
+            reps.append(m.spec)
+    # members indexed together share their specs: checking one per (config, layout) checks all
+    return members, skipped, problems, reps, changed if changed else stale
+
+
 class Bank:
     """An opened, checked bank. ``members`` in bank.json order."""
 
@@ -243,15 +412,21 @@ class Bank:
         self.skipped = skipped
         self._profiles = None
         self._module_index = None
+        self._index = None      # the bank.index this bank was opened from, while it is current
 
     def module_index(self) -> dict[str, list[int]]:
         """Module name → indices of the members holding it, in natural module order. Computed
         once (members never change after :meth:`open`): a mix asks for it several times."""
         if self._module_index is None:
             out: dict[str, list[int]] = {}
+            groups: dict[int, tuple] = {}   # members opened from the index share module tables
             for i, m in enumerate(self.members):
-                for name in m.modules:
-                    out.setdefault(name, []).append(i)
+                groups.setdefault(id(m.modules), (m.modules, []))[1].append(i)
+            for mods, idx in groups.values():
+                for name in mods:
+                    out.setdefault(name, []).extend(idx)
+            for v in out.values():
+                v.sort()
             self._module_index = dict(sorted(out.items(), key=lambda kv: peft_io.natural_key(kv[0])))
         return self._module_index
 
@@ -269,8 +444,7 @@ class Bank:
 
     @classmethod
     def open(cls, path, *, check: bool = True) -> "Bank":
-        from loramix.core import tensors
-
+        """Open and check the bank at ``path`` (its ``bank.json``, and ``bank.index`` when current)."""
         path = Path(path)
         f = path / BANK_FILE
         if not f.is_file():
@@ -286,36 +460,20 @@ class Bank:
             raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
         if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
             raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
-        members, skipped, problems, specs = [], [], [], []
-        for info in doc["members"]:
-            d = path / info["path"]
-            w = d / peft_io.WEIGHTS_NAME
-            if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
-                    not (d / peft_io.CONFIG_NAME).is_file():
-                skipped.append(info["name"])
-                continue
-            try:
-                cfg = peft_io.read_config(d, info["name"])
-                try:
-                    sf = tensors.SafetensorsFile(str(w))
-                except (ValueError, OSError) as e:
-                    raise peft_io.AdapterError(
-                        f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
-                spec = peft_io.spec_from_file(cfg, sf, d, info["name"])
-            except peft_io.AdapterError as e:
-                problems.append(str(e))
-                continue
-            if check and w.stat().st_size != info.get("weights_size", w.stat().st_size):
-                problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
-                                "the bank was built; rebuild the bank")
-                continue
-            pp = path / info["profile"]
-            if not pp.is_file():
-                problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
-                continue
-            m = Member(info["name"], d, spec, pp, info, sf)
-            members.append(m)
-            specs.append(spec)
+        idx = _load_index(path, doc)
+        if idx is not None:
+            members, skipped, problems, specs, stale = _members_from_index(path, doc, idx, check)
+        else:
+            members, skipped, problems, specs, stale = [], [], [], [], False
+            for info in doc["members"]:
+                m, problem = _open_member(path, info, check)
+                if problem:
+                    problems.append(problem)
+                elif m is None:
+                    skipped.append(info["name"])
+                else:
+                    members.append(m)
+                    specs.append(m.spec)
         problems += _fit_problems(specs, doc.get("base_model"))
         for n, (inn, out) in doc.get("modules", {}).items():
             for s in specs:
@@ -331,7 +489,14 @@ class Bank:
                           + ", ".join(skipped), stacklevel=2)
         if not members:
             raise BankError(f"bank {path}: no usable members")
-        return cls(path, doc, members, skipped)
+        if isinstance(stale, list):   # the open succeeded; say once that the index is behind
+            warnings.warn(f"bank {path}: {len(stale)} member(s) changed since {bank_index.INDEX_NAME} was "
+                          f"written and were read without it: {', '.join(stale[:10])}"
+                          f"{' ...' if len(stale) > 10 else ''}; `loramix bank build` refreshes the index",
+                          stacklevel=2)
+        bank = cls(path, doc, members, skipped)
+        bank._index = idx if idx is not None and not stale else None
+        return bank
 
     # ------------------------------------------------------------ facts
     @property
@@ -378,6 +543,10 @@ class Bank:
 
     def profiles(self):
         """The members' profiles as a CSR matrix (N, V) of counts."""
+        if self._profiles is None and self._index is not None and not self.skipped:
+            p = self._index.profiles()
+            self._profiles = p if p.shape[1] >= self.vocab_size else \
+                type(p)((p.data, p.indices, p.indptr), shape=(p.shape[0], self.vocab_size))
         if self._profiles is None:
             ps = []
             for m in self.members:
