@@ -171,6 +171,7 @@ def _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads)
     ws = [writers[q] for q in targets]
     tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
     tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
+    tensors.release_pages(a_src + b_src)   # read once: memory stays one module's sources
 
 
 def factors_inputs(bank, W, name, holders, targets, r_out):
@@ -236,6 +237,10 @@ def exact_factors(bank, W, name, holders, infos, mode) -> dict[int, tuple[np.nda
                                   for i in j], axis=1)
             b, a = truncated_factors(b64, a64, infos[q].ranks[name])
         out[q] = (b, a)
+    from loramix.core import tensors
+
+    tensors.release_pages([bank.members[i].file.tensor(bank.members[i].modules[name].a_key) for i in cache] +
+                          [bank.members[i].file.tensor(bank.members[i].modules[name].b_key) for i in cache])
     return out
 
 
