@@ -80,7 +80,7 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         raise BankError(f"bank {bank_dir}: no adapter subfolders (each needs {peft_io.CONFIG_NAME} "
                         f"and {peft_io.WEIGHTS_NAME})")
     problems, members = [], []
-    specs, index_rows, profiles = [], [], []
+    specs, index_rows = [], []
     it = dirs
     if progress:
         from tqdm import tqdm
@@ -309,99 +309,6 @@ def _open_member(path: Path, info: dict, check: bool):
     return Member(info["name"], d, spec, pp, info, sf), None
 
 
-class _SpecFactory:
-    """Builds a member's AdapterSpec from its layout group's config and shared module table."""
-
-    def __init__(self, cfg: dict, modules: dict, dtype: str):
-        self.cfg, self.modules, self.dtype = cfg, modules, dtype
-
-    def __call__(self, name: str, path: Path) -> peft_io.AdapterSpec:
-        cfg = self.cfg
-        return peft_io.AdapterSpec(
-            name=name, path=path, base_model=cfg.get("base_model_name_or_path"),
-            r=int(cfg.get("r", 8)), lora_alpha=float(cfg.get("lora_alpha", 8)),
-            use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=dict(cfg.get("rank_pattern") or {}),
-            alpha_pattern=dict(cfg.get("alpha_pattern") or {}), target_modules=cfg.get("target_modules"),
-            layers_to_transform=cfg.get("layers_to_transform"), modules=self.modules, dtype=self.dtype,
-            raw_config=cfg)
-
-
-def _load_index(path: Path, doc: dict):
-    """The bank's index if present, well formed and written for this bank.json; else None
-    (with a warning saying why, when an index file is there)."""
-    f = path / bank_index.INDEX_NAME
-    if not f.is_file():
-        return None
-    try:
-        idx = bank_index.read(f)
-    except bank_index.BankIndexError as e:
-        warnings.warn(f"bank {path}: ignoring its index ({e}); `loramix bank build` rewrites it", stacklevel=3)
-        return None
-    if idx.meta.get("bank_hash") != doc.get("bank_hash") or \
-            idx.meta.get("names") != [m["name"] for m in doc["members"]]:
-        warnings.warn(f"bank {path}: {bank_index.INDEX_NAME} was written for another {BANK_FILE}; "
-                      "opening without it (`loramix bank build` rewrites it)", stacklevel=3)
-        return None
-    return idx
-
-
-def _members_from_index(path: Path, doc: dict, idx, check: bool):
-    """Members from the index: one ``stat`` per member file, specs shared per layout. A member
-    whose weights or config changed since indexing is read the full way (and named in a
-    warning); a changed profile makes :meth:`Bank.profiles` read the profile files."""
-    meta, stat = idx.meta, idx.arrays["stat"].tolist()
-    specs_by_key: dict = {}
-    members, skipped, problems, reps, changed = [], [], [], [], []
-    stale = False
-    root = os.fspath(path)
-    for i, info in enumerate(doc["members"]):
-        # plain strings and tuples here: pathlib and numpy cost more than the stat calls
-        ds = f"{root}/{info['path']}"
-        now = bank_index.file_stat((f"{ds}/{peft_io.WEIGHTS_NAME}", f"{ds}/{peft_io.CONFIG_NAME}",
-                                    f"{root}/{info['profile']}"), as_list=True)
-        if now[0] <= 0 or now[2] < 0:
-            skipped.append(info["name"])
-            stale = True
-            continue
-        if now[:4] != stat[i][:4]:
-            changed.append(info["name"])
-            stale = True
-            m, problem = _open_member(path, info, check)
-            if problem:
-                problems.append(problem)
-            elif m is None:
-                skipped.append(info["name"])
-            else:
-                members.append(m)
-                reps.append(m.spec)
-            continue
-        if now[4] < 0:
-            problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
-            continue
-        if now[4:] != stat[i][4:]:
-            stale = True
-        if check and now[0] != info.get("weights_size", now[0]):
-            problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
-                            "the bank was built; rebuild the bank")
-            continue
-        ci, li, _ = meta["members"][i]
-        key = (ci, li)
-        if key not in specs_by_key:
-            cfg, lay = meta["configs"][ci], meta["layouts"][li]
-            mods = {r[0]: peft_io.ModuleSpec(r[0], int(r[1]), int(r[2]), int(r[3]), float(r[4]), r[5], r[6])
-                    for r in lay["modules"]}
-            specs_by_key[key] = _SpecFactory(cfg, mods, lay["dtype"])
-            first = True
-        else:
-            first = False
-        m = Member(info["name"], ds, specs_by_key[key], f"{root}/{info['profile']}", info)
-        members.append(m)
-        if first:
-            reps.append(m.spec)
-    # members indexed together share their specs: checking one per (config, layout) checks all
-    return members, skipped, problems, reps, changed if changed else stale
-
-
 class Bank:
     """An opened, checked bank. ``members`` in bank.json order."""
 
@@ -460,9 +367,10 @@ class Bank:
             raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
         if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
             raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
-        idx = _load_index(path, doc)
+        idx = bank_index.load_current(path, doc)
         if idx is not None:
-            members, skipped, problems, specs, stale = _members_from_index(path, doc, idx, check)
+            members, skipped, problems, specs, stale = bank_index.open_members(
+                path, doc, idx, check, Member, _open_member)
         else:
             members, skipped, problems, specs, stale = [], [], [], [], False
             for info in doc["members"]:

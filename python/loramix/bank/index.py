@@ -27,11 +27,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from loramix.bank import peft_io
 from loramix.core.files import atomic_path
 
 INDEX_NAME = "bank.index"
@@ -189,3 +191,101 @@ def read(path) -> BankIndex:
               or arrays["prof_data"].size != arrays["prof_indices"].size):
         raise BankIndexError(f"{path}: the stacked profiles are inconsistent")
     return BankIndex(path, meta, arrays)
+
+
+class _SpecFactory:
+    """Builds a member's AdapterSpec from its layout group's config and shared module table."""
+
+    def __init__(self, cfg: dict, modules: dict, dtype: str):
+        self.cfg, self.modules, self.dtype = cfg, modules, dtype
+
+    def __call__(self, name: str, path: Path) -> peft_io.AdapterSpec:
+        cfg = self.cfg
+        return peft_io.AdapterSpec(
+            name=name, path=path, base_model=cfg.get("base_model_name_or_path"),
+            r=int(cfg.get("r", 8)), lora_alpha=float(cfg.get("lora_alpha", 8)),
+            use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}), target_modules=cfg.get("target_modules"),
+            layers_to_transform=cfg.get("layers_to_transform"), modules=self.modules, dtype=self.dtype,
+            raw_config=cfg)
+
+
+def load_current(path: Path, doc: dict):
+    """The index of the bank at ``path`` (its bank.json content ``doc``) if present, well formed
+    and written for this bank.json; else None (with a warning saying why, when an index file is
+    there)."""
+    f = path / INDEX_NAME
+    if not f.is_file():
+        return None
+    try:
+        idx = read(f)
+    except BankIndexError as e:
+        warnings.warn(f"bank {path}: ignoring its index ({e}); `loramix bank build` rewrites it", stacklevel=3)
+        return None
+    if idx.meta.get("bank_hash") != doc.get("bank_hash") or \
+            idx.meta.get("names") != [m["name"] for m in doc["members"]]:
+        warnings.warn(f"bank {path}: {INDEX_NAME} was written for another bank.json; "
+                      "opening without it (`loramix bank build` rewrites it)", stacklevel=3)
+        return None
+    return idx
+
+
+def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_member):
+    """``(members, skipped, problems, specs, stale)`` of a bank opened from its index: one
+    ``stat`` per member file, specs shared per layout (``specs`` holds one per layout, plus the
+    members read in full). A member whose weights or config changed since indexing is read the
+    full way by ``open_member(path, info, check)`` (``stale`` is then the list of their names,
+    for one warning once the open succeeds); a missing member or a changed profile sets
+    ``stale`` True (the bank then reads its profiles from the files). ``member_cls`` builds the
+    others: ``member_cls(name, folder, spec_factory, profile_path, info)``."""
+    meta, stat = idx.meta, idx.arrays["stat"].tolist()
+    specs_by_key: dict = {}
+    members, skipped, problems, reps, changed = [], [], [], [], []
+    stale = False
+    root = os.fspath(path)
+    for i, info in enumerate(doc["members"]):
+        # plain strings and tuples here: pathlib and numpy cost more than the stat calls
+        ds = f"{root}/{info['path']}"
+        now = file_stat((f"{ds}/{peft_io.WEIGHTS_NAME}", f"{ds}/{peft_io.CONFIG_NAME}",
+                                    f"{root}/{info['profile']}"), as_list=True)
+        if now[0] <= 0 or now[2] < 0:
+            skipped.append(info["name"])
+            stale = True
+            continue
+        if now[:4] != stat[i][:4]:
+            changed.append(info["name"])
+            stale = True
+            m, problem = open_member(path, info, check)
+            if problem:
+                problems.append(problem)
+            elif m is None:
+                skipped.append(info["name"])
+            else:
+                members.append(m)
+                reps.append(m.spec)
+            continue
+        if now[4] < 0:
+            problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
+            continue
+        if now[4:] != stat[i][4:]:
+            stale = True
+        if check and now[0] != info.get("weights_size", now[0]):
+            problems.append(f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
+                            "the bank was built; rebuild the bank")
+            continue
+        ci, li, _ = meta["members"][i]
+        key = (ci, li)
+        if key not in specs_by_key:
+            cfg, lay = meta["configs"][ci], meta["layouts"][li]
+            mods = {r[0]: peft_io.ModuleSpec(r[0], int(r[1]), int(r[2]), int(r[3]), float(r[4]), r[5], r[6])
+                    for r in lay["modules"]}
+            specs_by_key[key] = _SpecFactory(cfg, mods, lay["dtype"])
+            first = True
+        else:
+            first = False
+        m = member_cls(info["name"], ds, specs_by_key[key], f"{root}/{info['profile']}", info)
+        members.append(m)
+        if first:
+            reps.append(m.spec)
+    # members indexed together share their specs: checking one per (config, layout) checks all
+    return members, skipped, problems, reps, changed if changed else stale
