@@ -31,3 +31,23 @@ def isa(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20250701)
+
+
+@pytest.fixture(scope="session")
+def w(tmp_path_factory):
+    """The tiny world (tests/_tiny.py): tokenizer, a random 2-layer Mistral, real PEFT LoRAs with
+    datasets, and a bank built from them — built once per session and shared (read-only)."""
+    import _tiny
+
+    return _tiny.world(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_minibank(tmp_path_factory):
+    """The mini bank's ``tiny`` scale (a few tasks, a trained tiny Mistral and its LoRAs), built
+    once per session; tests read it and never write into it (indexes go to their caches)."""
+    from loramix.minibank.build import build
+
+    root = tmp_path_factory.mktemp("mb") / "tiny"
+    build("default", root, scale="tiny")
+    return root

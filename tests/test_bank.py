@@ -12,11 +12,6 @@ from loramix.bank import bank as bankmod
 from loramix.bank.bank import Bank, BankError
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 @pytest.fixture
 def bank_copy(w, tmp_path):
     d = tmp_path / "bank"

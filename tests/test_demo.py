@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from loramix.minibank.build import build
-
-    root = tmp_path_factory.mktemp("mb") / "tiny"
-    build("default", root, scale="tiny")
-    return root
+def tiny(tiny_minibank):
+    return tiny_minibank
 
 
 def _listing(d: Path) -> dict:
@@ -37,10 +32,8 @@ def _demo(args, cwd, cache):
 
 def test_demo_end_to_end(tiny, tmp_path):
     before = _listing(tiny)
-    t0 = time.time()
     r = _demo(["--bank-root", str(tiny), "--task", "second_animal_1", "--examples", "3"], tmp_path, tmp_path / "cache")
     assert r.returncode == 0, r.stderr
-    assert time.time() - t0 < 60
     out = r.stdout
     assert out.startswith("loramix demo: a LoRA for the held-out task 'second_animal_1'")
     assert "Top contributors" in out and "second_animal_2" in out and "same family" in out

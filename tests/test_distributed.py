@@ -28,11 +28,6 @@ WAIT = 120   # seconds: the bound on every wait in this file (a failure, never a
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def queries(w, tmp_path_factory):
     """8 query datasets (≥ 8 targets per batch)."""
     root = tmp_path_factory.mktemp("dq")

@@ -26,11 +26,8 @@ def _listing(d: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from loramix.minibank.build import build
-
-    root = tmp_path_factory.mktemp("mb") / "tiny"
-    build("default", root, scale="tiny")
+def tiny(tiny_minibank, tmp_path_factory):
+    root = tiny_minibank
     cache = tmp_path_factory.mktemp("cache")
     return root, cache
 

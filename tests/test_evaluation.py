@@ -62,13 +62,8 @@ def test_results_table_resumes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_bank(tmp_path_factory):
-    import peft  # noqa: F401
-    from loramix.minibank.build import build
-
-    out = tmp_path_factory.mktemp("bank") / "tiny"
-    build("default", out, scale="tiny")
-    return out
+def tiny_bank(tiny_minibank):
+    return tiny_minibank
 
 
 def test_prompt_cut_by_tokens_keeps_bos_and_end(tiny_bank):

@@ -17,11 +17,6 @@ from loramix.pipeline import OutputError, generate, mix_adapters
 from loramix.profiles.tokens import ProfileError, build_profile
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def test_generate_api_matches_pipeline_and_loads_in_peft(w, tmp_path):
     import peft  # noqa: F401
     b = Bank.open(w.bank)
@@ -199,7 +194,10 @@ def test_cli_end_to_end(w, tmp_path):
     r = _tiny.run_cli("explain", tmp_path / "a", "--json")
     assert r.returncode == 0, r.stderr
     png = tmp_path / "a" / "weights.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not png.exists() and json.loads(r.stdout)["png"] is None   # a chart only when asked for
+    r = _tiny.run_cli("explain", tmp_path / "a", "--json", "--png")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = _tiny.run_cli("explain", tmp_path / "a")
     assert "weight" in r.stdout and "m" in r.stdout
     # errors: one line, non-zero exit, no traceback

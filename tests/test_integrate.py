@@ -27,11 +27,6 @@ MO = {"threads": THREADS}
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("loramix_cache")
     old = os.environ.get("LORAMIX_CACHE")

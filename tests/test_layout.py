@@ -11,8 +11,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "python" / "loramix"
 
 # Rooms in the order data flows; a module may import only from its own room or rooms before it.
-ROOMS = ["version", "_core", "core", "data", "profiles", "bank", "weights", "mixing", "pipeline",
-         "evaluation", "minibank", "explain", "demo", "cli"]
+ROOMS = ["version", "_core", "core", "data", "profiles", "bank", "weights", "mixing", "pipeline", "recipe",
+         "evaluation", "minibank", "explain", "demo", "cliutil", "cli"]
 MAX_LINES = 600
 
 

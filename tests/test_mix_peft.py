@@ -16,11 +16,6 @@ import peft  # noqa: F401  (the test extra installs it; never skip)
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def bank(w):
     return Bank.open(w.bank)
 

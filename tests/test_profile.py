@@ -14,11 +14,6 @@ from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 ROWS = _tiny.make_examples("food", 7, seed=3)
 
 

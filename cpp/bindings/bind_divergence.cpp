@@ -8,7 +8,6 @@
 #include <string>
 
 #include "common.h"
-#include "loramix/cpu.h"
 #include "loramix/divergence.h"
 
 namespace loramix::bind {
@@ -52,12 +51,12 @@ HeldMatrix to_matrix(const py::handle& obj, const char* name) {
     h.m.indices = indices.data();
     if (data_arr.dtype().is(py::dtype::of<float>())) {
       auto d = require_array<float>(data_arr, dt.c_str());
-      h.m.dtype = DType::f32;
+      h.m.dtype = DType::F32;
       h.m.data = d.data();
       h.keep[2] = d;
     } else {
       auto d = require_array<double>(data_arr, dt.c_str());
-      h.m.dtype = DType::f64;
+      h.m.dtype = DType::F64;
       h.m.data = d.data();
       h.keep[2] = d;
     }
@@ -71,12 +70,12 @@ HeldMatrix to_matrix(const py::handle& obj, const char* name) {
   if (arr.ndim() != 2) throw py::value_error(std::string(name) + ": expected a 2-D array (rows x bins)");
   if (arr.dtype().is(py::dtype::of<float>())) {
     auto a = require_array<float>(arr, name);
-    h.m.dtype = DType::f32;
+    h.m.dtype = DType::F32;
     h.m.data = a.data();
     h.keep[0] = a;
   } else {
     auto a = require_array<double>(arr, name);
-    h.m.dtype = DType::f64;
+    h.m.dtype = DType::F64;
     h.m.data = a.data();
     h.keep[0] = a;
   }
@@ -156,24 +155,6 @@ void register_divergence(py::module_& m) {
           },
           py::arg("P"), py::arg("metric"), py::arg("threads"),
           "P against the prepared bank; same result as divergence(P, R, metric, eps, threads).");
-  m.def(
-      "_divergence_log",
-      [](py::object x) {
-        auto a = require_array<double>(x, "x");
-        py::array_t<double> out(a.size());
-        divergence_kernels(active_isa()).log_f64(a.data(), out.mutable_data(), static_cast<std::size_t>(a.size()));
-        return out;
-      },
-      py::arg("x"), "Test hook: the active ISA's log kernel on a 1-D float64 array of positive finite values.");
-  m.def(
-      "_divergence_log_abs",
-      [](py::object x) {
-        auto a = require_array<double>(x, "x");
-        py::array_t<double> out(a.size());
-        divergence_kernels(active_isa()).log_abs_f64(a.data(), out.mutable_data(), static_cast<std::size_t>(a.size()));
-        return out;
-      },
-      py::arg("x"), "Test hook: the active ISA's log for the sparse js loop (absolute error bound).");
 }
 
 }  // namespace loramix::bind

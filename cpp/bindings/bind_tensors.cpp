@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "common.h"
-#include "loramix/halfconv.h"
 #include "loramix/safetensors.h"
 #include "loramix/wsum.h"
 
@@ -226,25 +225,12 @@ void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
   if (!same)
     throw py::value_error("tensor '" + name + "': array shape " + std::string(py::str(arr.attr("shape"))) +
                           " does not match the entry's shape " + std::string(py::str(shape_tuple(e.shape))));
-  const uint64_t n = w.numel(idx);
   const void* data = arr.data();
+  const DType from = need_convert ? DType::F32 : d;
   Pins pins;
   pins.add(&w);
-  {
-    py::gil_scoped_release release;
-    if (!need_convert) {
-      w.pwrite_entry(idx, 0, data, n * dtype_size(d));
-    } else {
-      const std::size_t C = 1 << 16;
-      std::vector<uint16_t> buf(C);
-      for (uint64_t i = 0; i < n; i += C) {
-        const std::size_t c = static_cast<std::size_t>(std::min<uint64_t>(C, n - i));
-        convert_from_f32(static_cast<const float*>(data) + i, buf.data(), d, c);
-        w.pwrite_entry(idx, i * 2, buf.data(), c * 2);
-      }
-    }
-  }
-  w.mark_written(idx);
+  py::gil_scoped_release release;
+  w.write_entry(idx, data, from);
 }
 
 void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string& name,
@@ -523,24 +509,6 @@ void register_tensors(py::module_& m) {
   }, py::arg("refs"),
      "Drops the pages of these tensors from this process's mapping (MADV_DONTNEED); the data stay "
      "in the page cache and are mapped again when read.");
-  // Validates a whole file image held in memory (for fuzz tests); returns the keys.
-  m.def("_parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
-    std::string buf = data;
-    std::vector<TensorInfo> ts;
-    Metadata md;
-    bool has_md = false;
-    std::size_t start = 0;
-    {
-      py::gil_scoped_release release;
-      parse_safetensors(reinterpret_cast<const uint8_t*>(buf.data()), buf.size(), name, &ts, &md, &has_md, &start);
-    }
-    std::vector<std::string> keys;
-    for (const auto& t : ts) keys.push_back(t.name);
-    return keys;
-  });
-  // Scalar reference conversions (halfconv.h directly, no dispatch), for tests.
-  m.def("_scalar_f32_to_bf16", [](float x) { return f32_to_bf16_bits(x); });
-  m.def("_scalar_f32_to_f16", [](float x) { return f32_to_f16_bits(x); });
 }
 
 }  // namespace loramix::bind

@@ -3,7 +3,7 @@
 // No STL and no shared inline headers here (see divergence_avx512.cpp).
 #include <immintrin.h>
 
-#include "loramix/divergence.h"
+#include "divergence_kernels.h"
 
 namespace loramix {
 namespace avx2 {
@@ -62,8 +62,6 @@ inline __m256i tail_mask(std::size_t left) {
   const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
   return _mm256_cmpgt_epi64(_mm256_set1_epi64x(static_cast<long long>(left)), lane);
 }
-
-}  // namespace
 
 void log_f64_avx2(const double* x, double* y, std::size_t n) {
   std::size_t k = 0;
@@ -206,8 +204,6 @@ void kl_dense_f64_avx2(const double* const* p, const double* const* lp, int nb, 
   }
 }
 
-namespace {
-
 // As in the AVX-512 file: rows in register-blocked groups (here of up to 4), each vector of the
 // R row's CDF loaded once for the group, one accumulator per row.
 template <int NB>
@@ -237,14 +233,28 @@ inline void wd_rows_f64x4(const double* const* phi, const double* const* plo, co
   }
 }
 
-}  // namespace
-
 void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int nb,
                        const double* qhi, const double* qlo, std::size_t n, double* sums) {
   int b = 0;
   for (; b + 4 <= nb; b += 4) wd_rows_f64x4<4>(phi + b, plo + b, qhi, qlo, n, sums + b);
   for (; b < nb; ++b) wd_rows_f64x4<1>(phi + b, plo + b, qhi, qlo, n, sums + b);
 }
+
+const DivergenceKernels kKernels{
+    log_f64_avx2,  // log_f64
+    log_f64_avx2,  // log_abs_f64
+    js_posting_f64_avx2,  // js_posting_f64
+    kl_posting_f64_avx2,  // kl_posting_f64
+    js_terms_f64_avx2,  // js_terms_f64
+    kl_terms_f64_avx2,  // kl_terms_f64
+    js_dense_f64_avx2,  // js_dense_f64
+    kl_dense_f64_avx2,  // kl_dense_f64
+    wd_dense_f64_avx2,  // wd_dense_f64
+};
+
+}  // namespace
+
+const DivergenceKernels& divergence_kernels() { return kKernels; }
 
 }  // namespace avx2
 }  // namespace loramix

@@ -11,7 +11,7 @@
 #endif
 #include <immintrin.h>
 
-#include "loramix/divergence.h"
+#include "divergence_kernels.h"
 
 namespace loramix {
 namespace avx512 {
@@ -118,8 +118,6 @@ inline __m512d log_abs_f64x8(__m512d x, const LogTables& t) {
 inline __mmask8 tail_mask(std::size_t left) {
   return static_cast<__mmask8>(left >= 8 ? 0xFF : ((1u << left) - 1u));
 }
-
-}  // namespace
 
 void log_f64_avx512(const double* x, double* y, std::size_t n) {
   const LogTables t = load_tables();
@@ -262,8 +260,6 @@ void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb
   }
 }
 
-namespace {
-
 // Rows in register-blocked groups of up to 8: each vector of the R row's CDF is loaded once and
 // used by every row of the group (one accumulator per row: the group's independent adds hide
 // each other's latency). The loads, not the 5 vector ops per 8 bins, were the limit.
@@ -284,8 +280,6 @@ inline void wd_rows_f64x8(const double* const* phi, const double* const* plo, co
   for (int b = 0; b < NB; ++b) sums[b] += _mm512_reduce_add_pd(s[b]);
 }
 
-}  // namespace
-
 void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
                          const double* qhi, const double* qlo, std::size_t n, double* sums) {
   int b = 0;
@@ -293,6 +287,22 @@ void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int
   for (; b + 4 <= nb; b += 4) wd_rows_f64x8<4>(phi + b, plo + b, qhi, qlo, n, sums + b);
   for (; b < nb; ++b) wd_rows_f64x8<1>(phi + b, plo + b, qhi, qlo, n, sums + b);
 }
+
+const DivergenceKernels kKernels{
+    log_f64_avx512,  // log_f64
+    log_abs_f64_avx512,  // log_abs_f64
+    js_posting_f64_avx512,  // js_posting_f64
+    kl_posting_f64_avx512,  // kl_posting_f64
+    js_terms_f64_avx512,  // js_terms_f64
+    kl_terms_f64_avx512,  // kl_terms_f64
+    js_dense_f64_avx512,  // js_dense_f64
+    kl_dense_f64_avx512,  // kl_dense_f64
+    wd_dense_f64_avx512,  // wd_dense_f64
+};
+
+}  // namespace
+
+const DivergenceKernels& divergence_kernels() { return kKernels; }
 
 }  // namespace avx512
 }  // namespace loramix

@@ -2,10 +2,11 @@
 // the float64 oracle in tests). std::log, one bin at a time, fixed summation order.
 #include <math.h>
 
-#include "loramix/divergence.h"
+#include "divergence_kernels.h"
 
 namespace loramix {
 namespace scalar {
+namespace {
 
 void log_f64_scalar(const double* x, double* y, std::size_t n) {
   for (std::size_t k = 0; k < n; ++k) y[k] = ::log(x[k]);
@@ -71,6 +72,22 @@ void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int
     sums[b] += s;
   }
 }
+
+const DivergenceKernels kKernels{
+    log_f64_scalar,  // log_f64
+    log_f64_scalar,  // log_abs_f64
+    js_posting_f64_scalar,  // js_posting_f64
+    kl_posting_f64_scalar,  // kl_posting_f64
+    js_terms_f64_scalar,  // js_terms_f64
+    kl_terms_f64_scalar,  // kl_terms_f64
+    js_dense_f64_scalar,  // js_dense_f64
+    kl_dense_f64_scalar,  // kl_dense_f64
+    wd_dense_f64_scalar,  // wd_dense_f64
+};
+
+}  // namespace
+
+const DivergenceKernels& divergence_kernels() { return kKernels; }
 
 }  // namespace scalar
 }  // namespace loramix

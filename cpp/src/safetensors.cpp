@@ -12,6 +12,8 @@
 #include <cstring>
 #include <unordered_set>
 
+#include "loramix/wsum.h"  // convert_from_f32
+
 namespace loramix {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data are little-endian");
@@ -652,6 +654,26 @@ void SafetensorsWriter::check_open() const {
 
 void SafetensorsWriter::pwrite_entry(int idx, uint64_t at, const void* data, std::size_t len) {
   pwrite_all(fd_, data, len, offsets_[idx] + at, tmp_path_);
+}
+
+void SafetensorsWriter::write_entry(int idx, const void* data, DType from) {
+  const DType to = entries_[idx].dtype;
+  const uint64_t n = numel_[idx];
+  if (from == to) {
+    pwrite_entry(idx, 0, data, n * dtype_size(to));
+  } else if (from == DType::F32 && (to == DType::F16 || to == DType::BF16)) {
+    const std::size_t C = 1 << 16;
+    std::vector<uint16_t> buf(C);
+    for (uint64_t i = 0; i < n; i += C) {
+      const std::size_t c = static_cast<std::size_t>(std::min<uint64_t>(C, n - i));
+      convert_from_f32(static_cast<const float*>(data) + i, buf.data(), to, c);
+      pwrite_entry(idx, i * 2, buf.data(), c * 2);
+    }
+  } else {
+    throw std::invalid_argument("tensor '" + entries_[idx].name + "' of '" + path_ + "' is " +
+                                dtype_name(to) + ": cannot write it from " + dtype_name(from));
+  }
+  mark_written(idx);
 }
 
 void SafetensorsWriter::mark_written(int idx) {

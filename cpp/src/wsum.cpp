@@ -5,10 +5,13 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "loramix/cpu.h"
 #include "loramix/safetensors.h"
+#include "wsum_kernels.h"
 
 namespace loramix {
 namespace {
@@ -51,6 +54,14 @@ bool all_finite(const float* x, std::size_t n) {
   return bad == 0;
 }
 
+// The streaming kernels read and write F32, F16 and BF16 only (DType also names F64, which
+// only the divergence kernels take).
+void check_dtype(DType d, const char* what) {
+  if (d != DType::F32 && d != DType::F16 && d != DType::BF16)
+    throw std::invalid_argument(std::string(what) + ": dtype " + dtype_name(d) +
+                                " is not streamed (F32, F16 or BF16)");
+}
+
 const char* at(const SrcView& s, std::size_t i) {
   return static_cast<const char*>(s.data) + i * dtype_size(s.dtype);
 }
@@ -59,6 +70,8 @@ const char* at(const SrcView& s, std::size_t i) {
 
 void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t Q, std::size_t n,
                   const OutTarget* out, int threads, Cancel* cancel) {
+  for (std::size_t k = 0; k < K; ++k) check_dtype(src[k].dtype, "weighted_sum source");
+  for (std::size_t q = 0; q < Q; ++q) check_dtype(out[q].dtype, "weighted_sum output");
   const WsumKernels& kr = kernels();
   threads = resolve_threads(threads);
   // Classify sources: all weights zero (never read); used by most rows (GEMM panel, zero weights
@@ -175,6 +188,7 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
 }
 
 void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threads, Cancel* cancel) {
+  for (std::size_t k = 0; k < K; ++k) check_dtype(src[k].dtype, "gram source");
   const WsumKernels& kr = kernels();
   threads = resolve_threads(threads);
   const std::size_t Kp = round_up(std::max<std::size_t>(K, 1), 4);
@@ -213,10 +227,12 @@ void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threa
 }
 
 void convert_to_f32(const void* in, DType from, float* out, std::size_t n) {
+  check_dtype(from, "convert_to_f32");
   kernels().to_f32(in, from, n, out);
 }
 
 void convert_from_f32(const float* in, void* out, DType to, std::size_t n) {
+  check_dtype(to, "convert_from_f32");
   kernels().from_f32(in, n, out, to);
 }
 

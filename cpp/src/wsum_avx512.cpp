@@ -8,7 +8,7 @@
 #endif
 #include <immintrin.h>
 
-#include "loramix/wsum_kernels.h"
+#include "wsum_kernels.h"
 
 namespace loramix {
 namespace avx512 {
@@ -82,6 +82,7 @@ void axpy(float* acc, const void* const* src, const DType* dt, const float* w, s
       case DType::F32: axpy_dt<kF32>(acc, src + j, w + j, g, n); break;
       case DType::F16: axpy_dt<kF16>(acc, src + j, w + j, g, n); break;
       case DType::BF16: axpy_dt<kBF16>(acc, src + j, w + j, g, n); break;
+      case DType::F64: break;  // never here: wsum.cpp refuses it
     }
     j += g;
   }
@@ -102,6 +103,7 @@ void to_f32(const void* src, DType dt, std::size_t n, float* out) {
     case DType::F32: to_f32_dt<kF32>(src, n, out); break;
     case DType::F16: to_f32_dt<kF16>(src, n, out); break;
     case DType::BF16: to_f32_dt<kBF16>(src, n, out); break;
+    case DType::F64: break;  // never here: wsum.cpp refuses it
   }
 }
 

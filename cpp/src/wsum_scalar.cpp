@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "loramix/halfconv.h"
-#include "loramix/wsum.h"
+#include "wsum_kernels.h"
 
 namespace loramix {
 namespace scalar {

@@ -28,7 +28,8 @@ def info() -> dict:
     }
 
 
-from loramix.core.divergence import CSR, divergence  # noqa: E402
+from loramix.core.divergence import CSR, PreparedHistograms, divergence  # noqa: E402
+from loramix.core.divergence import prepare as prepare_histograms  # noqa: E402
 from loramix.core.tensors import (  # noqa: E402
     SafetensorsFile,
     SafetensorsWriter,
@@ -50,7 +51,7 @@ from loramix.weights.neural import train_bank_combiner  # noqa: E402
 
 __all__ = [
     "info", "__version__",
-    "divergence", "CSR",
+    "divergence", "CSR", "prepare_histograms", "PreparedHistograms",
     "SafetensorsFile", "SafetensorsWriter", "weighted_sum", "gram", "mix_into",
     "f32_to_bf16", "bf16_to_f32", "f32_to_f16", "f16_to_f32",
     "Bank", "build_bank", "Profile", "build_profile",

@@ -6,13 +6,16 @@
     loramix bank train-combiner DIR              train the bank's neural combiner (pipeline neural)
     loramix profile DATASET --bank DIR -o F.npz  a dataset's token profile
     loramix generate DATASET... --bank DIR -o OUT
-    loramix explain OUT                          top contributors + a PNG bar chart
+    loramix generate --from OUT/loramix.json -o NEW   the same adapter again, bit for bit
+    loramix explain OUT [--png]                  top contributors (+ a PNG bar chart)
+    loramix export OUT --format gguf             a llama.cpp LoRA adapter (GGUF)
     loramix eval leave-one-out --bank DIR        held-out comparison over a bank with test splits
     loramix demo [--task NAME]                   the built-in job on the shipped mini bank
     loramix bench [--scale laptop|paper] [--suite kernels|mix|e2e|all]   speed/memory vs peers
 
 Errors end with a one-line ``loramix: error: ...`` and a non-zero exit (``--debug`` shows the
-traceback). ``--json`` prints one JSON document on stdout for scripts; progress goes to stderr.
+traceback). ``--json`` prints one JSON document on stdout for scripts, also on failure (an
+``{"error": ...}`` object, :mod:`loramix.cliutil`); progress goes to stderr. ``--version``.
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
 
     # the flags work before or after the subcommand: below it they do not reset what was given above
     top, common = flags(False), flags(argparse.SUPPRESS)
-    p = argparse.ArgumentParser(prog="loramix", parents=[top],
-                                description="LoRA adapters for a new dataset from a bank, on a CPU.")
+    from loramix.cliutil import Parser
+    from loramix.version import __version__
+
+    p = Parser(prog="loramix", parents=[top], description="LoRA adapters for a new dataset from a bank, on a CPU.")
+    p.add_argument("--version", action="version", version=f"loramix {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     bank = sub.add_parser("bank", help="build, pull or inspect a bank", parents=[common])
@@ -65,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokenizer", default=None, help="build the bank afterwards with this tokenizer")
     i = bsub.add_parser("info", help="what a bank holds", parents=[common])
     i.add_argument("dir")
+    bv = bsub.add_parser("verify", help="check every member byte against the hashes recorded at build",
+                         parents=[common])
+    bv.add_argument("dir")
     tc = bsub.add_parser("train-combiner", help="train the bank's neural combiner (pipeline neural)",
                          parents=[common])
     tc.add_argument("dir")
@@ -88,9 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", default="train")
 
     ge = sub.add_parser("generate", help="generate adapter(s) for dataset(s)", parents=[common])
-    ge.add_argument("datasets", nargs="+", help="dataset files/folders or saved profiles (.npz)")
-    ge.add_argument("--bank", required=True, help="bank folder (with bank.json)")
-    ge.add_argument("-o", "--out", required=True,
+    ge.add_argument("datasets", nargs="*", help="dataset files/folders or saved profiles (.npz)")
+    ge.add_argument("--bank", default=None, help="bank folder (with bank.json)")
+    ge.add_argument("-o", "--out", default=None,
                     help="output adapter folder (with several datasets: a folder of adapters)")
     ge.add_argument("--pipeline", default="normalized",
                     help="attentional | normalized (the paper's best) | neural (bank train-combiner) | any registered")
@@ -107,23 +116,97 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
     ge.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
+    ge.add_argument("--verify", action="store_true", help="first check every bank member byte (bank verify)")
     ge.add_argument("--encoder", default=None, help="metric cosine: a BERT-family encoder folder (default MiniLM)")
     ge.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="metric cosine: int8 encoder")
     ge.add_argument("--combiner", default=None, help="pipeline neural: combiner .onnx (default BANK/combiner.onnx)")
     ge.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                     help="run the batch on this Dask scheduler (pip install 'loramix[dask]'); bank and "
                          "outputs must be on a filesystem every worker sees")
+    ge.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --scheduler: give up when it has not answered after this long (default 10)")
+    _add_generate_extras(ge)
 
     ex = sub.add_parser("explain", help="top contributors of a generated adapter", parents=[common])
     ex.add_argument("out")
-    ex.add_argument("--png", default=None, help="bar chart path (default: OUT/weights.png)")
+    ex.add_argument("--png", nargs="?", const="", default=None, metavar="PATH",
+                    help="also write a bar chart (needs matplotlib: pip install 'loramix[plot]'); "
+                         "default path OUT/weights.png")
     ex.add_argument("--top", type=int, default=10)
     _add_eval_demo(sub, common)
+    _add_export(sub, common)
 
     b = sub.add_parser("bench", add_help=False,
                        help="speed and memory vs peers (runs the harness in a source checkout's benches/)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the harness (--help lists them)")
     return p
+
+
+def _add_generate_extras(ge) -> None:
+    """Options of ``generate`` for portable outputs, recipes and Dask."""
+    ge.add_argument("--base-model", default=None, metavar="HUB_ID_OR_DIR",
+                    help="base model written into the adapter (default: the bank's, as a Hub id or an "
+                         "absolute path, so the adapter loads from any folder)")
+    ge.add_argument("--from", dest="recipe", default=None, metavar="OUT/loramix.json",
+                    help="make an adapter again, bit for bit, from the recipe in a generated adapter's "
+                         "loramix.json (then give only -o)")
+    ge.add_argument("--dask-split", default=None, choices=["auto", "modules", "targets"],
+                    help="with --scheduler: split the batch by module slices or by target groups "
+                         "(default auto; see docs/distributed.md)")
+    ge.add_argument("--dask-parts", type=int, default=None, metavar="N",
+                    help="with --scheduler: module slices or target groups (default: worker threads)")
+    ge.add_argument("--format", default="peft", choices=["peft", "gguf"],
+                    help="gguf: also write OUT/adapter_model.gguf, a llama.cpp LoRA adapter (pip install "
+                         "'loramix[gguf]')")
+
+
+def _add_export(sub, common) -> None:
+    ex = sub.add_parser("export", parents=[common], help="write a generated adapter in another format (gguf)")
+    ex.add_argument("adapter", help="a PEFT LoRA adapter folder")
+    ex.add_argument("--format", required=True, choices=["gguf"])
+    ex.add_argument("-o", "--out", default=None, help="output file (default: ADAPTER/adapter_model.gguf)")
+    ex.add_argument("--base", default=None, help="base model folder (default: the adapter's base model)")
+    ex.add_argument("--outtype", default="f16", choices=["f16", "f32"],
+                    help="tensor type (f16: convert_lora_to_gguf.py's default)")
+
+
+def _run_export(args, results=None) -> dict:
+    """``loramix export`` (or ``generate --format gguf`` on its ``results``): GGUF files written."""
+    from loramix.mixing.gguf_export import export_gguf
+
+    if results is None:
+        p = export_gguf(args.adapter, args.out, base=args.base, outtype=args.outtype)
+        _emit(args, {"adapter": args.adapter, "gguf": str(p)}, f"{p}: llama.cpp LoRA adapter (GGUF)")
+        return {}
+    return {str(r.out): str(export_gguf(r.out)) for r in results}
+
+
+def _dask_options(args) -> dict | None:
+    opts = {k: v for k, v in (("split", args.dask_split), ("parts", args.dask_parts)) if v is not None}
+    if opts and not args.scheduler:
+        raise ValueError("--dask-split/--dask-parts choose how a Dask batch is split; give --scheduler too")
+    return opts or None
+
+
+def _generate_special(args, progress: bool) -> bool:
+    """``generate --from``: replay a recipe (True when handled); else check the usual arguments."""
+    if args.recipe is None:
+        missing = [n for n, v in (("DATASET", args.datasets), ("--bank", args.bank), ("-o/--out", args.out))
+                   if not v]
+        if missing:
+            raise ValueError(f"generate needs {', '.join(missing)} (or --from OUT/loramix.json -o NEW)")
+        return False
+    if args.datasets or args.bank:
+        raise ValueError("generate --from takes its datasets and bank from the recipe; give only -o/--out")
+    if not args.out:
+        raise ValueError("generate --from needs -o/--out (a new folder, or --overwrite)")
+    from loramix.recipe import replay
+
+    res, check = replay(args.recipe, args.out, overwrite=args.overwrite, progress=progress)
+    same = {True: "identical to the original (SHA-256 of adapter_model.safetensors)",
+            False: "DIFFERS from the original", None: "no checksum in the original to compare"}[check["identical"]]
+    _emit(args, {**res.to_dict(), **check}, f"{res.out}: replayed {args.recipe}; {same}")
+    return True
 
 
 def _add_eval_demo(sub, common) -> None:
@@ -221,6 +304,15 @@ def _run(args) -> int:
                 from loramix.profiles import embeddings as semantic
 
                 semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize)
+        elif args.bank_cmd == "verify":
+            from loramix.bank import integrity
+
+            b = bankmod.Bank.open(args.dir)
+            bad = integrity.verify(b)
+            if bad:
+                raise bankmod.BankError(f"bank {args.dir}: " + "; ".join(bad))
+            _emit(args, {"bank": args.dir, "members": len(b.members), "ok": True},
+                  f"bank {args.dir}: {len(b.members)} members match the hashes recorded at build")
         elif args.bank_cmd == "train-combiner":
             from loramix.weights import neural
 
@@ -257,6 +349,7 @@ def _run(args) -> int:
             tok, fields = b.tokenizer_path, args.fields or b.fields
         else:
             tok, fields = args.tokenizer, args.fields or ("input", "output")
+        prof.Profile.check_target(args.out)   # before tokenizing: never over a user's file
         p = prof.build_profile(args.dataset, tok, fields=fields, split=args.split, progress=progress)
         p.save(args.out)
         _emit(args, {"out": args.out, "n_examples": p.n_examples, "n_tokens": p.n_tokens,
@@ -266,25 +359,38 @@ def _run(args) -> int:
     elif args.cmd == "generate":
         from loramix.pipeline import generate
 
+        if _generate_special(args, progress):
+            return 0
         many = len(args.datasets) > 1
         res = generate(args.datasets if many else args.datasets[0], args.bank, args.out,
                        pipeline=args.pipeline, metric=args.metric, mode=args.mode, top_k=args.top_k,
-                       temperature=args.temperature, dtype=args.dtype, rank=args.rank,
+                       temperature=args.temperature, dtype=args.dtype, rank=args.rank, verify=args.verify,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
                        scheduler=args.scheduler,
+                       distributed_options={"connect_timeout": args.connect_timeout} if args.scheduler else None,
                        metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
                                        if v is not None},
-                       pipeline_options={"combiner": args.combiner} if args.combiner else None)
+                       pipeline_options={"combiner": args.combiner} if args.combiner else None,
+                       base_model=args.base_model, distributed_options=_dask_options(args))
         res = res if many else [res]
         docs = [r.to_dict() for r in res]
+        if args.format == "gguf":
+            ggufs = _run_export(args, res)
+            for d in docs:
+                d["gguf"] = ggufs[d["out"]]
         _emit(args, {"adapters": docs} if many else docs[0],
-              "\n".join(f"{r.out}: " + ", ".join(f"{m} {w:.3f}" for m, w in r.top(5)) for r in res))
+              "\n".join(f"{r.out}: " + ", ".join(f"{m} {w:.3f}" for m, w in r.top(5))
+                        + (" (skipped: already there, verified)" if r.status == "skipped" else "")
+                        + (f"\n  gguf: {d['gguf']}" if d.get("gguf") else "") for r, d in zip(res, docs)))
     elif args.cmd == "explain":
         from loramix.explain import explain
 
-        s = explain(args.out, png=args.png, top=args.top)
-        _emit(args, {k: v for k, v in s.items() if k != "text"}, s["text"] + f"\nchart: {s['png']}")
+        s = explain(args.out, png=True if args.png == "" else args.png, top=args.top)
+        _emit(args, {k: v for k, v in s.items() if k != "text"},
+              s["text"] + (f"\nchart: {s['png']}" if s.get("png") else ""))
+    elif args.cmd == "export":
+        _run_export(args)
     elif args.cmd == "bench":
         return _run_bench(args.bench_args)
     return 0
@@ -325,7 +431,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:   # the harness parses its own arguments (benches/loramix_bench)
         return _run_bench(argv[1:])
-    args = _parser().parse_args(argv)
+    from loramix import cliutil
+
+    parser = _parser()
+    parser.json_errors = cliutil.json_wanted(argv)
+    args = parser.parse_args(argv)
     if args.debug:
         return _run(args)
     try:
@@ -334,12 +444,20 @@ def main(argv=None) -> int:
             warnings.showwarning = _show_warning
             return _run(args)
     except KeyboardInterrupt:
+        if args.json:
+            cliutil.print_json_error("interrupted", "KeyboardInterrupt", 130)
         print("loramix: error: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError, ImportError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
+        if args.json:
+            cliutil.print_json_error(msg, type(e).__name__, 1)
         print(f"loramix: error: {msg}", file=sys.stderr)
         return 1
+    except SystemExit as e:   # a command that stops with a message (e.g. bench without a checkout)
+        if args.json and isinstance(e.code, str):
+            cliutil.print_json_error(e.code.removeprefix("loramix: error: "), "SystemExit", 1)
+        raise
 
 
 if __name__ == "__main__":

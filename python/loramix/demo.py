@@ -33,7 +33,7 @@ def default_root() -> Path:
 
 
 def eval_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft", "numba"))
 
 
 def _table(headers, rows, aligns) -> list[str]:
@@ -106,7 +106,7 @@ def run_demo(task: str | None = None, out=DEFAULT_OUT, *, bank_root=None, evalua
          f"`loramix explain {res.out}` shows all weights.")
 
     if evaluate and not eval_available():
-        echo("(install the evaluation extra, torch + transformers + peft, to also score it)")
+        echo("(install the evaluation extra to also score it: pip install 'loramix[eval]')")
     elif evaluate:
         doc["eval"] = _evaluate(bp, task, res.out, member.path, examples, echo)
     doc["seconds"] = round(time.time() - t0, 1)

@@ -12,14 +12,69 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
 from loramix import weights as wts
-from loramix.bank.bank import Bank
+from loramix.bank import integrity
+from loramix.bank.bank import Bank, BankError
 from loramix.mixing.local import mix_adapters
+from loramix.mixing.modes import check_rank
 from loramix.mixing.output import GenerateResult, OutputError, check_output
+from loramix.bank.baseref import resolve_base_model
+from loramix.mixing.output import output_names, resumable
 
 __all__ = ["generate", "GenerateResult", "OutputError", "mix_adapters"]
+
+def _recipe(items, bank, pipeline, mode, top_k, temperature, dtype, rank, fields, split, base, exclude,
+            asked) -> dict | None:
+    """What ``loramix generate --from OUT/loramix.json`` needs to make the batch again: the
+    arguments of this call, with every path absolute and the final exclusions per dataset (the
+    leave-one-out ones included). None when a dataset was an in-memory profile, or an option an
+    object that cannot be written down."""
+    import os
+
+    datasets = []
+    for it in items:
+        src = it.source if isinstance(it, prof.Profile) else it
+        if isinstance(it, prof.Profile) or not src:
+            return None
+        datasets.append(os.path.abspath(src))
+    opts = {}
+    for k in ("metric_options", "pipeline_options"):
+        d = asked[k]
+        if not all(isinstance(v, (str, int, float, bool, type(None), os.PathLike)) for v in d.values()):
+            return None
+        opts[k] = {kk: (os.fspath(v) if isinstance(v, os.PathLike) else v) for kk, v in d.items()}
+    for k in ("encoder", "combiner"):   # folders and files: absolute, to replay from anywhere
+        for d in opts.values():
+            if isinstance(d.get(k), str) and os.path.exists(d[k]):
+                d[k] = os.path.abspath(d[k])
+    return {"datasets": datasets, "bank": os.path.abspath(bank.path), "bank_hash": bank.hash,
+            "pipeline": pipeline, "metric": asked["metric"], "mode": mode, "top_k": top_k,
+            "temperature": temperature, "dtype": dtype, "rank": rank, "fields": list(fields), "split": split,
+            "exclude": [list(e) for e in exclude], "base_model": base, **opts}
+
+
+def _widen(m, v: int):
+    """The CSR matrix ``m`` with ``v`` columns (queries may use added tokens beyond the bank's)."""
+    if hasattr(m, "_replace"):   # the core's CSR (no scipy)
+        return m._replace(n_cols=v)
+    import scipy.sparse as sp
+
+    return sp.csr_array((m.data, m.indices, m.indptr), shape=(m.shape[0], v))
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether a registered metric accepts keyword ``name`` (older ones may not take ``progress``)."""
+    import inspect
+
+    try:
+        ps = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
+
 
 def _dataset_hash(item, query, fields, split) -> str:
     if query is not None:
@@ -37,15 +92,18 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
-             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None):
+             metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
+             verify: bool = False, base_model: str | None = None):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
-    it) and all are mixed in one pass over the bank. ``exclude``: member names left out, for
-    every dataset, or one list of names per dataset. ``leave_one_out``: also leave out every
-    member trained on the very same data (same dataset content hash, as recorded in bank.json),
-    as the paper does when it evaluates on the bank's own tasks.
+    it) and all are mixed in one pass over the bank. ``exclude``: member names left out (one
+    name as a string, or a list), for every dataset, or one list of names per dataset.
+    ``leave_one_out``: also leave out every member trained on the very same data (same dataset
+    content hash, as recorded in bank.json), as the paper does when it evaluates on the bank's
+    own tasks. ``rank``: mode ``svd`` only (refused with ``factors``/``concat``; a warning when
+    more than the exact mix holds).
     Returns a :class:`GenerateResult` (a list for a list of datasets).
     ``scheduler`` (``"tcp://host:port"``) or ``client`` (a ``dask.distributed.Client``): mix
     the batch on that Dask cluster (:mod:`loramix.mixing.distributed`; ``distributed_options`` go to
@@ -55,9 +113,26 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``seed``, ``threads``). ``pipeline="neural"``: the bank's trained combiner
     (``pipeline_options={"combiner": path_or_object}``, default ``BANK/combiner.onnx``) on the
     metrics it was trained with (``metric`` is then ignored).
+    ``verify``: first check every byte of the members' weights and configs against the SHA-256
+    recorded at build (:func:`loramix.bank.integrity.verify`); the provenance then says so.
+    ``base_model``: the base model reference written into the outputs (a Hub id or a folder);
+    default: the bank's, as a Hub id or an absolute path (:mod:`loramix.bank.baseref`), so the
+    adapter loads from any working directory.
     """
     dist = scheduler is not None or client is not None
+    if isinstance(exclude, str):   # one member's name, not a sequence of one-letter names
+        exclude = [exclude]
+    if scheduler is not None and isinstance(scheduler, str):   # refuse a bad address before any work
+        from loramix.mixing.scheduler import check_scheduler_address
+        check_scheduler_address(scheduler)
+    check_rank(None, None, mode, rank)   # refuse --rank with factors/concat before any work
     bank = Bank.coerce(bank)
+    if verify:
+        bad = integrity.verify(bank)
+        if bad:
+            raise BankError(f"bank {bank.path}: " + "; ".join(bad))
+    asked = dict(metric=metric, exclude=exclude, metric_options=dict(metric_options or {}),
+                 pipeline_options=dict(pipeline_options or {}))
     many = isinstance(dataset, (list, tuple))
     items = list(dataset) if many else [dataset]
     if not items:
@@ -67,13 +142,14 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         names = [it.source and ds.dataset_name(it.source) if isinstance(it, prof.Profile)
                  else ds.dataset_name(it) for it in items]
         names = [n or f"dataset{i}" for i, n in enumerate(names)]
-        if len(set(names)) != len(names):
-            names = [f"{i:03d}-{n}" for i, n in enumerate(names)]
+        names = output_names(names, [it.source if isinstance(it, prof.Profile) else it for it in items])
         outs = [out / n for n in names]
     else:
         outs = [out]
-    for o in outs:   # refuse early: before any tokenizing (distributed: complete outputs are skipped)
-        check_output(o, bank, overwrite or dist)
+    inputs = [it for it in items if isinstance(it, (str, Path))]
+    for o in outs:   # refuse early, before any tokenizing; sealed outputs are verified (and skipped) later
+        check_output(o, bank, overwrite or dist or resumable(o), protect=inputs, replace=overwrite or not dist)
+    created = missing_dirs(out if many else out.parent)   # removed again if the run fails
     fields = tuple(fields) if fields else bank.fields
     if metric not in wts.METRICS:
         raise wts.WeightsError(f"unknown metric {metric!r}; known: {', '.join(sorted(wts.METRICS))}")
@@ -98,8 +174,9 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
         if wts.METRICS[m][1] != "histogram":
             # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
             fn = wts.METRICS[m][0]
+            prog = {"progress": progress} if _takes(fn, "progress") else {}
             Ds[m] = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split, cache=profile_cache,
-                                                **mopts), dtype=np.float64))
+                                                **prog, **mopts), dtype=np.float64))
             continue
         if queries is None:
             queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=profile_cache,
@@ -108,8 +185,7 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             qm = prof.stack(queries, v)
             bm = bank.profiles()
             if bm.shape[1] != v:
-                import scipy.sparse as sp
-                bm = sp.csr_array((bm.data, bm.indices, bm.indptr), shape=(bm.shape[0], v))
+                bm = _widen(bm, v)
         Ds[m] = wts.distances(qm, bm, m)
     D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
@@ -129,20 +205,30 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
     W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
                            pipeline, temperature=temperature, top_k=top_k, exclude=excl, **popts)
+    check_rank(bank, W, mode, rank)      # svd: say so when the rank asked is more than the mix holds
     if many:
         out.mkdir(parents=True, exist_ok=True)
+    base = resolve_base_model(bank, base_model)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
              "exclude": names_q[q], "distances": D[q],
              "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
              any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,
-             "combiner": popts.get("combiner_path"),
+             "combiner": popts.get("combiner_path"), "verified": verify or None, "base_model": base,
              "dataset": str(items[q].source if isinstance(items[q], prof.Profile) else items[q])}
             for q in range(len(items))]
+    recipe = _recipe(items, bank, pipeline, mode, top_k, temperature, dtype, rank, fields, split, base,
+                     names_q, asked)
+    for q, p in enumerate(prov):
+        p["recipe"] = recipe and {**recipe, "index": q}
     mixer, kw = mix_adapters, {}
     if dist:
         from loramix.mixing import distributed
         mixer, kw = distributed.mix_adapters, dict(scheduler=scheduler, client=client,
                                                    **(distributed_options or {}))
-    results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
-                    provenance=prov, progress=progress, **kw)
+    try:
+        results = mixer(bank, W, outs, mode=mode, rank=rank, dtype=dtype, overwrite=overwrite,
+                        provenance=prov, progress=progress, **kw)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     return results if many else results[0]

@@ -57,21 +57,22 @@
 #include <cstddef>
 #include <cstdint>
 
-// No STL or cpu.h here: the ISA kernel files include this header (see STYLE.md).
+#include "loramix/dtype.h"
+
+// The per-ISA kernels behind this interface are internal (cpp/src/divergence_kernels.h).
 namespace loramix {
 
-class Cancel;
-enum class Isa : int;  // cpu.h
+class Cancel;  // parallel.h
 
 enum class Metric : int { js = 0, kl = 1, wd = 2 };
-enum class DType : int { f32 = 0, f64 = 1 };
 
 // A Q x V histogram matrix: dense row-major (row_stride elements between rows) or CSR with
 // int64 indptr (rows + 1), int32 column indices strictly increasing within each row, and
-// values of `dtype`. Explicit zeros in CSR are allowed (ignored).
+// values of `dtype` (DType::F32 or DType::F64; any other is rejected). Explicit zeros in CSR
+// are allowed (ignored).
 struct HistMatrix {
   bool sparse = false;
-  DType dtype = DType::f64;
+  DType dtype = DType::F64;
   int64_t rows = 0, cols = 0;
   const void* data = nullptr;
   int64_t row_stride = 0;            // dense only
@@ -109,108 +110,5 @@ class PreparedHistograms {
  private:
   Impl* impl_;
 };
-
-// ---- Kernels (one implementation per ISA; dispatch once per call on active_isa()). ----------
-// y[k] = log(x[k]) for positive finite x (including subnormals).
-using LogF64Fn = void (*)(const double* x, double* y, std::size_t n);
-// log_abs_f64: the log the sparse js loop uses, for 0 < x <= 1: 2 ulp, or 2.5e-16 absolute
-// where |log x| < 1 (see Accuracy). Same signature as LogF64Fn.
-// Sparse js, one bin shared by P-row value p (with eps) and a run of R rows from the inverted
-// index: acc[rows[k]] += wp + wq[k] - m log m,  m = (p + q[k]) / 2, for every k with q[k] > 0
-// (q[k] == 0 marks padding in runs that cover consecutive rows). Rows increase within a call.
-using JsPostingF64Fn = void (*)(double p, double wp, const double* q, const double* wq,
-                                const int32_t* rows, std::size_t n, double* acc);
-// The same per-term values, one (P bin, R bin) pair per k, with exactly the arithmetic of the
-// posting kernels above (so the few-rows path and the index agree bit for bit):
-//   js: val[k] = wp[k] + wq[k] - m log m, m = (p[k] + q[k]) / 2;   kl: val[k] = c[k] - a[k] y[k].
-using JsTermsF64Fn = void (*)(const double* p, const double* wp, const double* q, const double* wq,
-                              std::size_t n, double* val);
-using KlTermsF64Fn = void (*)(const double* c, const double* a, const double* y, std::size_t n,
-                              double* val);
-// Sparse kl: acc[rows[k]] += c - a * y[k]. Rows distinct within a call.
-using KlPostingF64Fn = void (*)(double c, double a, const double* y, const int32_t* rows,
-                                std::size_t n, double* acc);
-// Dense js over n bins, nb rows of P against one row of R:
-//   sums[b] += sum_k (hp[b][k] + hq[k] - m log m), m = (p[b][k] + q[k]) / 2, terms with m == 0
-//   contribute 0. hp = p log p / 2 with 0 log 0 = 0.
-using JsDenseF64Fn = void (*)(const double* const* p, const double* const* hp, int nb,
-                              const double* q, const double* hq, std::size_t n, double* sums);
-// Dense kl over n bins, nb rows of P against one row of R:
-//   sums[b] += sum_k (p[b][k] > 0 ? p[b][k] * (lp[b][k] - lq[k]) : 0).
-using KlDenseF64Fn = void (*)(const double* const* p, const double* const* lp, int nb,
-                              const double* lq, std::size_t n, double* sums);
-
-// Dense wd piece over n bins, nb rows of P against one row of R, CDFs given as hi + lo parts:
-//   sums[b] += sum_k |(phi[b][k] - qhi[k]) + (plo[b][k] - qlo[k])|.
-using WdDenseF64Fn = void (*)(const double* const* phi, const double* const* plo, int nb,
-                              const double* qhi, const double* qlo, std::size_t n, double* sums);
-
-struct DivergenceKernels {
-  LogF64Fn log_f64;
-  LogF64Fn log_abs_f64;
-  JsPostingF64Fn js_posting_f64;
-  KlPostingF64Fn kl_posting_f64;
-  JsTermsF64Fn js_terms_f64;
-  KlTermsF64Fn kl_terms_f64;
-  JsDenseF64Fn js_dense_f64;
-  KlDenseF64Fn kl_dense_f64;
-  WdDenseF64Fn wd_dense_f64;
-};
-
-namespace scalar {
-void log_f64_scalar(const double* x, double* y, std::size_t n);
-void js_posting_f64_scalar(double p, double wp, const double* q, const double* wq,
-                           const int32_t* rows, std::size_t n, double* acc);
-void js_terms_f64_scalar(const double* p, const double* wp, const double* q, const double* wq,
-                         std::size_t n, double* val);
-void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val);
-void kl_posting_f64_scalar(double c, double a, const double* y, const int32_t* rows, std::size_t n,
-                           double* acc);
-void js_dense_f64_scalar(const double* const* p, const double* const* hp, int nb, const double* q,
-                         const double* hq, std::size_t n, double* sums);
-void kl_dense_f64_scalar(const double* const* p, const double* const* lp, int nb,
-                         const double* lq, std::size_t n, double* sums);
-void wd_dense_f64_scalar(const double* const* phi, const double* const* plo, int nb,
-                       const double* qhi, const double* qlo, std::size_t n, double* sums);
-}  // namespace scalar
-
-#if defined(LORAMIX_HAVE_X86)
-namespace avx2 {
-void log_f64_avx2(const double* x, double* y, std::size_t n);
-void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
-                         const int32_t* rows, std::size_t n, double* acc);
-void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const double* wq,
-                         std::size_t n, double* val);
-void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val);
-void kl_posting_f64_avx2(double c, double a, const double* y, const int32_t* rows, std::size_t n,
-                         double* acc);
-void js_dense_f64_avx2(const double* const* p, const double* const* hp, int nb, const double* q,
-                       const double* hq, std::size_t n, double* sums);
-void kl_dense_f64_avx2(const double* const* p, const double* const* lp, int nb, const double* lq,
-                       std::size_t n, double* sums);
-void wd_dense_f64_avx2(const double* const* phi, const double* const* plo, int nb,
-                       const double* qhi, const double* qlo, std::size_t n, double* sums);
-}  // namespace avx2
-
-namespace avx512 {
-void log_f64_avx512(const double* x, double* y, std::size_t n);
-void log_abs_f64_avx512(const double* x, double* y, std::size_t n);
-void js_posting_f64_avx512(double p, double wp, const double* q, const double* wq,
-                           const int32_t* rows, std::size_t n, double* acc);
-void js_terms_f64_avx512(const double* p, const double* wp, const double* q, const double* wq,
-                         std::size_t n, double* val);
-void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val);
-void kl_posting_f64_avx512(double c, double a, const double* y, const int32_t* rows, std::size_t n,
-                           double* acc);
-void js_dense_f64_avx512(const double* const* p, const double* const* hp, int nb, const double* q,
-                         const double* hq, std::size_t n, double* sums);
-void kl_dense_f64_avx512(const double* const* p, const double* const* lp, int nb,
-                         const double* lq, std::size_t n, double* sums);
-void wd_dense_f64_avx512(const double* const* phi, const double* const* plo, int nb,
-                       const double* qhi, const double* qlo, std::size_t n, double* sums);
-}  // namespace avx512
-#endif
-
-const DivergenceKernels& divergence_kernels(Isa isa);
 
 }  // namespace loramix

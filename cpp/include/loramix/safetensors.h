@@ -127,6 +127,11 @@ class SafetensorsWriter {
   bool open() const { return fd_ >= 0; }
   // Writes `len` bytes at byte `at` within entry idx (thread-safe, any order).
   void pwrite_entry(int idx, uint64_t at, const void* data, std::size_t len);
+  // Writes entry idx whole from numel(idx) elements at `data` of dtype `from`, then marks it
+  // written: `from` is the entry's dtype (bytes copied as they are) or F32 (rounded to the
+  // entry's F16/BF16 as convert_from_f32 does, in chunks through a 128 KB buffer). Throws
+  // std::invalid_argument for any other `from`. Thread-safe like pwrite_entry.
+  void write_entry(int idx, const void* data, DType from);
   // Throws unless the writer is open. Marks entry idx as complete.
   void mark_written(int idx);
   void check_open() const;

@@ -35,7 +35,6 @@
 
 #include "loramix/dtype.h"
 #include "loramix/parallel.h"
-#include "loramix/wsum_kernels.h"
 
 namespace loramix {
 

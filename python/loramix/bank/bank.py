@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -27,12 +27,14 @@ from typing import Iterable
 
 import numpy as np
 
-from loramix.core.files import write_json_atomic
+from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
 from loramix.bank import index as bank_index
-from loramix.bank import peft_io
+from loramix.bank import peft_io, schema
 from loramix.profiles import tokens as prof
+from loramix.bank import integrity
+from loramix.bank.integrity import file_sha256
 
 BANK_FILE = "bank.json"
 BANK_FORMAT = 1
@@ -44,12 +46,6 @@ class BankError(ValueError):
     """A bank that cannot be used; the message names every bad member and its problem."""
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _is_member_dir(d: Path) -> bool:
@@ -62,45 +58,71 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     """Scan ``bank_dir``, profile each member's dataset, write ``bank.json``; returns its content.
 
     Every member is validated; all problems are collected and raised together as
-    :class:`BankError`. Profiles are reused when nothing changed.
+    :class:`BankError`. Profiles are reused when nothing changed. Nothing in the bank changes
+    until everything is validated: new profiles and the tokenizer are staged next to their
+    places and renamed in together with ``bank.json`` last, so a failed build leaves the bank
+    exactly as it was.
     """
     bank_dir = Path(bank_dir)
     if not bank_dir.is_dir():
         raise BankError(f"bank {bank_dir}: no such folder")
-    fields = tuple(fields)
+    index_rows: list[dict] = []
+    with StagedFiles() as staged:
+        doc = _build(bank_dir, tokenizer, tuple(fields), base_model, split, progress, staged, index_rows)
+        staged.write(bank_dir / BANK_FILE, (json.dumps(doc, indent=1) + "\n").encode())   # renamed last
+        staged.commit()
+    _write_index(bank_dir, doc, index_rows)   # after the commit: it records the files as they are now
+    return doc
+
+
+def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress, staged,
+           index_rows: list) -> dict:
+    """``build_bank``'s work; every file it would change is staged in ``staged``."""
     tok_src = prof.tokenizer_file(tokenizer)
+    # a file that is not a tokenizer is refused (naming it) before anything is staged
+    vocab = int(prof.load_tokenizer(tok_src).get_vocab_size(with_added_tokens=True))
     tok_dst = bank_dir / TOKENIZER_NAME
+    tok_use = tok_dst
     if tok_src.resolve() != tok_dst.resolve():
-        shutil.copyfile(tok_src, tok_dst)
-    tok_hash = prof.tokenizer_hash(tok_dst)
-    vocab = int(prof.load_tokenizer(tok_dst).get_vocab_size(with_added_tokens=True))
+        tok_use = staged.write(tok_dst, tok_src.read_bytes())
+    tok_hash = prof.tokenizer_hash(tok_use)
 
     dirs = sorted((d for d in bank_dir.iterdir() if _is_member_dir(d)), key=lambda d: d.name)
     if not dirs:
         raise BankError(f"bank {bank_dir}: no adapter subfolders (each needs {peft_io.CONFIG_NAME} "
                         f"and {peft_io.WEIGHTS_NAME})")
     problems, members = [], []
-    specs, index_rows = [], []
+    specs = []
     it = dirs
     if progress:
         from tqdm import tqdm
         it = tqdm(dirs, desc="bank build", unit="member", file=__import__("sys").stderr)
     skipped = []
     for d in it:
+        clean_stale_stages(d)   # temporary files of a build that was killed
         w = d / peft_io.WEIGHTS_NAME
         if not w.is_file() or w.stat().st_size == 0:
             skipped.append(d.name)
             continue
+        why = integrity.path_problem(bank_dir, d.name, f"member {d.name!r}: folder")
+        if why:
+            problems.append(why)
+            continue
         try:
             spec = peft_io.read_adapter(d, d.name)
+            why = integrity.nonfinite_problem(spec, _open_weights(w, d.name))
         except peft_io.AdapterError as e:
-            problems.append(str(e))
+            why = str(e)
+        if why:
+            problems.append(why)
             continue
         pfile = d / PROFILE_NAME
         data = find_member_dataset(d)
         try:
             if data is not None:
-                p = prof.profile_dataset(data, tok_dst, cache=pfile, fields=fields, split=split)
+                p, fresh = prof.cached_profile(data, tok_use, cache=pfile, fields=fields, split=split)
+                if fresh:
+                    p.save(staged.path_for(pfile))
             elif pfile.is_file():
                 p = prof.Profile.load(pfile)
                 p.check_tokenizer(tok_hash, str(pfile))
@@ -131,6 +153,7 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
             "config_sha256": file_sha256(d / peft_io.CONFIG_NAME),
             "weights_sha256": file_sha256(d / peft_io.WEIGHTS_NAME),
             "weights_size": (d / peft_io.WEIGHTS_NAME).stat().st_size,
+            "weights_sig": integrity.weights_signature(d / peft_io.WEIGHTS_NAME),
         })
     problems += _fit_problems(specs, base_model)
     if problems:
@@ -162,28 +185,39 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
         "members": members,
         "bank_hash": h.hexdigest(),
     }
-    write_json_atomic(bank_dir / BANK_FILE, doc)
-    for row, m in zip(index_rows, members):
-        row["name"] = m["name"]
-    bank_index.write(bank_dir, doc, index_rows,
-                     prof.stack([r.pop("profile") for r in index_rows], max([vocab] + [r["vocab"] for r in index_rows])))
     return doc
 
 
-def _index_row(d: Path, spec: peft_io.AdapterSpec, p) -> dict:
-    """What :mod:`loramix.bank.index` records of one member (its files as they are now)."""
+def _open_weights(w: Path, name: str):
     from loramix.core import tensors
 
+    try:
+        return tensors.SafetensorsFile(str(w))
+    except (ValueError, OSError) as e:
+        raise peft_io.AdapterError(f"member {name!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
+
+
+def _index_row(d: Path, spec: peft_io.AdapterSpec, p) -> dict:
+    """What :mod:`loramix.bank.index` records of one member (file stats are taken at write)."""
     w = d / peft_io.WEIGHTS_NAME
     return {
-        "config": spec.raw_config, "dtype": spec.dtype,
+        "dir": d, "config": spec.raw_config, "dtype": spec.dtype,
         "modules": [[m.name, m.rank, m.in_features, m.out_features, m.scaling, m.a_key, m.b_key]
                     for m in spec.modules.values()],
-        "tensors": bank_index.tensor_layout(tensors.SafetensorsFile(str(w))),
+        "tensors": bank_index.tensor_layout(_open_weights(w, d.name)),
         "data_start": bank_index.data_start(w),
-        "stat": bank_index.file_stat([w, d / peft_io.CONFIG_NAME, d / PROFILE_NAME]).tolist(),
         "profile": p, "vocab": p.vocab_size,
     }
+
+
+def _write_index(bank_dir: Path, doc: dict, rows: list[dict]) -> None:
+    for row, m in zip(rows, doc["members"]):
+        d = row.pop("dir")
+        row["name"] = m["name"]
+        row["stat"] = bank_index.file_stat([d / peft_io.WEIGHTS_NAME, d / peft_io.CONFIG_NAME,
+                                            d / PROFILE_NAME]).tolist()
+    vocab = max([int(doc["tokenizer"]["vocab_size"])] + [r["vocab"] for r in rows])
+    bank_index.write(bank_dir, doc, rows, prof.stack([r.pop("profile") for r in rows], vocab))
 
 
 def same_base_model(a: str | None, b: str | None) -> bool:
@@ -282,9 +316,13 @@ class Member:
 
 def _open_member(path: Path, info: dict, check: bool):
     """``(Member, None)``, ``(None, None)`` for a missing/empty member (skipped), or
-    ``(None, problem)``: one member read the full way (config, safetensors header, specs)."""
-    from loramix.core import tensors
-
+    ``(None, problem)``: one member read the full way (paths, config, safetensors header, specs,
+    size and signature against bank.json, profile)."""
+    bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}",
+                                              links_out=k == "dataset")
+                       for k in ("path", "profile", "dataset") if k != "dataset" or info.get(k)) if w]
+    if bad:
+        return None, "; ".join(bad)
     d = path / info["path"]
     w = d / peft_io.WEIGHTS_NAME
     if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
@@ -292,17 +330,13 @@ def _open_member(path: Path, info: dict, check: bool):
         return None, None
     try:
         cfg = peft_io.read_config(d, info["name"])
-        try:
-            sf = tensors.SafetensorsFile(str(w))
-        except (ValueError, OSError) as e:
-            raise peft_io.AdapterError(
-                f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
+        sf = _open_weights(w, info["name"])
         spec = peft_io.spec_from_file(cfg, sf, d, info["name"])
     except peft_io.AdapterError as e:
         return None, str(e)
-    if check and w.stat().st_size != info.get("weights_size", w.stat().st_size):
-        return None, (f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} changed size since "
-                      "the bank was built; rebuild the bank")
+    why = integrity.changed_problem(info["name"], w, info) if check else None
+    if why:
+        return None, why
     pp = path / info["profile"]
     if not pp.is_file():
         return None, f"member {info['name']!r}: profile {info['profile']} is missing"
@@ -360,13 +394,23 @@ class Bank:
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BankError(f"bank {path}: {BANK_FILE} is not valid JSON ({e})") from None
+        bad = schema.problems(doc, BANK_FILE)
+        if bad and not (isinstance(doc, dict) and doc.get("format") not in (None, BANK_FORMAT)):
+            raise BankError(f"bank {path}: " + "; ".join(bad))
         if doc.get("format") != BANK_FORMAT:
             raise BankError(f"bank {path}: {BANK_FILE} format {doc.get('format')} is not {BANK_FORMAT}")
+        why = integrity.path_problem(path, doc["tokenizer"]["file"], "tokenizer file")
+        if why:
+            raise BankError(f"bank {path}: {BANK_FILE}: {why}")
         tok = path / doc["tokenizer"]["file"]
         if not tok.is_file():
             raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
         if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
             raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
+        dup = integrity.duplicate_names(doc["members"])
+        if dup:
+            raise BankError(f"bank {path}: {BANK_FILE} lists member(s) {', '.join(map(repr, dup))} more than "
+                            "once; member names must be unique (rebuild the bank)")
         idx = bank_index.load_current(path, doc)
         if idx is not None:
             members, skipped, problems, specs, stale = bank_index.open_members(
@@ -398,10 +442,10 @@ class Bank:
         if not members:
             raise BankError(f"bank {path}: no usable members")
         if isinstance(stale, list):   # the open succeeded; say once that the index is behind
-            warnings.warn(f"bank {path}: {len(stale)} member(s) changed since {bank_index.INDEX_NAME} was "
-                          f"written and were read without it: {', '.join(stale[:10])}"
-                          f"{' ...' if len(stale) > 10 else ''}; `loramix bank build` refreshes the index",
-                          stacklevel=2)
+            logging.getLogger("loramix.bank").info(
+                "bank %s: %d member(s) changed since %s was written and were read without it: %s%s; "
+                "`loramix bank build` refreshes the index", path, len(stale), bank_index.INDEX_NAME,
+                ", ".join(stale[:10]), " ..." if len(stale) > 10 else "")
         bank = cls(path, doc, members, skipped)
         bank._index = idx if idx is not None and not stale else None
         return bank
@@ -452,14 +496,17 @@ class Bank:
     def profiles(self):
         """The members' profiles as a CSR matrix (N, V) of counts."""
         if self._profiles is None and self._index is not None and not self.skipped:
-            p = self._index.profiles()
-            self._profiles = p if p.shape[1] >= self.vocab_size else \
-                type(p)((p.data, p.indices, p.indptr), shape=(p.shape[0], self.vocab_size))
+            self._profiles = self._index.profiles(self.vocab_size)
         if self._profiles is None:
             ps = []
             for m in self.members:
                 p = prof.Profile.load(m.profile_path)
                 p.check_tokenizer(self.tokenizer_hash, str(m.profile_path))
+                want = m.info.get("dataset_hash")
+                if want and p.dataset_hash != want:
+                    raise BankError(f"bank {self.path}: member {m.name!r}: {m.profile_path.name} is of another "
+                                    f"dataset (hash {p.dataset_hash[:12]}, {BANK_FILE} says {want[:12]}); it was "
+                                    "replaced after the build: rebuild the bank")
                 ps.append(p)
             self._profiles = prof.stack(ps, max(self.vocab_size, max(p.vocab_size for p in ps)))
         return self._profiles

@@ -40,6 +40,19 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _check_pulled(dst: Path, new: list) -> None:
+    """A member's ``dataset/`` folder is replaced only when it holds nothing but the files this
+    pull places there (a previous pull of the same dataset): never a user's own data."""
+    if dst.is_symlink() or not dst.is_dir():
+        raise HubError(f"{dst} is not a folder this pull made; not replaced (move it away first)")
+    want = {Path(p) for p in new}
+    extra = sorted(str(p.relative_to(dst)) for p in dst.rglob("*")
+                   if not p.is_dir() and p.relative_to(dst) not in want)
+    if extra:
+        raise HubError(f"{dst} holds files this pull did not place there ({', '.join(extra[:4])}"
+                       f"{' ...' if len(extra) > 4 else ''}); not replaced (move them away first)")
+
+
 def card_datasets(readme: Path) -> list[str]:
     """``datasets:`` from a model card's YAML header (no YAML library needed for this list)."""
     if not readme.is_file():
@@ -139,16 +152,16 @@ def pull(repo_ids: Sequence[str], to, *, datasets: Sequence[str | None] | dict |
                 raise HubError(f"dataset {did} (for {rid}): cannot download "
                                f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
             dst = member / "dataset"
-            if dst.exists():
-                shutil.rmtree(dst)
-            n = 0
-            for f in sorted(dsnap.rglob("*")):
-                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(dsnap).parts) \
-                        and f.suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow"):
-                    _place(f, dst / f.relative_to(dsnap))
-                    n += 1
-            if n == 0:
+            new = [f.relative_to(dsnap) for f in sorted(dsnap.rglob("*"))
+                   if f.is_file() and not any(p.startswith(".") for p in f.relative_to(dsnap).parts)
+                   and f.suffix in (".json", ".jsonl", ".parquet", ".csv", ".arrow")]
+            if not new:
                 raise HubError(f"dataset {did} (for {rid}): no data files in the repo")
+            if dst.exists() or dst.is_symlink():
+                _check_pulled(dst, new)
+                shutil.rmtree(dst)
+            for f in new:
+                _place(dsnap / f, dst / f)
             rec["dataset"] = did
         records.append(rec)
     return records

@@ -24,19 +24,23 @@ other problem makes :func:`load` return None with the reason, and the bank opens
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from loramix.bank import peft_io
+from loramix.bank import integrity, peft_io
 from loramix.core.files import atomic_path
 
 INDEX_NAME = "bank.index"
+# Index trouble is logged (INFO, logger "loramix.bank"), not warned: the bank opens correctly either
+# way (only slower), and a bank edited on purpose must not change what the CLI prints.
+_log = logging.getLogger("loramix.bank")
 INDEX_FORMAT = 1
 _MAGIC = b"LMXIDX01"
 _ALIGN = 64
@@ -100,6 +104,8 @@ def write(bank_dir, doc: dict, members: list[dict], profiles) -> Path:
     meta = {
         "format": INDEX_FORMAT,
         "bank_hash": doc["bank_hash"],
+        # the exact bank.json it indexes: any edit of it (a path, a hash) retires the index
+        "bank_json_sha256": hashlib.sha256((Path(bank_dir) / "bank.json").read_bytes()).hexdigest(),
         "n_members": len(members),
         "names": [m["name"] for m in doc["members"]],
         "configs": [json.loads(k) for k in configs],
@@ -139,13 +145,20 @@ class BankIndex:
     meta: dict
     arrays: dict
 
-    def profiles(self):
-        """The stacked member profiles (CSR (N, V), float64 counts), as indexed."""
-        import scipy.sparse as sp
-
+    def profiles(self, vocab_size: int | None = None):
+        """The stacked member profiles (N, V) of float64 counts, as indexed, ``V`` at least
+        ``vocab_size``: a ``scipy.sparse.csr_array``, or without scipy the core's own
+        :class:`loramix.core.divergence.CSR` (what ``profiles.tokens.stack`` gives)."""
         n = self.meta["n_members"]
-        return sp.csr_array((self.arrays["prof_data"], self.arrays["prof_indices"], self.arrays["prof_indptr"]),
-                            shape=(n, self.meta["vocab_size"]))
+        v = max(int(self.meta["vocab_size"]), int(vocab_size or 0))
+        a = self.arrays
+        try:
+            import scipy.sparse as sp
+        except ImportError:
+            from loramix.core.divergence import CSR
+
+            return CSR(a["prof_indptr"], a["prof_indices"], a["prof_data"], v)
+        return sp.csr_array((a["prof_data"], a["prof_indices"], a["prof_indptr"]), shape=(n, v))
 
 
 def read(path) -> BankIndex:
@@ -220,12 +233,16 @@ def load_current(path: Path, doc: dict):
     try:
         idx = read(f)
     except BankIndexError as e:
-        warnings.warn(f"bank {path}: ignoring its index ({e}); `loramix bank build` rewrites it", stacklevel=3)
+        _log.info("bank %s: ignoring its index (%s); `loramix bank build` rewrites it", path, e)
         return None
-    if idx.meta.get("bank_hash") != doc.get("bank_hash") or \
+    try:
+        now = hashlib.sha256((Path(path) / "bank.json").read_bytes()).hexdigest()
+    except OSError:
+        now = None
+    if idx.meta.get("bank_json_sha256") != now or idx.meta.get("bank_hash") != doc.get("bank_hash") or \
             idx.meta.get("names") != [m["name"] for m in doc["members"]]:
-        warnings.warn(f"bank {path}: {INDEX_NAME} was written for another bank.json; "
-                      "opening without it (`loramix bank build` rewrites it)", stacklevel=3)
+        _log.info("bank %s: %s was written for another bank.json; opening without it "
+                     "(`loramix bank build` rewrites it)", path, INDEX_NAME)
         return None
     return idx
 
@@ -266,6 +283,12 @@ def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_membe
             continue
         if now[4] < 0:
             problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
+            continue
+        # bank.json is the indexed one, but a folder or profile may have been swapped for a link
+        bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}")
+                           for k in ("path", "profile")) if w]
+        if bad:
+            problems += bad
             continue
         if now[4:] != stat[i][4:]:
             stale = True

@@ -73,8 +73,11 @@ class AdapterSpec:
 def pattern_key(pattern_keys, module: str) -> str | None:
     """The first key of ``rank_pattern``/``alpha_pattern`` that matches ``module``, as PEFT does."""
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except (re.error, TypeError) as e:
+            raise ValueError(f"pattern key {key!r} is not a valid regular expression ({e})") from None
     return None
 
 
@@ -105,7 +108,40 @@ def read_config(path: Path, name: str) -> dict:
     return cfg
 
 
+def _is_num(v, integer: bool = False) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+
+
+def check_config_values(cfg: dict, name: str) -> None:
+    """The numbers and patterns of an ``adapter_config.json`` have the types PEFT gives them:
+    ``r`` a positive integer, ``lora_alpha`` a number, ``rank_pattern`` / ``alpha_pattern``
+    objects whose keys are regular expressions and whose values are positive integers / numbers."""
+    where = f"member {name!r}: {CONFIG_NAME}"
+    if "r" in cfg and not (_is_num(cfg["r"], True) and cfg["r"] >= 1):
+        raise AdapterError(f"{where} has r={cfg['r']!r}; a positive integer is expected")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{where} has base_model_name_or_path={base!r}; a string or null is expected")
+    if "lora_alpha" in cfg and not _is_num(cfg["lora_alpha"]):
+        raise AdapterError(f"{where} has lora_alpha={cfg['lora_alpha']!r}; a number is expected")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise AdapterError(f"{where} has {key}={str(pat)[:60]!r}; an object (pattern -> value) is expected")
+        for k, v in pat.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise AdapterError(f"{where}: {key} key {k!r} is not a valid regular expression ({e})") from None
+            if not (_is_num(v, integer) and (v >= 1 if integer else True)):
+                raise AdapterError(f"{where}: {key}[{k!r}] = {v!r}; "
+                                   f"{'a positive integer' if integer else 'a number'} is expected")
+
+
 def check_config(cfg: dict, name: str) -> None:
+    check_config_values(cfg, name)
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise AdapterError(f"member {name!r}: peft_type {ptype} is not LoRA")
@@ -169,6 +205,9 @@ def spec_from_file(cfg: dict, f, path: Path, name: str) -> AdapterSpec:
         if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
             raise AdapterError(
                 f"member {name!r}: module {mod} has lora_A {sa} and lora_B {sb}; not a linear LoRA pair")
+        if min(sa[0], sa[1], sb[0]) < 1:
+            raise AdapterError(f"member {name!r}: module {mod} has lora_A {sa} and lora_B {sb}; rank, "
+                               "in_features and out_features must be at least 1")
         try:
             s = module_scaling(cfg, mod, sa[0])
         except ValueError as e:

@@ -27,6 +27,11 @@ class CSR(NamedTuple):
     data: np.ndarray
     n_cols: int
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, n_cols)``, as a scipy sparse matrix reports it."""
+        return len(self.indptr) - 1, int(self.n_cols)
+
 
 def _value_dtype(dtype: np.dtype, what: str) -> np.dtype:
     """float32/float64 stay as they are; integer counts become float64 (exact below 2**53)."""

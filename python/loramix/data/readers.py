@@ -34,22 +34,57 @@ def _text(value) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def special_file_kind(p) -> str:
+    """What a path that exists but is neither a regular file nor a folder is ("" otherwise)."""
+    import stat
+
+    try:
+        mode = Path(p).stat().st_mode
+    except OSError:
+        return ""
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "" if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
+
+
+def _json_object(f: Path) -> dict:
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"dataset file {f}: not readable JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise DatasetError(f"dataset file {f}: not a JSON object")
+    return doc
+
+
 def data_files(path, split: str = "train") -> list[Path]:
     """The files that hold a dataset at ``path`` (a file or a folder), in reading order."""
     p = Path(path)
     if p.is_file():
         return [p]
     if not p.is_dir():
+        what = special_file_kind(p)
+        if what:
+            raise DatasetError(f"dataset {p}: is {what}, not a file or folder; loramix reads a dataset "
+                               "twice (hash, then text), so save it to a file first")
         raise DatasetError(f"dataset {p}: no such file or folder")
     if (p / "dataset_dict.json").is_file():
-        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _json_object(p / "dataset_dict.json").get("splits", [])
+        if not isinstance(splits, list) or not all(isinstance(x, str) for x in splits):
+            raise DatasetError(f"dataset {p}: dataset_dict.json 'splits' is not a list of names")
         pick = split if split in splits else (splits[0] if splits else None)
         if pick is None:
             raise DatasetError(f"dataset {p}: dataset_dict.json lists no splits")
         return data_files(p / pick, split)
     if (p / "state.json").is_file():
-        state = json.loads((p / "state.json").read_text())
-        files = [p / d["filename"] for d in state.get("_data_files", [])]
+        entries = _json_object(p / "state.json").get("_data_files", [])
+        if not isinstance(entries, list) or not all(isinstance(d, dict) and isinstance(d.get("filename"), str)
+                                                    for d in entries):
+            raise DatasetError(f"dataset {p}: state.json '_data_files' is not a list of "
+                               "{'filename': ...} objects")
+        files = [p / d["filename"] for d in entries]
         if files:
             return files
     found = sorted(
@@ -111,10 +146,13 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
         elif suf == ".json":
             yield from _batched(_json(f), batch_size)
         elif suf == ".csv":
-            with open(f, newline="", encoding="utf-8") as fh:
+            # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first field's name
+            with open(f, newline="", encoding="utf-8-sig") as fh:
+                # a long example is a long field: lift the csv module's 128 KiB default cap
+                csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
                 yield from _batched(csv.DictReader(fh), batch_size)
         elif suf == ".parquet":
-            import pyarrow.parquet as pq
+            pq = require_pyarrow(f, "pyarrow.parquet")
             pf = pq.ParquetFile(f)
             _check_columns(f, pf.schema_arrow.names, columns)
             for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
@@ -125,7 +163,7 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
             raise DatasetError(f"dataset {f}: unsupported file type {suf or '(none)'}")
     except DatasetError:
         raise
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"dataset {f}: cannot read it ({e})") from None
     except Exception as e:  # pyarrow raises its own ArrowInvalid etc.
         if type(e).__module__.startswith("pyarrow"):
@@ -136,7 +174,7 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
 def _jsonl(f: Path):
     with open(f, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
-            if not line.strip():
+            if line.isspace() or not line:    # (strip() would copy a long line)
                 continue
             try:
                 rec = json.loads(line)
@@ -144,6 +182,7 @@ def _jsonl(f: Path):
                 raise DatasetError(f"dataset {f}: line {n} is not JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise DatasetError(f"dataset {f}: line {n} is not a JSON object")
+            line = None    # a long line is not kept alive beside its parsed record
             yield rec
 
 
@@ -173,8 +212,20 @@ def _json(f: Path):
         yield rec
 
 
+def require_pyarrow(f, module: str = "pyarrow"):
+    """``module`` (pyarrow or one of its submodules); without pyarrow a :class:`DatasetError`
+    naming the file and the extra that installs it (the base install reads JSON and CSV only)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DatasetError(f"dataset {f}: reading {Path(f).suffix} files needs pyarrow, which is not "
+                           "installed: pip install 'loramix[parquet]'") from None
+
+
 def _arrow(f: Path, batch_size: int, columns: tuple | None = None):
-    import pyarrow as pa
+    pa = require_pyarrow(f)
 
     def rows(rb):
         return (rb.select(list(columns)) if columns else rb).to_pylist()
@@ -215,7 +266,7 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
     fields = tuple(fields)
     if not fields:
         raise DatasetError("no text fields given")
-    n = 0
+    n = nonblank = 0
     for batch in iter_records(path, split, batch_size, fields):
         out = []
         for rec in batch:
@@ -225,10 +276,17 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
                 raise DatasetError(
                     f"dataset {path}: example {n} has no field {missing[0]!r} "
                     f"(fields present: {', '.join(map(str, rec)) or 'none'}); choose fields with --fields")
-            out.append("".join(_text(rec[k]) for k in fields))
+            parts = [t for t in (_text(rec[k]) for k in fields) if t]
+            # one non-empty field: its string itself, not a copy (a long example is held once)
+            out.append(parts[0] if len(parts) == 1 else "".join(parts))
+            nonblank += not out[-1].isspace() and bool(out[-1])
+        batch.clear()      # the records' strings live on only in ``out``
         yield out
     if n == 0:
         raise DatasetError(f"dataset {path}: it holds no examples")
+    if nonblank == 0:
+        raise DatasetError(f"dataset {path}: all {n} examples are empty in fields {', '.join(fields)} "
+                           "(nothing to profile); choose fields with --fields")
 
 
 def dataset_name(path) -> str:

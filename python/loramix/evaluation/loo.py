@@ -74,8 +74,18 @@ RESULT_KEYS = ("split", "limit", "temperature", "top_k", "max_new_tokens", "max_
                "pipeline_options", "neural")
 
 
+#: What a run writes into its folder besides run.json: a folder holding one of them but no
+#: run.json is not a loramix results folder, and its files are not overwritten.
+RUN_FILES = ("results.csv", "examples.jsonl", "weights.json", "neural.json", "summary.json", "table.md",
+             "adapters")
+
+
 def _check_run(out: Path, cfg: dict) -> None:
     f = out / "run.json"
+    clash = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    if clash and not f.is_file():
+        raise ValueError(f"{out} holds {', '.join(clash)} but no run.json: not a loramix results folder, "
+                         "its files are not overwritten; use another --out folder")
     if f.is_file():
         old = json.loads(f.read_text())
         diff = {k: (old.get(k), cfg.get(k)) for k in RESULT_KEYS if old.get(k) != cfg.get(k)}

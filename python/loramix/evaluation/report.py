@@ -91,17 +91,26 @@ def _is_generated(name: str) -> bool:
             and not re.search(r"-T[0-9.e+-]+$", name))
 
 
+# Below this many held-out tasks a percentile bootstrap over tasks has too few distinct resamples
+# (2 tasks: 3 possible means) to support a 95% statement: findings then make no CI claim.
+MIN_TASKS_FOR_CI = 10
+
+
 def _findings(res: dict) -> dict:
     gen = {s: d for s, d in res.items() if _is_generated(s)}
     if not gen or "base" not in res:
         return {}
     best = max(gen, key=lambda s: gen[s]["rougeL"][0])
     b, bl = gen[best]["rougeL"], res["base"]["rougeL"]
-    f = {"best_generated": best, "best_rougeL": b[0], "base_rougeL": bl[0],
-         "best_above_base_ci_disjoint": b[1] > bl[2]}
+    n = min(gen[best]["tasks"], res["base"]["tasks"])
+    enough = n >= MIN_TASKS_FOR_CI
+    f = {"best_generated": best, "best_rougeL": b[0], "base_rougeL": bl[0], "tasks": n,
+         "examples": gen[best].get("examples"), "ci_supported": enough,
+         "best_above_base_ci_disjoint": bool(b[1] > bl[2]) if enough else None}
     if "task-lora" in res:
         tl = res["task-lora"]["rougeL"]
-        f.update({"task_lora_rougeL": tl[0], "best_below_task_lora_ci_disjoint": b[2] < tl[1],
+        f.update({"task_lora_rougeL": tl[0],
+                  "best_below_task_lora_ci_disjoint": bool(b[2] < tl[1]) if enough else None,
                   "gap_closed": (b[0] - bl[0]) / (tl[0] - bl[0]) if tl[0] != bl[0] else None})
         pb, pt = gen[best]["per_task"], res["task-lora"]["per_task"]
         common = [t for t in pb if t in pt]
@@ -162,17 +171,27 @@ def markdown_table(summary: dict) -> str:
             lines.append(f"| {fam} | " + " | ".join(f"{bf[s].get(fam, float('nan')):.3f}" for s in show) + " |")
     f = summary.get("findings") or {}
     if f:
+        n = f.get("tasks")
+        size = f" over {n} held-out task{'s' if n != 1 else ''}" if n is not None else ""
+        if f.get("ci_supported", True):
+            claim = ("95% CIs " + ("do not overlap" if f["best_above_base_ci_disjoint"]
+                                   else "overlap (or it is not above)"))
+        else:
+            claim = (f"with fewer than {MIN_TASKS_FOR_CI} tasks the intervals below are descriptive only: "
+                     "no claim that the difference is real")
         lines += ["", f"Best generated system: **{f['best_generated']}**, Rouge-L {f['best_rougeL']:.3f} "
-                  f"vs base {f['base_rougeL']:.3f}: 95% CIs "
-                  f"{'do not overlap' if f['best_above_base_ci_disjoint'] else 'overlap (or it is not above)'}."]
+                  f"vs base {f['base_rougeL']:.3f}{size}"
+                  + (f" ({f['examples']} examples)" if f.get("examples") else "") + f": {claim}."]
         if "best_minus_base" in f:
             lines.append(f"Paired over tasks, best generated − base: {_fmt_ci(f['best_minus_base'])}.")
         if "task_lora_minus_best" in f:
             lines.append(f"Paired over tasks, task LoRA − best generated: {_fmt_ci(f['task_lora_minus_best'])}.")
         if "task_lora_rougeL" in f:
             gap = f.get("gap_closed")
-            lines.append(f"Task-trained LoRAs: {f['task_lora_rougeL']:.3f}; best generated below them with "
-                         f"{'disjoint' if f['best_below_task_lora_ci_disjoint'] else 'overlapping'} CIs; "
+            cis = ("" if f["best_below_task_lora_ci_disjoint"] is None else
+                   f"; best generated below them with "
+                   f"{'disjoint' if f['best_below_task_lora_ci_disjoint'] else 'overlapping'} CIs")
+            lines.append(f"Task-trained LoRAs: {f['task_lora_rougeL']:.3f}{cis}; "
                          f"share of the base→task-LoRA gap closed: "
                          f"{'n/a' if gap is None else f'{100 * gap:.0f}%'}.")
     return "\n".join(lines)

@@ -44,6 +44,17 @@ def _log(msg: str) -> None:
     print(f"[minibank {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def portable_tokenizer_config(base_dir: Path) -> None:
+    """Name the tokenizer class every transformers from 4.4x to 5.x knows: transformers 5 saves
+    ``TokenizersBackend`` (and a ``backend`` key), which 4.x cannot load; ``PreTrainedTokenizerFast``
+    loads the same tokenizer.json in both (5.x maps it onto its backend), with the same ids."""
+    p = Path(base_dir) / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg.pop("backend", None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -174,6 +185,17 @@ def encode_example(tok, prompt: str, answer: str | None, eos_id: int) -> tuple[l
     return p + a, [-100] * len(p) + a
 
 
+def _check_replaceable(out: Path) -> None:
+    """``force`` replaces a previous mini bank only: never a folder of someone else's files, a
+    link, or the current folder or one holding it."""
+    cwd, real = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(out))
+    if not (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out} is not empty and holds no mini bank (no {MANIFEST}); not deleted, "
+                              "even with --force")
+    if out.is_symlink() or real == cwd or real in cwd.parents:
+        raise FileExistsError(f"{out} is a link, the current folder or holds it; not deleted, even with --force")
+
+
 def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", threads: int | None = None,
           force: bool = False) -> dict:
     """Build the bank for ``suite`` into ``out`` and return the manifest."""
@@ -190,6 +212,7 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty (use force=True / --force)")
+        _check_replaceable(out)
         shutil.rmtree(out)
     threads = threads or suite.get("threads", 2)
     _set_determinism(threads)
@@ -245,6 +268,7 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
                                      unk_token="<unk>", pad_token="<pad>", padding_side="left",
                                      model_max_length=mc["max_position_embeddings"])
     hf_tok.save_pretrained(base_dir)
+    portable_tokenizer_config(base_dir)
     _log(f"base done, loss {loss:.3f}")
 
     # 4. one LoRA per task

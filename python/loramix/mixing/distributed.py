@@ -110,8 +110,10 @@ import numpy as np
 from loramix.mixing import modes as mixmod
 from loramix.bank import peft_io
 from loramix.bank.bank import Bank, BankError, file_sha256
-from loramix.mixing.output import (PROVENANCE_NAME, GenerateResult, OutputError, check_output, finish_stage,
-                                   stage_folder, swap_in, weight_matrix, weights_metadata)
+from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage,  # noqa: F401
+                                   is_complete, seal, stage_folder, swap_in, target_key, weight_matrix,
+                                   weights_metadata)
+from loramix.mixing.scheduler import connect as connect_scheduler
 from loramix.version import __version__
 
 SPLITS = ("auto", "modules", "targets")
@@ -130,42 +132,11 @@ class BatchResult(GenerateResult):
 
 # ------------------------------------------------------------------ keys and verification
 
-def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
-    """What one output is a function of, hashed: the bank, its weight row and the settings."""
-    h = hashlib.sha256()
-    h.update(json.dumps([bank_hash, mode, rank, dtype, __version__]).encode())
-    h.update(np.ascontiguousarray(w_row, dtype="<f8").tobytes())
-    return h.hexdigest()
-
-
 def batch_key(bank_hash: str, W, mode: str, rank, dtype: str, split: str, n_parts: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([bank_hash, mode, rank, dtype, __version__, split, n_parts, W.shape]).encode())
     h.update(np.ascontiguousarray(W, dtype="<f8").tobytes())
     return h.hexdigest()
-
-
-def is_complete(out, key: str) -> bool:
-    """Whether ``out`` holds a finished adapter for ``key`` whose files match their checksums."""
-    out = Path(out)
-    try:
-        b = json.loads((out / PROVENANCE_NAME).read_text()).get("batch") or {}
-        return (b.get("target_key") == key
-                and file_sha256(out / peft_io.WEIGHTS_NAME) == b.get("weights_sha256")
-                and file_sha256(out / peft_io.CONFIG_NAME) == b.get("config_sha256"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _seal(stage: Path, key: str, split: str) -> str:
-    """Add the key and the checksums of weights and config to the staged provenance."""
-    p = stage / PROVENANCE_NAME
-    prov = json.loads(p.read_text())
-    sha = file_sha256(stage / peft_io.WEIGHTS_NAME)
-    prov["batch"] = {"target_key": key, "split": split, "weights_sha256": sha,
-                     "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
-    p.write_text(json.dumps(prov, indent=1) + "\n")
-    return sha
 
 
 # ------------------------------------------------------------------ worker side
@@ -287,7 +258,7 @@ def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
 def _finish(spec, bank, q, info, stage, out, extra) -> str:
     """Config, provenance (sealed with the checksums) and card, then the rename into place."""
     finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra)
-    sha = _seal(stage, spec["keys"][q], spec["split"])
+    sha = seal(stage, spec["keys"][q], spec["split"])
     if out.exists() and not spec["overwrite"]:
         raise OutputError(f"output {out} appeared during the batch; not replaced")
     swap_in(stage, out)
@@ -346,19 +317,14 @@ def _factors_rows(bank, W, name, holders, infos, writers, spec):
 # ------------------------------------------------------------------ client side
 
 @contextlib.contextmanager
-def _client(scheduler, client):
+def _client(scheduler, client, connect_timeout=None):
     if client is not None:
         yield client
         return
-    try:
-        from dask.distributed import Client
-    except ImportError:
-        raise RuntimeError("a Dask scheduler was given but dask.distributed is not installed; "
-                           "pip install 'loramix[dask]'") from None
-    if isinstance(scheduler, Client):
+    if not isinstance(scheduler, str):   # a Client given as the scheduler
         yield scheduler
         return
-    c = Client(scheduler, set_as_default=False)
+    c = connect_scheduler(scheduler, connect_timeout)
     try:
         yield c
     finally:
@@ -404,7 +370,7 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
                  provenance: Sequence[dict] | None = None, progress: bool = False,
                  scheduler=None, client=None, split: str = "auto", parts: int | None = None,
                  scratch=None, threads: int | None = None, retries: int = 2, isa: str | None = "client",
-                 timeout: float | None = None) -> list[BatchResult]:
+                 timeout: float | None = None, connect_timeout: float | None = None) -> list[BatchResult]:
     """:func:`loramix.mixing.local.mix_adapters` on a Dask cluster; same outputs, to the bit.
 
     ``scheduler``: ``"tcp://host:port"`` (a client is opened and closed here) or a ``Client``;
@@ -415,7 +381,8 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     output). ``threads``: the core's threads per task (default: ``LORAMIX_NUM_THREADS`` or all
     cores of the worker's machine; results do not depend on it). ``retries``: re-runs of a task
     that raised. ``isa``: ``"client"`` (pin workers to the client's ISA), a name, or None.
-    ``timeout``: seconds to wait for the batch (None: no limit).
+    ``timeout``: seconds to wait for the batch (None: no limit); ``connect_timeout``: seconds to
+    wait for the scheduler to answer (default :data:`loramix.mixing.scheduler.DEFAULT_CONNECT_TIMEOUT`).
     Returns one :class:`BatchResult` per output, ``status`` ``"skipped"`` where a complete,
     verified output of the same inputs was already there.
     """
@@ -426,7 +393,7 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     dtype_name = mixmod.normalize_dtype(dtype, bank.dtype)
     infos = mixmod.plan(bank, W, mode, rank)
     keys = [target_key(bank.hash, W[q], mode, rank, dtype_name) for q in range(len(outs))]
-    outs = [check_output(o, bank, True) for o in outs]
+    outs = [check_output(o, bank, True, replace=False) for o in outs]   # replaced ones: swap_in checks
     if len(set(outs)) != len(outs):
         raise OutputError("two outputs share one path")
     todo = []
@@ -446,7 +413,7 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
                 "keys": keys, "overwrite": overwrite, "threads": threads,
                 "metadata": {"format": "pt", **weights_metadata(bank, mode)},
                 "isa": _core.active_isa() if isa == "client" else isa}
-        with _client(scheduler, client) as c:
+        with _client(scheduler, client, connect_timeout) as c:
             _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, timeout, progress)
     results = []
     for q, (o, info) in enumerate(zip(outs, infos)):

@@ -99,6 +99,30 @@ def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInf
     return infos
 
 
+def check_rank(bank, W, mode: str, rank: int | None) -> None:
+    """What ``generate`` asks of ``rank``: only mode ``svd`` has a free output rank, so ``rank``
+    with ``factors`` (the members' largest rank) or ``concat`` (their sum) is refused; in ``svd``
+    a rank above what a module's exact mix holds (``Σ r_i`` of its members used, or its layer
+    size) is lowered to that (the exact mix) with a warning naming how many modules got less.
+    ``W``: the weights (Q, N), or None to check only the mode."""
+    if rank is None:
+        return
+    if mode != "svd":
+        raise MixError(f"rank={rank} applies to mode svd only: mode {mode} keeps "
+                       + ("the members' largest rank" if mode == "factors" else "the sum of the members' ranks")
+                       + "; drop --rank or use --mode svd")
+    if W is None:
+        return
+    got = [r for info in plan(bank, W, mode, rank) for r in info.ranks.values()]
+    short = [r for r in got if r < int(rank)]
+    if short:
+        import warnings
+
+        warnings.warn(f"rank {rank} is more than the exact mix holds in {len(short)} of {len(got)} "
+                      f"module(s): they get rank {min(short)}-{max(short)} (the sum of the ranks of the members "
+                      "used, or the layer size), i.e. the exact mix", stacklevel=3)
+
+
 def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = None,
                  dtype: str | None = None, metadata: dict | None = None,
                  progress: bool = False, threads: int | None = None) -> list[MixInfo]:
@@ -272,6 +296,9 @@ class _blas_single_thread:
     def __enter__(self):
         try:
             import scipy.linalg  # noqa: F401 - load its own BLAS now, so that the limit covers it
+        except ImportError:
+            pass
+        try:
             from threadpoolctl import threadpool_limits
         except ImportError:   # pragma: no cover - threadpoolctl is a dependency
             self._ctx = None
@@ -325,7 +352,8 @@ def truncated_factors(b_stack: np.ndarray, a_stack: np.ndarray, r: int, method: 
                 raise MixError("svd method 'gram': the stacked factors are rank deficient or too "
                                "ill-conditioned for it; use 'qr' or 'lanczos'")
             return got
-    if method == "lanczos" or (method == "auto" and b_stack.shape[1] > SVD_DENSE_MAX and r < kmax // 2):
+    if method == "lanczos" or (method == "auto" and b_stack.shape[1] > SVD_DENSE_MAX and r < kmax // 2
+                               and _have_scipy()):
         try:
             u, s, vt = _lanczos_svd(b_stack, a_stack, r)
             root = np.sqrt(s)
@@ -342,6 +370,14 @@ def truncated_factors(b_stack: np.ndarray, a_stack: np.ndarray, r: int, method: 
     return b, a
 
 
+def _have_scipy() -> bool:
+    try:
+        import scipy.sparse.linalg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _gram_factors(b_stack, a_stack, r):
     """The ``gram`` method of :func:`truncated_factors`, or None where it does not apply.
 
@@ -351,9 +387,13 @@ def _gram_factors(b_stack, a_stack, r):
     rank-r part is ``(Q U_r)(U_rᵀ Lᵀ Y)``. The row norms of ``U_rᵀ Lᵀ Y`` are the singular values
     (taken from there, not from the squared eigenvalues, so small ones keep their accuracy).
     """
-    from scipy.linalg import cho_factor, eigh, solve_triangular
-
     R = b_stack.shape[1]
+    eigh = solve_triangular = None
+    if R > SVD_DENSE_MAX:   # large R: scipy's top-r eigenpairs (syevr) and triangular solve, where
+        try:                # installed; up to SVD_DENSE_MAX numpy alone, so that a run without
+            from scipy.linalg import eigh, solve_triangular   # scipy gives the same bytes
+        except ImportError:
+            pass
     if R == 0 or r < 1:
         return None
     eps = np.finfo(np.float64).eps
@@ -374,13 +414,13 @@ def _gram_factors(b_stack, a_stack, r):
         if not np.all(dg > 0):
             continue
         try:
-            c, _ = cho_factor(g / dg[:, None] / dg[None, :], lower=True, check_finite=False)
+            c = np.linalg.cholesky(g / dg[:, None] / dg[None, :])
         except np.linalg.LinAlgError:
             continue
         d = np.abs(np.diag(c))
         if d.min() <= 0 or (d.max() / d.min()) ** 2 * eps > _GRAM_MAX_ERR:
             continue
-        L = dg[:, None] * np.tril(c)
+        L = dg[:, None] * c
         other = "a" if side == "b" else "b"
         y = a_stack if side == "b" else b_stack.T           # R × (other rows)
         go = grams.get(other)
@@ -388,14 +428,17 @@ def _gram_factors(b_stack, a_stack, r):
             go = grams[other] = y @ y.T
         m = L.T @ go @ L
         m = (m + m.T) * 0.5
-        if r < R:
+        if r < R and eigh is not None:
             _, u = eigh(m, subset_by_index=[R - r, R - 1], check_finite=False)
         else:
             _, u = np.linalg.eigh(m)
+            u = u[:, R - r:]
         u = u[:, ::-1]                                      # descending
         core = (L @ u).T @ y                                # r × other rows: U_rᵀ Lᵀ Y
         s = np.sqrt(np.einsum("ij,ij->i", core, core))
-        basis = x.T @ solve_triangular(L, u, lower=True, trans="T", check_finite=False)  # X L⁻ᵀ U_r
+        z = solve_triangular(L, u, lower=True, trans="T", check_finite=False) if solve_triangular \
+            else np.linalg.solve(L.T, u)                    # L⁻ᵀ U_r
+        basis = x.T @ z                                     # X L⁻ᵀ U_r
         root = np.sqrt(s)
         inv = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
         left, right = basis * root[None, :], core * inv[:, None]
@@ -406,7 +449,11 @@ def _gram_factors(b_stack, a_stack, r):
 
 
 def _lanczos_svd(b_stack, a_stack, r):
-    from scipy.sparse.linalg import LinearOperator, svds
+    try:
+        from scipy.sparse.linalg import LinearOperator, svds
+    except ImportError:
+        raise ImportError(f"mode svd with a stacked rank above {SVD_DENSE_MAX} needs scipy, which is not "
+                          "installed: pip install 'loramix[scipy]'") from None
 
     op = LinearOperator(
         (b_stack.shape[0], a_stack.shape[1]), dtype=np.float64,

@@ -6,6 +6,7 @@ swapped, never half-overwritten. :class:`GenerateResult` is what one output hold
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from loramix.bank import peft_io
+from loramix.bank.baseref import is_hub_id, resolve_base_model
 from loramix.core.files import make_stage_dir
-from loramix.bank.bank import Bank
+from loramix.mixing import guard
+from loramix.bank.bank import Bank, file_sha256
 from loramix.version import __version__
 from loramix import weights as wts
 
@@ -42,6 +45,7 @@ class GenerateResult:
     mode: str = "factors"
     dataset: str | None = None
     ranks: dict = field(default_factory=dict)
+    status: str = "generated"   # or "skipped": a verified output of the same inputs was there
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
         order = np.argsort(-self.weights, kind="stable")[:k]
@@ -56,19 +60,48 @@ class GenerateResult:
             {m: float(d) for m, d in zip(self.members, self.distances)},
             "top": [[m, w] for m, w in self.top(10)],
             "rank": max(self.ranks.values()) if self.ranks else None,
+            "status": self.status,
         }
 
 
-def check_output(out, bank: Bank, overwrite: bool) -> Path:
+def output_names(names: list[str], sources: list) -> list[str]:
+    """Unique, readable folder names for a batch: each dataset's ``names[q]``; where several share
+    one (``a/train.jsonl``, ``b/train.jsonl``), the parent folders of ``sources[q]`` are prepended
+    (``a-train``, ``b-train``) until they differ; an index is appended only as a last resort."""
+    out = list(names)
+    parts = [Path(os.path.abspath(s)).parent.parts if s else () for s in sources]
+    depth = 1
+    while len(set(out)) != len(out) and depth <= max((len(p) for p in parts), default=0):
+        dup = {n for n in out if out.count(n) > 1}
+        out = ["-".join([*(x for x in parts[q][-depth:] if x != os.sep), names[q]]) if out[q] in dup
+               else out[q] for q in range(len(out))]
+        depth += 1
+    if len(set(out)) != len(out):
+        seen: dict[str, int] = {}
+        for q, n in enumerate(out):
+            seen[n] = seen.get(n, 0) + 1
+            out[q] = n if seen[n] == 1 else f"{n}-{seen[n]}"
+    return out
+
+
+def check_output(out, bank: Bank, overwrite: bool, protect=(), *, replace: bool = True) -> Path:
+    """``out`` as an absolute path, or :class:`OutputError` when it may not be written: inside
+    or holding the bank, existing without ``overwrite``, or (``replace``: it would be replaced)
+    existing but not replaceable (:func:`loramix.mixing.guard.replace_refusal`: only an empty
+    folder or a previous loramix output is; ``protect``: more paths, e.g. the input datasets, it
+    must not be or hold)."""
     out = Path(os.path.abspath(out))
-    if bank.contains(out):
+    real, bank_real = Path(os.path.realpath(out)), Path(os.path.realpath(bank.path))
+    if bank.contains(out) or bank_real in real.parents:
         raise OutputError(f"output {out} is inside the bank {bank.path}; choose a folder outside it")
-    if os.path.abspath(bank.path).startswith(str(out) + os.sep):
+    if os.path.abspath(bank.path).startswith(str(out) + os.sep) or guard.within(bank_real, real):
         raise OutputError(f"output {out} contains the bank {bank.path}")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise OutputError(f"output {out} exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
+    if replace and os.path.lexists(out):
+        why = guard.replace_refusal(out, [bank.path, *protect])
+        if why:
+            raise OutputError(f"output {out} not replaced: {why}")
     return out
 
 
@@ -96,7 +129,11 @@ def _exchange(a: Path, b: Path) -> bool:
 def swap_in(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place. An existing output is swapped with it in one
     atomic step where the OS allows (then the old one, now at ``tmp``, is removed); elsewhere
-    the old output is moved aside first and removed last."""
+    the old output is moved aside first and removed last. The old output is checked again
+    (:func:`loramix.mixing.guard.replace_refusal`) right before: it may have changed since."""
+    why = guard.replace_refusal(out) if os.path.lexists(out) else None
+    if why:
+        raise OutputError(f"output {out} not replaced: {why}")
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -141,11 +178,18 @@ def weights_metadata(bank: Bank, mode: str) -> dict:
 def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
                  extra: dict) -> GenerateResult:
     """Write config, provenance and card of one output into its stage folder (weights are there)."""
+    bad = guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
+    if bad:
+        raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
+                          "a member used holds NaN/inf (rebuild the bank to find it) or the sum overflows; "
+                          "nothing written")
     used = [bank.members[i].spec for i in info.members]
     used_with_modules = [s for s in used if any(m in info.ranks for m in s.modules)]
     tm = peft_io.target_modules_for(list(info.ranks), used_with_modules)
     task = used[0].raw_config.get("task_type", "CAUSAL_LM") if used else "CAUSAL_LM"
-    cfg = peft_io.output_config(bank.base_model, info.ranks, tm, task_type=task)
+    base = extra.get("base_model") or resolve_base_model(bank)   # resolves from any folder
+    extra = {**extra, "base_model": base, "task_type": task}
+    cfg = peft_io.output_config(base, info.ranks, tm, task_type=task)
     (stage / peft_io.CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     res = GenerateResult(out=out, members=bank.names, weights=w_row, mode=mode,
                          ranks=info.ranks, pipeline=extra.get("pipeline"),
@@ -162,14 +206,45 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
     d.pop("out")
     d.update({
         "loramix_version": __version__, "dtype": dtype, "bank": str(bank.path),
-        "bank_hash": bank.hash, "base_model": bank.base_model,
+        "bank_hash": bank.hash, "base_model": extra.get("base_model"), "bank_base_model": bank.base_model,
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
-    for k in ("metric_options", "combiner"):   # cosine's encoder options, neural's model
+    for k in ("metric_options", "combiner", "verified", "task_type", "recipe"):   # encoder options, neural's model, --verify, replay
         if extra.get(k):
             d[k] = extra[k]
     return d
+
+
+PIPELINE_TAGS = {"CAUSAL_LM": "text-generation"}   # what PEFT's own card sets (for causal LMs)
+
+
+def card_metadata(p: dict) -> dict:
+    """The card's YAML metadata, as PEFT writes it for a LoRA adapter: ``library_name: peft``,
+    ``pipeline_tag``, ``base_model`` and the ``base_model:adapter:<id>`` tag (only for a Hub id:
+    the Hub rejects a local path there), ``lora``, ``transformers``, plus ``loramix``."""
+    base = p.get("base_model")
+    hub = is_hub_id(base)
+    tags = sorted({"lora", "transformers", "loramix"} | ({f"base_model:adapter:{base}"} if hub else set()))
+    meta = {"library_name": "peft"}
+    if hub:
+        meta["base_model"] = base
+    tag = PIPELINE_TAGS.get(p.get("task_type") or "CAUSAL_LM")
+    if tag:
+        meta["pipeline_tag"] = tag
+    meta["tags"] = tags
+    return meta
+
+
+def _yaml(meta: dict) -> str:
+    lines = []
+    for k, v in meta.items():   # JSON strings are valid YAML scalars: no quoting surprises
+        if isinstance(v, list):
+            lines.append(f"{k}:")
+            lines += [f"- {json.dumps(x)}" for x in v]
+        else:
+            lines.append(f"{k}: {json.dumps(v)}")
+    return "\n".join(lines)
 
 
 def _card(p: dict) -> str:
@@ -177,18 +252,21 @@ def _card(p: dict) -> str:
     what = {"factors": "A and B mixed separately with the same weights (the paper's mix)",
             "concat": "exact weighted sum of the members' updates (rank = sum of ranks)",
             "svd": "best low-rank approximation of the exact weighted sum"}.get(p["mode"], p["mode"])
+    base = p.get("base_model")
+    where = (f"Base model: [`{base}`](https://huggingface.co/{base})." if is_hub_id(base) else
+             f"Base model: the local folder `{base}` (not a Hub id, so the metadata names none; "
+             "generate with `--base-model HUB_ID` before uploading).")
+    load = ("```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+            "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n```\n")
     return f"""---
-library_name: peft
-base_model: {p.get('base_model')}
-tags:
-- lora
-- loramix
+{_yaml(card_metadata(p))}
 ---
 
 # LoRA adapter generated by loramix
 
-Mixed from a bank of LoRA adapters without gradient training (arXiv 2507.01806).
+Mixed from a bank of LoRA adapters without gradient training (arXiv 2507.01806). {where}
 
+{load}
 - dataset: `{p.get('dataset')}`
 - pipeline: `{p.get('pipeline')}`, metric: `{p.get('metric')}`, temperature: {p.get('temperature')}, top-k: {p.get('top_k')}
 - mode: `{p['mode']}` — {what}
@@ -204,3 +282,45 @@ Mixed from a bank of LoRA adapters without gradient training (arXiv 2507.01806).
 
 All weights are in `{PROVENANCE_NAME}`.
 """
+
+
+# ------------------------------------------------------------------ resume: keys and verification
+
+def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
+    """What one output is a function of, hashed: the bank, its weight row and the settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([bank_hash, mode, rank, dtype, __version__]).encode())
+    h.update(np.ascontiguousarray(w_row, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def is_complete(out, key: str) -> bool:
+    """Whether ``out`` holds a finished adapter for ``key`` whose files match their checksums."""
+    out = Path(out)
+    try:
+        b = json.loads((out / PROVENANCE_NAME).read_text()).get("batch") or {}
+        return (b.get("target_key") == key
+                and file_sha256(out / peft_io.WEIGHTS_NAME) == b.get("weights_sha256")
+                and file_sha256(out / peft_io.CONFIG_NAME) == b.get("config_sha256"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def seal(stage: Path, key: str, split: str) -> str:
+    """Add the key and the checksums of weights and config to the staged provenance."""
+    p = stage / PROVENANCE_NAME
+    prov = json.loads(p.read_text())
+    sha = file_sha256(stage / peft_io.WEIGHTS_NAME)
+    prov["batch"] = {"target_key": key, "split": split, "weights_sha256": sha,
+                     "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
+    p.write_text(json.dumps(prov, indent=1) + "\n")
+    return sha
+
+
+def resumable(out) -> bool:
+    """Whether ``out`` is an adapter loramix sealed (its ``loramix.json`` records a target key):
+    a re-run of the same inputs skips it after verifying it (:func:`is_complete`)."""
+    try:
+        return bool(json.loads((Path(out) / PROVENANCE_NAME).read_text()).get("batch"))
+    except (OSError, ValueError, AttributeError):
+        return False

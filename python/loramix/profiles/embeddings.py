@@ -12,6 +12,7 @@ The ``cosine`` metric built on them lives in :mod:`loramix.weights.cosine`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -75,13 +76,23 @@ def ensure_embedding(p: prof.Profile, data=None, *, key: str, fields, split: str
 
 
 def bank_embeddings(bank, *, encoder=None, quantize=None, cap=DEFAULT_CAP, seed=DEFAULT_SEED,
-                    threads=None, max_length=None, compute: bool = True) -> np.ndarray:
+                    threads=None, max_length=None, compute: bool = True, progress: bool = False) -> np.ndarray:
     """(N, d) embeddings of the bank's members, read from their profile files; missing or stale
-    ones are computed from the members' datasets and stored (``compute=False``: raise instead)."""
+    ones are computed from the members' datasets and stored (``compute=False``: raise instead).
+    ``progress``: a bar on stderr over the members whose embedding is computed (the first cosine
+    run over a bank embeds every member's dataset, minutes for a large bank)."""
     key = encoder_key(encoder, quantize, cap=cap, seed=seed, fields=bank.fields, max_length=max_length)
+    profiles = [prof.Profile.load(m.profile_path) for m in bank.members]
+    bar = None
+    todo = sum(1 for p in profiles if not (p.embedding is not None and p.embedding_key == key))
+    if progress and compute and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo, desc=f"embed bank datasets ({todo} of {len(profiles)} members)",
+                   unit="member", file=sys.stderr)
     out = []
-    for m in bank.members:
-        p = prof.Profile.load(m.profile_path)
+    for m, p in zip(bank.members, profiles):
+        fresh = p.embedding is not None and p.embedding_key == key
         if not compute and not (p.embedding is not None and p.embedding_key == key):
             raise EmbeddingError(f"member {m.name!r}: no embedding for this encoder in {m.profile_path}; "
                                  "run `loramix bank build DIR --embeddings`")
@@ -89,6 +100,10 @@ def bank_embeddings(bank, *, encoder=None, quantize=None, cap=DEFAULT_CAP, seed=
         out.append(ensure_embedding(p, data, key=key, fields=bank.fields, encoder=encoder, quantize=quantize,
                                     cap=cap, seed=seed, threads=threads, max_length=max_length,
                                     save_to=m.profile_path))
+        if bar is not None and not fresh:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return np.stack(out).astype(np.float64)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from loramix.core.files import atomic_path
 from loramix.data import readers as ds
+from loramix.profiles import chunks
 
 PROFILE_FORMAT = 1
 
@@ -49,7 +50,13 @@ def tokenizer_hash(path) -> str:
 def load_tokenizer(path):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_file(path)))
+    f = tokenizer_file(path)
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ProfileError(f"tokenizer {f}: not a tokenizer.json the `tokenizers` library can load "
+                           f"({msg}); give the model's tokenizer.json (not tokenizer_config.json)") from None
     tok.no_truncation()
     tok.no_padding()
     return tok
@@ -101,6 +108,21 @@ class Profile:
                      header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **extra)
         return path
 
+    @staticmethod
+    def check_target(path) -> None:
+        """Refuse (:class:`ProfileError` naming it) to save a profile over anything but a
+        profile: ``loramix profile -o F`` never replaces a user's file."""
+        path = Path(path)
+        if path.is_symlink() or path.is_dir():
+            raise ProfileError(f"profile {path}: is a {'link' if path.is_symlink() else 'folder'}; "
+                               "give a new .npz file name")
+        if path.exists():
+            try:
+                Profile.load(path)
+            except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, it is not ours
+                raise ProfileError(f"profile {path}: exists and is not a loramix profile; not replaced "
+                                   f"({type(e).__name__})") from None
+
     @classmethod
     def load(cls, path) -> "Profile":
         try:
@@ -108,10 +130,16 @@ class Profile:
                 header = json.loads(bytes(z["header"]).decode())
                 ids, counts = z["ids"], z["counts"]
                 emb = z["embedding"] if "embedding" in z.files else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, __import__("zipfile").BadZipFile) as e:
             raise ProfileError(f"profile {path}: unreadable ({e})") from None
+        if not isinstance(header, dict):
+            raise ProfileError(f"profile {path}: its header is not a JSON object")
         if header.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"profile {path}: format {header.get('format')} is not {PROFILE_FORMAT}")
+        for key, typ in (("vocab_size", int), ("tokenizer_hash", str)):
+            if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
+                raise ProfileError(f"profile {path}: its header lacks {key!r} "
+                                   f"({'an integer' if typ is int else 'a string'} expected); rebuild it")
         return cls(ids=ids, counts=counts, vocab_size=int(header["vocab_size"]),
                    tokenizer_hash=header["tokenizer_hash"], dataset_hash=header.get("dataset_hash", ""),
                    fingerprint=header.get("fingerprint", ""), n_examples=int(header.get("n_examples", 0)),
@@ -131,23 +159,31 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     """Tokenize ``dataset`` (a path) with ``tokenizer`` (a path) into a :class:`Profile`."""
     fields = tuple(fields)
     tok = load_tokenizer(tokenizer)
+    plan = chunks.cut_plan(tokenizer_file(tokenizer))
     vocab = int(tok.get_vocab_size(with_added_tokens=True))
     acc = np.zeros(vocab, dtype=np.int64)
     n = 0
+    stats: dict = {}
     bar = _bar(progress, f"profile {ds.dataset_name(dataset)}", "ex")
     for texts in ds.iter_texts(dataset, fields, split=split, batch_size=batch_size):
-        encs = tok.encode_batch(texts, add_special_tokens=True)
-        ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs]) if encs else \
-            np.zeros(0, np.int64)
-        if ids.size:
-            if ids.max() >= acc.size:   # added tokens beyond the reported size
-                acc = np.concatenate([acc, np.zeros(int(ids.max()) + 1 - acc.size, np.int64)])
-            acc += np.bincount(ids, minlength=acc.size)
+        # long examples in bounded pieces: the tokenizer's memory stays bounded (profiles/chunks.py)
+        for ids in chunks.encoded_ids(tok, texts, plan, stats):
+            if ids.size:
+                if ids.max() >= acc.size:   # added tokens beyond the reported size
+                    acc = np.concatenate([acc, np.zeros(int(ids.max()) + 1 - acc.size, np.int64)])
+                acc += np.bincount(ids, minlength=acc.size)
         n += len(texts)
         if bar is not None:
             bar.update(len(texts))
     if bar is not None:
         bar.close()
+    if stats.get("forced_cuts"):
+        import warnings
+
+        warnings.warn(f"dataset {dataset}: {stats['forced_cuts']} cut(s) of long examples fell where "
+                      f"tokenizer {tokenizer_file(tokenizer)} may split differently "
+                      f"({plan.why or 'a run of over ' + str(chunks.PIECE_CHARS // 2) + ' characters without a space'}); "
+                      "token counts there may differ by a few tokens per cut", stacklevel=2)
     if acc.sum() == 0:
         raise ds.DatasetError(f"dataset {dataset}: its examples hold no tokens")
     nz = np.flatnonzero(acc)
@@ -163,12 +199,23 @@ def profile_dataset(dataset, tokenizer, *, cache=None, fields: Iterable[str] = d
     """A profile of ``dataset``; ``cache`` (a ``.npz`` path) is reused when the tokenizer and the
     dataset are unchanged (same files, sizes and mtimes, or same content hash), else rebuilt and
     rewritten. A ``.npz`` given as ``dataset`` is loaded and checked against the tokenizer."""
+    prof, fresh = cached_profile(dataset, tokenizer, cache=cache, fields=fields, split=split,
+                                 progress=progress)
+    if fresh and cache is not None:
+        prof.save(cache)
+    return prof
+
+
+def cached_profile(dataset, tokenizer, *, cache=None, fields: Iterable[str] = ds.DEFAULT_FIELDS,
+                   split: str = "train", progress: bool = False) -> tuple[Profile, bool]:
+    """:func:`profile_dataset` without writing anything: ``(profile, fresh)``, ``fresh`` when it
+    was built (``cache`` missing or stale) and so is for the caller to save."""
     fields = tuple(fields)
     tok_hash = tokenizer_hash(tokenizer)
     if Path(dataset).suffix == ".npz":
         prof = Profile.load(dataset)
         prof.check_tokenizer(tok_hash, str(dataset))
-        return prof
+        return prof, False
     if cache is not None and Path(cache).is_file():
         try:
             prof = Profile.load(cache)
@@ -176,19 +223,16 @@ def profile_dataset(dataset, tokenizer, *, cache=None, fields: Iterable[str] = d
             prof = None
         if prof is not None and prof.tokenizer_hash == tok_hash and tuple(prof.fields) == fields:
             if prof.fingerprint == ds.fingerprint(dataset, split):
-                return prof
+                return prof, False
             if prof.dataset_hash == ds.content_hash(dataset, split, fields):
-                return prof
-    prof = build_profile(dataset, tokenizer, fields=fields, split=split, progress=progress)
-    if cache is not None:
-        prof.save(cache)
-    return prof
+                return prof, False
+    return build_profile(dataset, tokenizer, fields=fields, split=split, progress=progress), True
 
 
 def stack(profiles, vocab_size: int | None = None):
-    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts."""
-    import scipy.sparse as sp
-
+    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts; without
+    scipy (the base install leaves it out) the core's own :class:`loramix.core.divergence.CSR`,
+    which the compiled metrics (js, kl, wd) take as well."""
     v = vocab_size or max(p.vocab_size for p in profiles)
     indptr = np.zeros(len(profiles) + 1, dtype=np.int64)
     for i, p in enumerate(profiles):
@@ -197,6 +241,12 @@ def stack(profiles, vocab_size: int | None = None):
         indptr[i + 1] = indptr[i] + p.ids.size
     idx = np.concatenate([p.ids for p in profiles]).astype(np.int64) if profiles else np.zeros(0, np.int64)
     val = np.concatenate([p.counts for p in profiles]).astype(np.float64) if profiles else np.zeros(0)
+    try:
+        import scipy.sparse as sp
+    except ImportError:
+        from loramix.core.divergence import CSR
+
+        return CSR(indptr, idx, val, v)
     return sp.csr_array((val, idx, indptr), shape=(len(profiles), v))
 
 

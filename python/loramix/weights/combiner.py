@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numba as nb
 import numpy as np
 
 from loramix.weights import pipelines as wts
@@ -330,7 +329,11 @@ def _fit_adam(p, obj_train, obj_val, record, max_epochs, lr, weight_decay):
 
 
 def _fit_lbfgs(p, obj_train, obj_val, record, max_epochs):
-    from scipy.optimize import minimize
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise ImportError("training the neural combiner needs scipy, which is not installed: "
+                          "pip install 'loramix[train]'") from None
 
     keys = MLPParams.TRAINABLE
     shapes = [getattr(p, k).shape for k in keys]
@@ -440,6 +443,7 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     obj_val = mlp.Objective(p, Xv, exv, G, val_rows, e_val, gd) if n_val else None
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', not {optimizer!r}")
+    nb = mlp.require_numba()   # training only; a clear error naming the extra without it
     nthreads = threads or int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or nb.config.NUMBA_NUM_THREADS
     prev_threads = nb.get_num_threads()
     nb.set_num_threads(max(1, min(int(nthreads), nb.config.NUMBA_NUM_THREADS)))

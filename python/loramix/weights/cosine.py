@@ -11,12 +11,14 @@ from loramix.weights.pipelines import register_metric
 
 
 def cosine_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
-                  cap=DEFAULT_CAP, seed=DEFAULT_SEED, threads=None, max_length=None, **_) -> np.ndarray:
-    """``1 - cos`` between the queries' and the members' dataset embeddings, (Q, N)."""
+                  cap=DEFAULT_CAP, seed=DEFAULT_SEED, threads=None, max_length=None, progress=False,
+                  **_) -> np.ndarray:
+    """``1 - cos`` between the queries' and the members' dataset embeddings, (Q, N); ``progress``:
+    a bar on stderr while the bank's datasets are embedded (first run)."""
     from loramix.profiles import encoder as embed
 
     opts = dict(encoder=encoder, quantize=quantize, cap=cap, seed=seed, threads=threads, max_length=max_length)
-    E = bank_embeddings(bank, **opts)
+    E = bank_embeddings(bank, progress=progress, **opts)
     Q = query_embeddings(datasets, bank, fields=fields, split=split, cache=cache, **opts)
     return 1.0 - embed.cosine_scores(Q, E)
 

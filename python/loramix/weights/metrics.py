@@ -44,7 +44,10 @@ def mmd_distance(p, r, *, bandwidths=MMD_BANDWIDTHS, chunk: int = 64) -> np.ndar
     convolution of ``q`` with ``k(0..±(V-1))``: computed per histogram with a real FFT
     (O(V log V)), then the cross terms are one dense GEMM ``P @ (K R)ᵀ``.
     """
-    import scipy.fft as sfft
+    try:
+        import scipy.fft as sfft
+    except ImportError:
+        raise ImportError("metric mmd needs scipy, which is not installed: pip install 'loramix[scipy]'") from None
 
     P = _dense_rows(p)
     R = r if hasattr(r, "toarray") else np.atleast_2d(np.asarray(r, dtype=np.float64))

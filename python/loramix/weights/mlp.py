@@ -5,8 +5,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
+
+# numba is imported on the first use of a training kernel, never at import: a trained combiner runs
+# in ONNX Runtime, so generating with the neural pipeline needs no numba (the `train` extra).
+nb = None
+TRAIN_EXTRA = "pip install 'loramix[train]'"
+
+
+def require_numba():
+    """The numba module, imported now; a clear error naming the extra when it is not installed."""
+    global nb
+    if nb is None:
+        try:
+            import numba
+        except ImportError:
+            raise ImportError("training the neural combiner (loramix bank train-combiner, train_combiner) "
+                              f"needs numba, which is not installed: {TRAIN_EXTRA}") from None
+        nb = numba
+    return nb
+
+
+_JIT: dict = {}
+
+
+def _jit(fn):
+    """``fn`` compiled by numba (parallel, fastmath, cached on disk), once per process."""
+    k = _JIT.get(fn.__name__)
+    if k is None:
+        k = _JIT[fn.__name__] = require_numba().njit(parallel=True, fastmath=True, cache=True)(fn)
+    return k
 
 
 def exclude_mask(exclude, shape) -> np.ndarray:
@@ -58,7 +86,6 @@ def forward(p: MLPParams, X: np.ndarray):
 _NCHUNKS = 32  # fixed partial-sum chunks: gradients do not depend on the thread count
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
 def _mlp_forward_kernel(Z, W1, b1, w2, skip, Hbuf, s):  # pragma: no cover - compiled
     M, F = Z.shape
     H = W1.shape[1]
@@ -80,7 +107,6 @@ def _mlp_forward_kernel(Z, W1, b1, w2, skip, Hbuf, s):  # pragma: no cover - com
         s[m] = acc
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
 def _mlp_backward_kernel(Z, Hbuf, ds, w2, gW1, gb1, gw2, gskip):  # pragma: no cover - compiled
     # gW1 (C, F, H), gb1 (C, H), gw2 (C, H), gskip (C, F): per-chunk partials, summed by the caller
     M, F = Z.shape
@@ -137,7 +163,7 @@ class Objective:
         self.s = np.empty(R * N, np.float64)
 
     def __call__(self, p: MLPParams, need_grad: bool = True):
-        _mlp_forward_kernel(self.Z, p.W1, p.b1, p.w2, p.skip, self.H, self.s)
+        _jit(_mlp_forward_kernel)(self.Z, p.W1, p.b1, p.w2, p.skip, self.H, self.s)
         W = softmax_rows(self.s.reshape(self.shape), self.ex)
         GW = (W.astype(self.Gmul.dtype) @ self.Gmul).astype(np.float64)
         per_row = np.einsum("qn,qn->q", GW, W) - 2.0 * np.einsum("qn,qn->q", W, self.Gt) + self.Gdiag
@@ -149,7 +175,7 @@ class Objective:
         F, Hd = p.W1.shape
         C = _NCHUNKS
         gW1, gb1, gw2, gskip = np.zeros((C, F, Hd)), np.zeros((C, Hd)), np.zeros((C, Hd)), np.zeros((C, F))
-        _mlp_backward_kernel(self.Z, self.H, np.ascontiguousarray(ds.reshape(-1)), p.w2, gW1, gb1, gw2, gskip)
+        _jit(_mlp_backward_kernel)(self.Z, self.H, np.ascontiguousarray(ds.reshape(-1)), p.w2, gW1, gb1, gw2, gskip)
         return loss, {"W1": gW1.sum(0), "b1": gb1.sum(0), "w2": gw2.sum(0), "skip": gskip.sum(0)}
 
 

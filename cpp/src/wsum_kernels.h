@@ -1,5 +1,7 @@
-// The per-ISA kernel table behind wsum.h. Included by the ISA files, so it holds no STL and
-// no non-static inline code (see STYLE.md: an ISA-flagged copy must never reach baseline code).
+// The per-ISA kernel table behind wsum.h (internal: not installed, not part of the API; the
+// divergence kernels use the same style, divergence_kernels.h). Included by the ISA files, so
+// it holds no STL and no non-static inline code (see STYLE.md: an ISA-flagged copy must never
+// reach baseline code).
 #pragma once
 #include <cstddef>
 #include <cstdint>

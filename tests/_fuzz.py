@@ -1,0 +1,304 @@
+"""Property-based fuzzing of every parser loramix points at user files (hypothesis).
+
+Each target is a hypothesis strategy plus a check function; the check feeds one input to the
+library and asserts the contract: the input is accepted, or refused with the parser's own
+``ValueError`` subclass naming the file, and never any other exception, a crash or a hang.
+
+- ``safetensors``: :class:`loramix.core.tensors.SafetensorsFile` on random headers (JSON built
+  from hostile numbers and dtypes) and on byte-level mutations of valid files; accepted files
+  have every tensor read (``numpy``/``to_f32``).
+- ``bank_json``: :meth:`loramix.bank.bank.Bank.open` on a real bank whose ``bank.json`` has a
+  random sub-tree replaced, a key dropped, or its bytes mutated.
+- ``adapter_config``: :func:`loramix.bank.peft_io.read_config` + ``spec_from_file`` on random
+  configs next to a valid ``adapter_model.safetensors``.
+- ``datasets``: :func:`loramix.data.readers.iter_texts` on random JSON lines, JSON, CSV and
+  parquet files (structured and raw bytes).
+
+Used by ``tests/test_fuzz.py`` (a short derandomized run) and ``tools/fuzz.py`` (a long run).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from hypothesis import strategies as st
+
+_COUNTER = itertools.count()
+
+
+def fresh(dirpath: Path, suffix: str) -> Path:
+    """A new file name for each example: a file still memory-mapped is never rewritten."""
+    return Path(dirpath) / f"f{next(_COUNTER)}{suffix}"
+
+
+# ------------------------------------------------------------------ safetensors
+
+DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "", "f32", "X" * 40]
+HOSTILE_INTS = st.one_of(st.integers(-3, 70), st.sampled_from(
+    [2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -1, -2**63]))
+
+
+def _tensor_entry():
+    return st.fixed_dictionaries({
+        "dtype": st.one_of(st.sampled_from(DTYPES), st.integers(), st.none()),
+        "shape": st.one_of(st.lists(HOSTILE_INTS, max_size=4), st.text(max_size=3), st.none()),
+        "data_offsets": st.one_of(st.lists(HOSTILE_INTS, min_size=0, max_size=3), st.none(), st.text(max_size=2)),
+    })
+
+
+def _header_doc():
+    names = st.one_of(st.sampled_from(["a", "b", "__metadata__", "", "a.lora_A.weight"]), st.text(max_size=6))
+    meta = st.one_of(st.dictionaries(st.text(max_size=4), st.one_of(st.text(max_size=4), st.integers()), max_size=2),
+                     st.integers(), st.none())
+    entries = st.dictionaries(names, st.one_of(_tensor_entry(), meta), max_size=4)
+    return entries
+
+
+@st.composite
+def safetensors_bytes(draw) -> bytes:
+    """A safetensors-like file: a random header (JSON or raw), a declared length that may lie,
+    and a data section of random size."""
+    kind = draw(st.sampled_from(["json", "raw", "valid-mutated"]))
+    if kind == "valid-mutated":
+        return draw(mutated(valid_safetensors(draw)))
+    header = json.dumps(draw(_header_doc())).encode() if kind == "json" else draw(st.binary(max_size=64))
+    header += b" " * draw(st.integers(0, 8))
+    n = draw(st.one_of(st.just(len(header)), HOSTILE_INTS.filter(lambda v: 0 <= v < 2**64)))
+    data = draw(st.binary(max_size=96))
+    return struct.pack("<Q", n) + header + data
+
+
+def valid_safetensors(draw=None) -> bytes:
+    """A valid file with tensors of each float dtype (made with the reference writer)."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(0)
+    return save({"base_model.model.l.0.q.lora_A.weight": rng.standard_normal((2, 3)).astype(np.float32),
+                 "base_model.model.l.0.q.lora_B.weight": rng.standard_normal((3, 2)).astype(np.float16),
+                 "x": np.zeros((0, 4), np.float32), "i": np.arange(3, dtype=np.int64)},
+                metadata={"format": "pt"})
+
+
+def mutated(data: bytes):
+    """Byte-level mutations of ``data``: flips, overwrites, truncation, insertion, length lies."""
+    @st.composite
+    def go(draw):
+        b = bytearray(data)
+        for _ in range(draw(st.integers(1, 4))):
+            op = draw(st.sampled_from(["flip", "set", "truncate", "insert", "length"]))
+            if op == "flip" and b:
+                i = draw(st.integers(0, len(b) - 1))
+                b[i] ^= 1 << draw(st.integers(0, 7))
+            elif op == "set" and b:
+                i = draw(st.integers(0, len(b) - 1))
+                b[i] = draw(st.sampled_from([0, 0x22, 0x2C, 0x30, 0x39, 0x5B, 0x7B, 0x7D, 0xFF]))
+            elif op == "truncate":
+                del b[draw(st.integers(0, len(b))):]
+            elif op == "insert":
+                i = draw(st.integers(0, len(b)))
+                b[i:i] = draw(st.binary(min_size=1, max_size=8))
+            elif op == "length" and len(b) >= 8:
+                b[:8] = struct.pack("<Q", draw(HOSTILE_INTS.filter(lambda v: 0 <= v < 2**64)))
+        return bytes(b)
+    return go()
+
+
+def check_safetensors(data: bytes, dirpath: Path) -> str:
+    """``SafetensorsFile`` accepts ``data`` (and every tensor reads) or raises ValueError naming the file."""
+    from loramix.core.tensors import SafetensorsFile
+
+    f = fresh(dirpath, ".safetensors")
+    f.write_bytes(data)
+    try:
+        try:
+            sf = SafetensorsFile(str(f))
+        except ValueError as e:
+            assert str(f) in str(e), f"error does not name the file: {e}"
+            return "refused"
+        for k in sf.keys():
+            shape, dt, nb = sf.shape(k), sf.dtype(k), sf.nbytes(k)
+            assert isinstance(shape, tuple) and isinstance(dt, str) and nb >= 0
+            if dt in ("F32", "F16", "BF16"):
+                a = sf.numpy(k)
+                assert a.shape == shape and a.nbytes == nb
+                assert sf.to_f32(k).shape == shape
+            else:
+                try:
+                    sf.numpy(k)
+                    raise AssertionError(f"dtype {dt} read without error")
+                except ValueError as e:
+                    assert dt in str(e), e
+        assert isinstance(sf.metadata, dict)
+        del sf
+        return "accepted"
+    finally:
+        f.unlink()
+
+
+# ------------------------------------------------------------------ JSON values
+
+JSON_LEAVES = st.one_of(st.none(), st.booleans(), HOSTILE_INTS, st.floats(allow_nan=False),
+                        st.text(max_size=8), st.sampled_from(["..", "/", "/etc", "m0", "tokenizer.json", "[", "(?P<"]))
+JSON = st.recursive(JSON_LEAVES, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                     st.dictionaries(st.text(max_size=6), c, max_size=3)),
+                    max_leaves=8)
+
+
+def _paths(doc, prefix=()):
+    yield prefix
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _paths(v, prefix + (i,))
+
+
+@st.composite
+def mutated_json(draw, doc):
+    """``doc`` with one to three sub-trees replaced by random JSON or deleted."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = list(_paths(doc))
+        path = draw(st.sampled_from(paths))
+        if not path:
+            doc = draw(JSON)
+            continue
+        parent = doc
+        try:
+            for p in path[:-1]:
+                parent = parent[p]
+            if draw(st.booleans()) and isinstance(parent, dict):
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = draw(JSON)
+        except (KeyError, IndexError, TypeError):
+            continue
+    return doc
+
+
+def bank_json_input(doc):
+    """A bank.json text: a mutated document, or mutated bytes of the real one."""
+    text = json.dumps(doc).encode()
+    return st.one_of(mutated_json(doc).map(lambda d: json.dumps(d).encode()), mutated(text))
+
+
+def check_bank_json(data: bytes, bank: Path, scratch: Path) -> str:
+    """``Bank.open`` on a copy of ``bank`` with ``bank.json`` = ``data``: a Bank or a ValueError."""
+    from loramix.bank.bank import Bank
+
+    (bank / "bank.json").write_bytes(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b = Bank.open(bank)
+            b.summary()
+            _ = (b.vocab_size, b.rank, b.dtype, b.fields, b.hash, b.tokenizer_path, b.module_index())
+            b.profiles()
+        return "accepted"
+    except ValueError as e:
+        assert str(e), "empty error message"
+        return "refused"
+
+
+# ------------------------------------------------------------------ adapter_config.json
+
+def config_input(base: dict):
+    return st.one_of(mutated_json(base), JSON, st.fixed_dictionaries(
+        {}, optional={"r": JSON_LEAVES, "lora_alpha": JSON_LEAVES, "use_rslora": JSON_LEAVES,
+                      "rank_pattern": st.one_of(JSON, st.dictionaries(st.text(max_size=8), JSON_LEAVES, max_size=3)),
+                      "alpha_pattern": st.one_of(JSON, st.dictionaries(st.text(max_size=8), JSON_LEAVES, max_size=3)),
+                      "peft_type": JSON_LEAVES, "init_lora_weights": JSON_LEAVES, "target_modules": JSON,
+                      "use_dora": JSON_LEAVES, "modules_to_save": JSON}))
+
+
+def check_adapter_config(cfg, member: Path) -> str:
+    """``read_config`` + ``spec_from_file`` on ``cfg``: a spec with finite positive scalings, or AdapterError."""
+    from loramix.bank import peft_io
+    from loramix.core.tensors import SafetensorsFile
+
+    (member / peft_io.CONFIG_NAME).write_text(json.dumps(cfg))
+    try:
+        c = peft_io.read_config(member, "fz")
+        spec = peft_io.spec_from_file(c, SafetensorsFile(str(member / peft_io.WEIGHTS_NAME)), member, "fz")
+    except peft_io.AdapterError as e:
+        assert "member 'fz'" in str(e), e
+        return "refused"
+    for m in spec.modules.values():
+        assert m.rank >= 1
+    return "accepted"
+
+
+# ------------------------------------------------------------------ datasets
+
+_VALUE = st.one_of(st.text(max_size=8), JSON_LEAVES, st.lists(JSON_LEAVES, max_size=2), JSON)
+RECORD = st.one_of(
+    st.fixed_dictionaries({"input": _VALUE, "output": _VALUE}, optional={"x": JSON}),
+    st.dictionaries(st.sampled_from(["input", "output", "x", ""]), _VALUE, max_size=3))
+
+
+@st.composite
+def dataset_file(draw):
+    """(suffix, bytes) of a dataset file: structured records in each format, or raw bytes."""
+    suffix = draw(st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]))
+    if draw(st.integers(0, 4)) == 0:
+        return suffix, draw(st.binary(max_size=200))
+    rows = draw(st.lists(RECORD, max_size=5))
+    if suffix == ".jsonl":
+        lines = [json.dumps(r) if draw(st.integers(0, 6)) else draw(st.text(max_size=10)) for r in rows]
+        return suffix, ("\n".join(lines)).encode("utf-8", "surrogatepass")
+    if suffix == ".json":
+        doc = draw(st.sampled_from([rows, {"Instances": rows}, {"data": rows}, {"other": rows}, rows[:1]]))
+        return suffix, json.dumps(doc).encode()
+    if suffix == ".csv":
+        cols = draw(st.lists(st.sampled_from(["input", "output", "x", "", "input"]), min_size=1, max_size=3))
+        cells = st.text(max_size=8).filter(lambda s: "\x00" not in s)
+        body = [",".join(cols)] + [",".join(draw(cells) for _ in cols) for _ in range(len(rows))]
+        text = ("\ufeff" if draw(st.booleans()) else "") + "\n".join(body)
+        return suffix, text.encode("utf-8", "surrogatepass")
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = draw(st.lists(st.sampled_from(["input", "output", "x"]), min_size=1, max_size=3, unique=True))
+    kind = draw(st.sampled_from(["str", "int", "list", "null"]))
+    n = len(rows)
+    vals = {"str": [draw(st.text(max_size=6)) for _ in range(n)], "int": list(range(n)),
+            "list": [[draw(st.text(max_size=4))] for _ in range(n)], "null": [None] * n}[kind]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({c: vals for c in cols}), buf)
+    data = buf.getvalue()
+    return suffix, (draw(mutated(data)) if draw(st.booleans()) else data)
+
+
+def check_dataset(item, dirpath: Path) -> str:
+    """``iter_texts`` on the file: text batches, or a DatasetError naming the dataset."""
+    from loramix.data import readers
+
+    suffix, data = item
+    f = fresh(dirpath, suffix)
+    f.write_bytes(data)
+    try:
+        n = 0
+        for batch in readers.iter_texts(f):
+            assert all(isinstance(t, str) for t in batch)
+            n += len(batch)
+        return "accepted"
+    except readers.DatasetError as e:
+        assert str(f) in str(e), f"error does not name the file: {e}"
+        return "refused"
+    finally:
+        f.unlink()
+
+
+def copy_bank(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,203 @@
+"""Bad banks are refused or detected (issue 10, items 5-9): non-finite values, members changed
+after the build, paths out of the bank, duplicate members, replaced profiles."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import _tiny
+from loramix.bank import integrity
+from loramix.bank.bank import Bank, BankError, build_bank
+from loramix.pipeline import OutputError, generate
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    return _tiny.world(tmp_path_factory)
+
+
+@pytest.fixture
+def bank(w, tmp_path):
+    b = tmp_path / "bank"
+    shutil.copytree(w.bank, b)
+    return b
+
+
+def _set_value(st, key_part: str, index, value):
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(st))
+    key = sorted(k for k in t if key_part in k)[0]
+    t[key] = t[key].copy()
+    t[key][index] = value
+    save_file(t, str(st), metadata={"format": "pt"})
+    return key
+
+
+def _doc(bank):
+    return json.loads((bank / "bank.json").read_text())
+
+
+def _write_doc(bank, doc):
+    (bank / "bank.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _no_output(tmp_path, out):
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------- 5. non-finite values
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_tensor_value_refused_at_build_naming_member_tensor_index(bank, value):
+    key = _set_value(bank / "m2" / "adapter_model.safetensors", "lora_B", (3, 1), value)
+    with pytest.raises(BankError, match=rf"member 'm2': tensor {key} .* non-finite value at index \[3, 1\]"):
+        build_bank(bank, bank / "tokenizer.json")
+
+
+@pytest.mark.parametrize("field", ["lora_alpha", "alpha_pattern"])
+def test_nonfinite_alpha_refused_at_build(bank, field):
+    cfg_path = bank / "m0" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if field == "lora_alpha":
+        cfg["lora_alpha"] = float("nan")
+    else:
+        cfg["alpha_pattern"] = {"v_proj": float("inf")}
+    cfg_path.write_text(json.dumps(cfg))          # json writes NaN / Infinity, and reads them back
+    with pytest.raises(BankError, match=r"member 'm0': module .* scaling (nan|inf)"):
+        build_bank(bank, bank / "tokenizer.json")
+
+
+def test_a_nonfinite_output_is_never_written(w, bank, tmp_path):
+    """A bank built before loramix recorded signatures (no weights_sig) whose member got a NaN
+    afterwards: the mix would hold NaN; nothing is written."""
+    doc = _doc(bank)
+    for m in doc["members"]:
+        m.pop("weights_sig", None)
+    _write_doc(bank, doc)
+    _set_value(bank / "m0" / "adapter_model.safetensors", "lora_A", (0, 0), np.nan)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="non-finite value"):
+        generate(w.queries["animals_q"], bank, out, mode="factors")
+    _no_output(tmp_path, out)
+    res = generate(w.queries["animals_q"], bank, out, exclude=["m0"])   # m0 left out: fine
+    assert res.weights[0] == 0
+
+
+# ---------------------------------------------------------------- 6. members verified by content
+
+def test_same_size_replacement_is_detected_at_open(bank):
+    m0, m1 = bank / "m0" / "adapter_model.safetensors", bank / "m1" / "adapter_model.safetensors"
+    assert m0.stat().st_size == m1.stat().st_size
+    shutil.copy2(m0, m1)                            # same size, mtime kept
+    with pytest.raises(BankError, match="member 'm1': adapter_model.safetensors changed since the bank was built"):
+        Bank.open(bank)
+
+
+@pytest.mark.parametrize("where", ["flip", "nan"])
+def test_verify_reads_every_byte(w, bank, tmp_path, where):
+    st = bank / "m3" / "adapter_model.safetensors"
+    doc = _doc(bank)
+    for m in doc["members"]:       # a change the quick signature cannot see (it covers the edges)
+        m.pop("weights_sig", None)
+    _write_doc(bank, doc)
+    data = bytearray(st.read_bytes())
+    i = len(data) // 2
+    data[i:i + 4] = np.float32(np.nan).tobytes() if where == "nan" else bytes(b ^ 1 for b in data[i:i + 4])
+    st.write_bytes(bytes(data))
+    b = Bank.open(bank)
+    assert any("member 'm3'" in p for p in integrity.verify(b))
+    r = _tiny.run_cli("bank", "verify", bank)
+    assert r.returncode == 1 and r.stderr.startswith("loramix: error: bank") and "'m3'" in r.stderr
+    with pytest.raises(BankError, match="member 'm3': adapter_model.safetensors differs"):
+        generate(w.queries["animals_q"], bank, tmp_path / "out", verify=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_passes_on_an_intact_bank_and_provenance_says_so(w, bank, tmp_path):
+    r = _tiny.run_cli("bank", "verify", bank, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"bank": str(bank), "members": 4, "ok": True}
+    res = generate(w.queries["animals_q"], bank, tmp_path / "v", verify=True)
+    assert json.loads((res.out / "loramix.json").read_text())["verified"] is True
+    res = generate(w.queries["animals_q"], bank, tmp_path / "n")
+    assert "verified" not in json.loads((res.out / "loramix.json").read_text())
+
+
+def test_build_records_hash_and_signature_of_each_member(w, bank):
+    doc = build_bank(bank, bank / "tokenizer.json")
+    for m in doc["members"]:
+        f = bank / m["path"] / "adapter_model.safetensors"
+        assert m["weights_sha256"] == integrity.file_sha256(f)
+        assert m["weights_sig"] == integrity.weights_signature(f) and len(m["weights_sig"]) == 64
+
+
+# ---------------------------------------------------------------- 7. paths stay inside the bank
+
+@pytest.mark.parametrize("key,value", [("path", "/etc"), ("path", "../outside"), ("profile", "../p.npz"),
+                                       ("profile", "/tmp/p.npz"), ("dataset", "../d.jsonl")])
+def test_bank_json_paths_outside_the_bank_are_refused(bank, tmp_path, key, value):
+    outside = tmp_path / "outside"
+    shutil.copytree(bank / "m0", outside)
+    doc = _doc(bank)
+    doc["members"][0][key] = value
+    _write_doc(bank, doc)
+    with pytest.raises(BankError, match=f"member 'm0': {key} .*not a relative path inside the bank"):
+        Bank.open(bank)
+
+
+def test_symbolic_links_out_of_the_bank_are_refused(w, bank, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.move(str(bank / "m1"), outside)
+    (bank / "m1").symlink_to(outside)
+    with pytest.raises(BankError, match="member 'm1': path 'm1' resolves to .*outside the bank"):
+        Bank.open(bank)
+    with pytest.raises(BankError, match="member 'm1': folder 'm1' resolves to .*outside the bank"):
+        build_bank(bank, bank / "tokenizer.json")
+    # a profile linked out of the bank (which --metric cosine would rewrite) too
+    (bank / "m1").unlink()
+    shutil.move(str(outside), bank / "m1")
+    shutil.move(str(bank / "m2" / "profile.npz"), tmp_path / "p.npz")
+    (bank / "m2" / "profile.npz").symlink_to(tmp_path / "p.npz")
+    before = (tmp_path / "p.npz").read_bytes()
+    with pytest.raises(BankError, match="member 'm2': profile 'm2/profile.npz' resolves to .*outside"):
+        generate(w.queries["animals_q"], bank, tmp_path / "out", metric="cosine")
+    assert (tmp_path / "p.npz").read_bytes() == before
+
+
+def test_tokenizer_file_outside_the_bank_is_refused(bank):
+    doc = _doc(bank)
+    doc["tokenizer"]["file"] = "../tokenizer.json"
+    _write_doc(bank, doc)
+    with pytest.raises(BankError, match="tokenizer file '../tokenizer.json' is not a relative path"):
+        Bank.open(bank)
+
+
+# ---------------------------------------------------------------- 8. duplicate members
+
+def test_duplicate_member_names_are_refused(w, bank, tmp_path):
+    doc = _doc(bank)
+    doc["members"].append(dict(doc["members"][1]))
+    _write_doc(bank, doc)
+    with pytest.raises(BankError, match="lists member\\(s\\) 'm1' more than once"):
+        generate(w.queries["animals_q"], bank, tmp_path / "out", exclude=["m1"])
+    r = _tiny.run_cli("bank", "info", bank)
+    assert r.returncode == 1 and "more than once" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- 9. replaced profiles
+
+def test_a_replaced_profile_is_refused(w, bank, tmp_path):
+    shutil.copyfile(bank / "m1" / "profile.npz", bank / "m0" / "profile.npz")
+    out = tmp_path / "out"
+    with pytest.raises(BankError, match="member 'm0': profile.npz is of another dataset"):
+        generate(w.queries["animals_q"], bank, out)
+    _no_output(tmp_path, out)
+    build_bank(bank, bank / "tokenizer.json")       # the rebuild makes it right again
+    generate(w.queries["animals_q"], bank, out)
+    assert os.path.isfile(out / "adapter_model.safetensors")

@@ -1,0 +1,112 @@
+"""A short, deterministic fuzz run of every parser of user files (the harness: tests/_fuzz.py).
+
+``derandomize=True``: the same examples every run (a failure here is reproducible as is); the
+long, random run is ``python tools/fuzz.py`` (docs/SECURITY-FUZZING.md). Each test also keeps
+count of accepted and refused inputs, so a strategy that no longer reaches the parser (everything
+refused at the first check, or everything accepted) fails instead of passing vacuously.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+
+# hypothesis caches (character tables, constants) go to the temp folder, not into the checkout
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "loramix-hypothesis"))
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+
+import _fuzz
+import _tiny
+
+# no example database: a derandomized run needs none, and nothing is written into the checkout
+settings.register_profile("loramix-fuzz", database=None)
+settings.load_profile("loramix-fuzz")
+RUN = settings(derandomize=True, deadline=None, database=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.filter_too_much])
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def test_safetensors_reader(scratch):
+    seen = Counter()
+
+    @settings(RUN, max_examples=300)
+    @given(_fuzz.safetensors_bytes())
+    def run(data):
+        seen[_fuzz.check_safetensors(data, scratch)] += 1
+
+    run()
+    assert seen["refused"] > 50 and seen["accepted"] > 0, seen
+    assert _fuzz.check_safetensors(_fuzz.valid_safetensors(), scratch) == "accepted"
+
+
+def test_bank_json(tmp_path_factory, scratch):
+    w = _tiny.world(tmp_path_factory)
+    bank = _fuzz.copy_bank(w.bank, scratch / "bank")
+    doc = json.loads((bank / "bank.json").read_text())
+    seen = Counter()
+
+    @settings(RUN, max_examples=100)
+    @given(_fuzz.bank_json_input(doc))
+    def run(data):
+        seen[_fuzz.check_bank_json(data, bank, scratch)] += 1
+
+    run()
+    assert seen["refused"] > 20 and seen["accepted"] > 5, seen
+
+
+def test_adapter_config(tmp_path_factory, scratch):
+    w = _tiny.world(tmp_path_factory)
+    member = _fuzz.copy_bank(w.members["m2"], scratch / "m2")
+    base = json.loads((member / "adapter_config.json").read_text())
+    seen = Counter()
+
+    @settings(RUN, max_examples=300)
+    @given(_fuzz.config_input(base))
+    def run(cfg):
+        seen[_fuzz.check_adapter_config(cfg, member)] += 1
+
+    run()
+    assert seen["refused"] > 20 and seen["accepted"] > 5, seen
+
+
+def _valid_parquet() -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"input": ["hi"], "output": ["there"]}), buf)
+    return buf.getvalue()
+
+
+def test_dataset_readers(scratch):
+    seen = Counter()
+
+    # one valid and one broken file per format always run too: which generated examples are
+    # drawn depends on hypothesis's constant pool (taken from the source tree), so the
+    # accepted/refused count below must not hinge on them alone
+    @settings(RUN, max_examples=300)
+    @given(_fuzz.dataset_file())
+    @example((".jsonl", b'{"input": "hi", "output": ["there"]}\n'))
+    @example((".jsonl", b"{not json"))
+    @example((".json", b'[{"input": "hi", "output": "there"}]'))
+    @example((".json", b'{"other": 1}'))
+    @example((".csv", b"input,output\nhi,there\n"))
+    @example((".csv", b"x\n1\n"))
+    @example((".parquet", _valid_parquet()))
+    @example((".parquet", b"PAR1 not parquet"))
+    def run(item):
+        seen[(item[0], _fuzz.check_dataset(item, scratch))] += 1
+
+    run()
+    for suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        assert seen[(suffix, "refused")] > 0 and seen[(suffix, "accepted")] > 0, seen

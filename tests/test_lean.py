@@ -1,0 +1,110 @@
+"""The lean base install: ``import loramix`` and ``loramix generate`` (the neural pipeline's trained
+combiner included) never import numba, pyarrow, matplotlib or torch; where an optional package
+is needed and missing, the error names the file or command and the extra that installs it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import _tiny
+
+HEAVY = ("numba", "llvmlite", "pyarrow", "matplotlib", "torch")
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    return _tiny.world(tmp_path_factory)
+
+
+def _py(code: str, *, block=(), cwd=None):
+    """Run ``code`` in a fresh interpreter importing the loramix under test; modules in ``block``
+    cannot be imported there (as if not installed)."""
+    pre = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_tiny.PKG_PARENT), str(_tiny.ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-c", pre + code], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+LOADED = "print(json.dumps(sorted(m for m in {heavy!r} if sys.modules.get(m) is not None)))\n".format(heavy=HEAVY)
+
+
+def test_import_loramix_imports_nothing_heavy():
+    r = _py("import json\nimport loramix\n" + LOADED)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+
+
+def test_generate_cli_imports_nothing_heavy_even_with_a_trained_combiner(w, tmp_path):
+    from loramix.weights.neural import train_bank_combiner
+
+    bank = tmp_path / "bank"
+    shutil.copytree(w.bank, bank)
+    train_bank_combiner(bank, ("js",), max_epochs=5, patience=5)   # training needs numba (here: installed)
+    code = ("import json\nfrom loramix.cli import main\n"
+            f"assert main(['generate', {str(w.queries['music_q'])!r}, {str(w.queries['animals_q'])!r}, "
+            f"'--bank', {str(bank)!r}, '-o', {str(tmp_path / 'o')!r}, '--pipeline', 'neural', '--json']) == 0\n"
+            f"assert main(['explain', {str(tmp_path / 'o' / 'music_q')!r}]) == 0\n" + LOADED)
+    r = _py(code, block=("numba", "scipy"))   # and it runs without numba and scipy at all
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    prov = json.loads((tmp_path / "o" / "music_q" / "loramix.json").read_text())
+    assert prov["pipeline"] == "neural"
+
+
+def test_missing_numba_names_the_extra(w, tmp_path):
+    bank = tmp_path / "bank"
+    shutil.copytree(w.bank, bank)
+    r = _tiny_cli_blocked(["bank", "train-combiner", str(bank)], "numba")
+    assert r.returncode == 1 and "needs numba" in r.stderr and "pip install 'loramix[train]'" in r.stderr
+    r = _py("import loramix.evaluation.rouge", block=("numba",))
+    assert r.returncode == 1 and "pip install 'loramix[eval]'" in r.stderr
+
+
+def test_missing_pyarrow_names_the_file_and_extra(w, tmp_path):
+    f = tmp_path / "d.parquet"
+    f.write_bytes(b"PAR1")
+    r = _tiny_cli_blocked(["generate", str(f), "--bank", str(w.bank), "-o", str(tmp_path / "o")], "pyarrow")
+    assert r.returncode == 1
+    assert f"dataset {f}: reading .parquet files needs pyarrow" in r.stderr and "loramix[parquet]" in r.stderr
+
+
+def test_missing_matplotlib_only_matters_for_png(w, tmp_path):
+    from loramix.pipeline import generate
+
+    generate(w.queries["music_q"], w.bank, tmp_path / "o")
+    r = _tiny_cli_blocked(["explain", str(tmp_path / "o")], "matplotlib")
+    assert r.returncode == 0 and "weight" in r.stdout
+    r = _tiny_cli_blocked(["explain", str(tmp_path / "o"), "--png"], "matplotlib")
+    assert r.returncode == 1 and "weights.png needs matplotlib" in r.stderr and "loramix[plot]" in r.stderr
+    assert not (tmp_path / "o" / "weights.png").exists()
+
+
+def _tiny_cli_blocked(args, module):
+    code = f"from loramix.cli import main\nsys.exit(main({args!r}))\n"
+    return _py(code, block=(module,))
+
+
+@pytest.mark.parametrize("mode", ["factors", "svd"])
+def test_generate_without_scipy_gives_the_same_bytes(w, tmp_path, mode):
+    """The base install has no scipy: js (the compiled core on the core's own CSR) and the mix give
+    the bytes of a run with scipy; mmd names the extra."""
+    from loramix.pipeline import generate
+
+    qs = [str(w.queries["animals_q"]), str(w.queries["music_q"])]
+    generate(qs, w.bank, tmp_path / "with", mode=mode, rank=2, top_k=3)
+    code = ("import json\nfrom loramix.pipeline import generate\n"
+            f"generate({qs!r}, {str(w.bank)!r}, {str(tmp_path / 'without')!r}, mode={mode!r}, rank=2, top_k=3)\n"
+            + LOADED)
+    r = _py(code, block=("scipy",))
+    assert r.returncode == 0, r.stderr
+    for q in ("animals_q", "music_q"):
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / "with" / q / f).read_bytes() == (tmp_path / "without" / q / f).read_bytes(), (q, f)
+    r = _tiny_cli_blocked(["generate", qs[0], "--bank", str(w.bank), "-o", str(tmp_path / "m"), "--metric", "mmd"],
+                          "scipy")
+    assert r.returncode == 1 and "metric mmd needs scipy" in r.stderr and "loramix[scipy]" in r.stderr
