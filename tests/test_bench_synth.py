@@ -94,7 +94,7 @@ def test_tokenizer_and_target_dataset(small_bank, tmp_path):
 def test_generate_runs_on_the_synthetic_bank(small_bank, tmp_path):
     root, path = small_bank
     ds = synth.make_dataset(tmp_path / "target.jsonl", n_examples=50)
-    res = generate(ds, path, tmp_path / "out", top_k=3)
+    res = generate(ds, path, tmp_path / "out", top_k=3, metric="js")   # members hold no datasets: no instructions
     f = SafetensorsFile(res.out / "adapter_model.safetensors")
     assert len(f) == 12 and np.count_nonzero(res.weights) == 3
 

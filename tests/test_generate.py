@@ -21,7 +21,7 @@ def test_generate_api_matches_pipeline_and_loads_in_peft(w, tmp_path):
     import peft  # noqa: F401
     b = Bank.open(w.bank)
     q = w.queries["animals_q"]
-    res = generate(q, w.bank, tmp_path / "out", top_k=3, exclude=["m3"])
+    res = generate(q, w.bank, tmp_path / "out", top_k=3, exclude=["m3"], **W.PAPER_DEFAULTS)
     # weights are the paper's normalized pipeline over JS distances to the bank's profiles
     qp = build_profile(q, b.tokenizer_path)
     from loramix.profiles.tokens import stack
@@ -41,6 +41,45 @@ def test_generate_api_matches_pipeline_and_loads_in_peft(w, tmp_path):
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     from peft import LoraConfig
     LoraConfig(**{k: v for k, v in cfg.items() if k != "peft_type"})   # every key accepted
+
+
+def _instruction_ref(path):
+    """Independent reference of a dataset's instruction embedding: os.path.commonprefix of the
+    inputs cut to whitespace, or (shorter than 16 characters) the mean of the first 16 texts."""
+    import os
+
+    from loramix.profiles.encoder import embed_texts
+
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    p = os.path.commonprefix([r["input"] for r in rows])
+    if p and not p[-1].isspace():
+        p = p[:max(p.rfind(" "), p.rfind("\n")) + 1]
+    p = p.strip()
+    texts = [p] if len(p) >= 16 else [r["input"] + r["output"][0] for r in rows[:16]]
+    return embed_texts(texts).astype(np.float64).mean(axis=0)
+
+
+def test_generate_default_is_normalized_hybrid_at_quarter(w, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    b = Bank.open(w.bank)
+    q = w.queries["animals_q"]
+    res = generate(q, w.bank, tmp_path / "out", exclude=["m3"])
+    from loramix.profiles.tokens import stack
+    js = W.distances(stack([build_profile(q, b.tokenizer_path)], b.vocab_size), b.profiles(), "js")[0]
+    E = np.stack([_instruction_ref(m.path / "dataset.jsonl") for m in b.members])
+    e = _instruction_ref(q)
+    cos = 1 - (E @ e) / np.linalg.norm(E, axis=1) / np.linalg.norm(e)
+    z = lambda x: (x - x.mean()) / x.std()   # noqa: E731
+    D = 0.5 * z(js) + 0.5 * z(cos)
+    ex = np.array([n == "m3" for n in b.names])
+    keep = ~ex
+    zz = z(D[keep]) / 0.25
+    ref = np.zeros(len(D))
+    ref[keep] = np.exp(-(zz - zz.min())) / np.exp(-(zz - zz.min())).sum()
+    np.testing.assert_allclose(res.weights, ref, atol=1e-6)
+    prov = json.loads((tmp_path / "out" / "loramix.json").read_text())
+    assert prov["metric"] == "hybrid" and prov["temperature"] == 0.25 and prov["pipeline"] == "normalized"
+    assert res.top(1)[0][0] == "m0"
 
 
 @pytest.mark.parametrize("metric", ["kl", "wd", "mmd"])

@@ -64,7 +64,7 @@ def test_cosine_metric_is_cosine_weights_and_loads_in_peft(w, bank, tmp_path):
     prov = json.loads((tmp_path / "cos" / "loramix.json").read_text())
     assert prov["metric"] == "cosine" and prov["metric_options"] == {"threads": "2"}
     # normalized pipeline on cosine distances = the paper's normalized formula on 1 - cos
-    res2 = generate(q, bank, tmp_path / "cos2", metric="cosine", metric_options=MO, mode="concat")
+    res2 = generate(q, bank, tmp_path / "cos2", metric="cosine", metric_options=MO, mode="concat", temperature=1.0)
     np.testing.assert_allclose(res2.weights, W.mixing_weights(1 - embed.cosine_scores(qe[None], E)[0]),
                                atol=1e-12)
 

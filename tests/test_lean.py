@@ -96,9 +96,10 @@ def test_generate_without_scipy_gives_the_same_bytes(w, tmp_path, mode):
     from loramix.pipeline import generate
 
     qs = [str(w.queries["animals_q"]), str(w.queries["music_q"])]
-    generate(qs, w.bank, tmp_path / "with", mode=mode, rank=2, top_k=3)
+    rank = 2 if mode == "svd" else None   # --rank applies to svd only
+    generate(qs, w.bank, tmp_path / "with", mode=mode, rank=rank, top_k=3)
     code = ("import json\nfrom loramix.pipeline import generate\n"
-            f"generate({qs!r}, {str(w.bank)!r}, {str(tmp_path / 'without')!r}, mode={mode!r}, rank=2, top_k=3)\n"
+            f"generate({qs!r}, {str(w.bank)!r}, {str(tmp_path / 'without')!r}, mode={mode!r}, rank={rank!r}, top_k=3)\n"
             + LOADED)
     r = _py(code, block=("scipy",))
     assert r.returncode == 0, r.stderr

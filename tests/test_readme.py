@@ -40,9 +40,9 @@ def test_readme_api_examples_run_as_doctests(tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.lstrip().startswith(">>>")]
     assert blocks, "README.md has no >>> examples"
-    shutil.copytree(DEFAULT_DIR / "bank", tmp_path / "bank")
-    build_bank(tmp_path / "bank", DEFAULT_DIR / "base" / "tokenizer.json")
-    monkeypatch.chdir(tmp_path)
+    shutil.copytree(DEFAULT_DIR, tmp_path / "mb")   # bank/ and base/ (members name ../../base)
+    build_bank(tmp_path / "mb" / "bank", tmp_path / "mb" / "base" / "tokenizer.json")
+    monkeypatch.chdir(tmp_path / "mb")
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     globs: dict = {}

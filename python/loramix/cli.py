@@ -10,6 +10,7 @@
     loramix explain OUT [--png]                  top contributors (+ a PNG bar chart)
     loramix export OUT --format gguf             a llama.cpp LoRA adapter (GGUF)
     loramix eval leave-one-out --bank DIR        held-out comparison over a bank with test splits
+    loramix eval retrieval --tasks DIR           do the metrics find same-category tasks? (no adapters)
     loramix demo [--task NAME]                   the built-in job on the shipped mini bank
     loramix bench [--scale laptop|paper] [--suite kernels|mix|e2e|all]   speed/memory vs peers
 
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also store the members' sentence embeddings (metric cosine) in their profiles")
     b.add_argument("--encoder", default=None, help="with --embeddings: a BERT-family folder (default MiniLM)")
     b.add_argument("--quantize", default=None, choices=["int8", "int8-block"])
+    b.add_argument("--cap", type=int, default=None, help="with --embeddings: examples embedded per member (default 1000)")
     pl = bsub.add_parser("pull", help="download adapters and their datasets from the Hub", parents=[common])
     pl.add_argument("repo_ids", nargs="+")
     pl.add_argument("--to", required=True)
@@ -103,15 +105,20 @@ def _parser() -> argparse.ArgumentParser:
                     help="output adapter folder (with several datasets: a folder of adapters)")
     ge.add_argument("--pipeline", default="normalized",
                     help="attentional | normalized (the paper's best) | neural (bank train-combiner) | any registered")
-    ge.add_argument("--metric", default="js", help="js | kl | wd | mmd | cosine (sentence embeddings) | any registered metric")
+    ge.add_argument("--metric", default="hybrid",   # = loramix.weights.DEFAULT_METRIC (not imported: fast start)
+                    help="hybrid (default: js + the datasets' instructions embedded) | js (the paper's) | kl | wd | "
+                         "mmd | cosine (sentence embeddings) | instruction | any registered metric")
     ge.add_argument("--mode", default="factors", choices=["factors", "concat", "svd"])
     ge.add_argument("--top-k", type=int, default=None, help="keep the k nearest members, renormalized")
-    ge.add_argument("--temperature", type=float, default=1.0, help="softmin temperature")
+    ge.add_argument("--temperature", type=float, default=0.25,
+                    help="softmin temperature (default 0.25; the paper's: --metric js --temperature 1)")
     ge.add_argument("--rank", type=int, default=None, help="svd mode: output rank (default: the bank's)")
     ge.add_argument("--dtype", default=None, help="f32, f16 or bf16 (default: the bank's)")
     ge.add_argument("--exclude", action="append", default=[], help="member to leave out (repeatable)")
     ge.add_argument("--leave-one-out", action="store_true",
                     help="leave out members trained on the very same data (same content hash)")
+    ge.add_argument("--protocol", default="loramix", choices=["loramix", "paper"],
+                    help="paper: excluded members enter the row's mean/std before they are dropped (the paper's code)")
     ge.add_argument("--fields", type=_fields, default=None)
     ge.add_argument("--split", default="train")
     ge.add_argument("--profile-cache", default=None, help="folder to keep query profiles in")
@@ -119,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--verify", action="store_true", help="first check every bank member byte (bank verify)")
     ge.add_argument("--encoder", default=None, help="metric cosine: a BERT-family encoder folder (default MiniLM)")
     ge.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="metric cosine: int8 encoder")
+    ge.add_argument("--cap", type=int, default=None,
+                    help="metric cosine: examples embedded per dataset (default 1000; 64 is much faster)")
     ge.add_argument("--combiner", default=None, help="pipeline neural: combiner .onnx (default BANK/combiner.onnx)")
     ge.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                     help="run the batch on this Dask scheduler (pip install 'loramix[dask]'); bank and "
@@ -182,9 +191,10 @@ def _run_export(args, results=None) -> dict:
 
 
 def _dask_options(args) -> dict | None:
-    opts = {k: v for k, v in (("split", args.dask_split), ("parts", args.dask_parts)) if v is not None}
+    opts = {k: v for k, v in (("split", args.dask_split), ("parts", args.dask_parts),
+                              ("connect_timeout", args.connect_timeout)) if v is not None}
     if opts and not args.scheduler:
-        raise ValueError("--dask-split/--dask-parts choose how a Dask batch is split; give --scheduler too")
+        raise ValueError("--dask-split/--dask-parts/--connect-timeout are for a Dask batch; give --scheduler too")
     return opts or None
 
 
@@ -227,6 +237,8 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--temperatures", type=float, nargs="+", default=(),
                     help="extra temperatures for the default pipeline and metric (systems normalized-js-T<t>)")
     lo.add_argument("--top-k", type=int, default=None)
+    lo.add_argument("--protocol", default="loramix", choices=["loramix", "paper"],
+                    help="paper: the held-out task's self-distance enters the row's mean/std (the paper's code)")
     lo.add_argument("--max-new-tokens", type=int, default=24)
     lo.add_argument("--max-prompt-tokens", type=int, default=512)
     lo.add_argument("--batch-size", type=int, default=512, help="rows per generation batch (all systems share it)")
@@ -238,6 +250,23 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--neural-folds", type=int, default=6, help="K of the K-fold combiner training over tasks")
     lo.add_argument("--neural-seed", type=int, default=0, help="seed of the fold split and the combiners")
     lo.add_argument("--neural-hidden", type=int, default=16, help="hidden units of the fold combiners")
+    rt = esub.add_parser("retrieval", parents=[common],
+                         help="how well each metric x pipeline finds same-category tasks (profiles only, no adapters)")
+    g = rt.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tasks", help="folder of task data files (<name>.jsonl ...)")
+    g.add_argument("--bank", help="a bank folder (its members' stored profiles)")
+    rt.add_argument("--labels", default=None,
+                    help="tasks.json with name, categories, sources (default: TASKS/tasks.json or one folder up)")
+    rt.add_argument("--tokenizer", default=None,
+                    help="with --tasks: tokenizer.json or a folder (default: the shipped mini bank's)")
+    rt.add_argument("--metrics", nargs="+", default=None, help="default: every histogram metric, cosine, instruction, hybrid")
+    rt.add_argument("--pipelines", nargs="+", default=None, help="default: every row pipeline (not neural)")
+    rt.add_argument("--temperature", type=float, default=None, help="for every pipeline (default: 1 and loramix's 0.25)")
+    rt.add_argument("--top-k", type=int, default=None)
+    rt.add_argument("--cap", type=int, default=None, help="examples embedded per dataset for metric cosine (default 1000)")
+    rt.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="encoder for cosine/instruction")
+    rt.add_argument("--encoder", default=None, help="a BERT-family encoder folder (default MiniLM)")
+    rt.add_argument("--out", default=None, help="also write summary.json and table.md there")
     de = sub.add_parser("demo", parents=[common],
                         help="generate an adapter for a held-out task of the shipped mini bank")
     # defaults live in loramix.demo (not imported here: the CLI starts fast)
@@ -264,6 +293,8 @@ def _run_eval_demo(args, progress: bool) -> int:
         if args.json:
             print(json.dumps(doc, indent=1, default=str))
         return 0
+    if args.eval_cmd == "retrieval":
+        return _run_retrieval(args)
     from loramix.evaluation.loo import leave_one_out, markdown_table
 
     log = None if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -274,8 +305,32 @@ def _run_eval_demo(args, progress: bool) -> int:
                       max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size,
                       threads=args.threads, keep_adapters=args.keep_adapters,
                       neural_metrics=args.neural_metrics, neural_folds=args.neural_folds,
-                      neural_seed=args.neural_seed, neural_hidden=args.neural_hidden, log=log)
+                      neural_seed=args.neural_seed, neural_hidden=args.neural_hidden, protocol=args.protocol,
+                      log=log)
     _emit(args, s, markdown_table(s) + f"\n\nresults in {args.out}/ (results.csv, table.md, summary.json)")
+    return 0
+
+
+def _run_retrieval(args) -> int:
+    from loramix.evaluation import retrieval
+
+    log = None if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    eo = {k: v for k, v in (("cap", args.cap), ("quantize", args.quantize), ("encoder", args.encoder))
+          if v is not None}
+    if args.tasks:
+        ts = retrieval.load_tasks(args.tasks, args.labels, tokenizer=args.tokenizer, embed_options=eo)
+    else:
+        if not args.labels:
+            raise ValueError("eval retrieval --bank needs --labels tasks.json (categories and sources per member)")
+        ts = retrieval.bank_tasks(args.bank, args.labels, embed_options=eo)
+    s = retrieval.evaluate_retrieval(ts, metrics=args.metrics, pipelines=args.pipelines,
+                                     temperature=args.temperature, top_k=args.top_k,
+                                     default_system=args.temperature is None and args.top_k is None, log=log)
+    text = retrieval.markdown_table(s)
+    if args.out:
+        retrieval.write_summary(s, args.out)
+        text += f"\n\nresults in {args.out}/ (summary.json, table.md)"
+    _emit(args, s, text)
     return 0
 
 
@@ -303,7 +358,8 @@ def _run(args) -> int:
             if args.embeddings:
                 from loramix.profiles import embeddings as semantic
 
-                semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize)
+                semantic.bank_embeddings(bankmod.Bank.open(args.dir), encoder=args.encoder, quantize=args.quantize,
+                                         **({"cap": args.cap} if args.cap is not None else {}))
         elif args.bank_cmd == "verify":
             from loramix.bank import integrity
 
@@ -367,10 +423,9 @@ def _run(args) -> int:
                        temperature=args.temperature, dtype=args.dtype, rank=args.rank, verify=args.verify,
                        exclude=args.exclude, leave_one_out=args.leave_one_out, fields=args.fields, split=args.split,
                        overwrite=args.overwrite, profile_cache=args.profile_cache, progress=progress,
-                       scheduler=args.scheduler,
-                       distributed_options={"connect_timeout": args.connect_timeout} if args.scheduler else None,
-                       metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize))
-                                       if v is not None},
+                       scheduler=args.scheduler, protocol=args.protocol,
+                       metric_options={k: v for k, v in (("encoder", args.encoder), ("quantize", args.quantize),
+                                                         ("cap", args.cap)) if v is not None},
                        pipeline_options={"combiner": args.combiner} if args.combiner else None,
                        base_model=args.base_model, distributed_options=_dask_options(args))
         res = res if many else [res]

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from loramix import weights as wts
 from loramix.evaluation import loo as eval_loo
 
 DEFAULT_TASK = "tail_tool_1"   # a task with the median leave-one-out gain (docs/evaluation.md)
 DEFAULT_OUT = "loramix-demo-adapter"
-DEFAULT_PIPELINE = eval_loo.DEFAULT_PIPELINE
-DEFAULT_METRIC = eval_loo.DEFAULT_METRIC
+DEFAULT_PIPELINE = wts.DEFAULT_PIPELINE   # what `loramix generate` uses
+DEFAULT_METRIC = wts.DEFAULT_METRIC
 DEFAULT_TEMPERATURE = 0.25   # chosen on the valid split (docs/evaluation.md); the paper uses 1
 DEFAULT_EXAMPLES = 24
 

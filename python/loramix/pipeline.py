@@ -86,15 +86,19 @@ def _dataset_hash(item, query, fields, split) -> str:
     return ds.content_hash(item, split, fields)
 
 
-def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js",
-             mode: str = "factors", top_k: int | None = None, temperature: float = 1.0,
+def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: str = wts.DEFAULT_METRIC,
+             mode: str = "factors", top_k: int | None = None, temperature: float = wts.DEFAULT_TEMPERATURE,
              dtype: str | None = None, *, rank: int | None = None, exclude: Sequence = (),
              leave_one_out: bool = False, fields: Sequence[str] | None = None, split: str = "train",
              overwrite: bool = False,
              profile_cache=None, progress: bool = False, pipeline_options: dict | None = None,
              metric_options: dict | None = None, scheduler=None, client=None, distributed_options: dict | None = None,
-             verify: bool = False, base_model: str | None = None):
+             verify: bool = False, base_model: str | None = None, protocol: str = "loramix"):
     """Generate adapter(s) for ``dataset`` from ``bank`` into ``out``.
+
+    Defaults: the ``normalized`` pipeline on the ``hybrid`` metric (js on token histograms +
+    cosine of the datasets' instruction embeddings) at temperature 0.25; the paper's pipeline is
+    ``pipeline="normalized", metric="js", temperature=1.0`` (:data:`loramix.weights.PAPER_DEFAULTS`).
 
     ``dataset``: a path (file/folder, or a saved profile ``.npz``), a :class:`Profile`, or a list
     of them; with a list, ``out`` is a folder that receives one adapter per dataset (named after
@@ -118,6 +122,8 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
     ``base_model``: the base model reference written into the outputs (a Hub id or a folder);
     default: the bank's, as a Hub id or an absolute path (:mod:`loramix.bank.baseref`), so the
     adapter loads from any working directory.
+    ``protocol="paper"``: excluded members enter the row statistics before they are dropped, as the
+    paper's leave-one-out code does (:func:`loramix.weights.mixing_weights`); the default leaves them out.
     """
     dist = scheduler is not None or client is not None
     if isinstance(exclude, str):   # one member's name, not a sequence of one-letter names
@@ -204,12 +210,13 @@ def generate(dataset, bank, out, pipeline: str = "normalized", metric: str = "js
             excl[q, hit] = True
             names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
     W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
-                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, **popts)
+                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, protocol=protocol, **popts)
     check_rank(bank, W, mode, rank)      # svd: say so when the rank asked is more than the mix holds
     if many:
         out.mkdir(parents=True, exist_ok=True)
     base = resolve_base_model(bank, base_model)
     prov = [{"pipeline": pipeline, "metric": metric, "temperature": temperature, "top_k": top_k,
+             **({"protocol": protocol} if protocol != "loramix" else {}),
              "exclude": names_q[q], "distances": D[q],
              "metric_options": {k: str(v) for k, v in mopts.items() if v is not None} if
              any(wts.METRICS[m][1] != "histogram" for m in metrics) else None,

@@ -112,9 +112,12 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
                   max_new_tokens: int = 24, max_prompt_tokens: int = 512, batch_size: int = 512,
                   threads: int | None = None, keep_adapters: bool = False, cache=None,
                   neural_metrics: Sequence[str] | None = NEURAL_METRICS, neural_folds: int = NEURAL_FOLDS,
-                  neural_seed: int = 0, neural_hidden: int = 16,
+                  neural_seed: int = 0, neural_hidden: int = 16, protocol: str = "loramix",
                   log: Callable[[str], None] | None = None) -> dict:
-    """Run the leave-one-out comparison; returns the summary (also written to ``out``)."""
+    """Run the leave-one-out comparison; returns the summary (also written to ``out``).
+
+    ``protocol="paper"``: the held-out task's own distance (and its duplicates') enters the row
+    statistics before it is excluded, as the paper's code does (:func:`loramix.weights.mixing_weights`)."""
     from loramix.evaluation import generation as ev
     from loramix.mixing.local import mix_adapters
 
@@ -151,6 +154,8 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
            "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
            "pipeline_options": pipeline_options or None,
            "tasks": tasks, "systems": [asdict(s) for s in plan]}
+    if protocol != "loramix":   # only then: runs of the default protocol stay resumable
+        cfg["protocol"] = protocol
     families = {t: v.get("family") for t, v in (bp.manifest or {}).get("tasks", {}).items()} or None
     neural_sys = [s for s in plan if s.kind == "neural"]
     if neural_sys:
@@ -164,7 +169,7 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
     _check_run(out, cfg)
 
     W, _, errors = loo_weights(b, tasks, plan, temperature=temperature, top_k=top_k,
-                               pipeline_options=pipeline_options)
+                               pipeline_options=pipeline_options, protocol=protocol)
     if neural_sys:
         NW, nerr, ninfo = neural_loo_weights(b, tasks, neural_sys, folds=neural_folds, seed=neural_seed,
                                              hidden=neural_hidden, families=families, threads=threads, log=log)

@@ -18,7 +18,7 @@ MODES = ("factors", "concat", "svd")
 NEURAL_METRICS = ("js",)   # feature sets of the neural systems (``+`` joins metrics)
 NEURAL_FOLDS = 6
 _PIPELINE_ORDER = ("attentional", "normalized", "neural")
-_METRIC_ORDER = ("js", "kl", "wd", "mmd", "cosine")
+_METRIC_ORDER = ("js", "kl", "wd", "mmd", "cosine", "instruction", "hybrid")
 
 
 # --------------------------------------------------------------------------- systems
@@ -58,7 +58,9 @@ def plan_systems(pipelines: Sequence[str] | None = None, metrics: Sequence[str] 
                  temperatures: Sequence[float] = (),
                  neural_metrics: Sequence[str] | None = NEURAL_METRICS) -> list[System]:
     """The systems compared: base, task LoRA, baselines, every pipeline × metric (``factors``),
-    the other modes and any extra ``temperatures`` (``<p>-<m>-T<t>``) for the default pair.
+    the other modes and any extra ``temperatures`` (``<p>-<m>-T<t>``) for the default pair (here
+    the paper's, normalized-js), and loramix's generate default (``normalized-hybrid-T0.25``) when its
+    metric and pipeline are among those planned.
     The ``neural`` pipeline is not crossed with every metric: it gets one system per feature set
     in ``neural_metrics`` (``neural-js``, ``neural-js+cosine``; fold-trained combiners, see
     :func:`neural_loo_weights`), when it is among the pipelines."""
@@ -85,6 +87,10 @@ def plan_systems(pipelines: Sequence[str] | None = None, metrics: Sequence[str] 
     for t in temperatures:
         out.append(System(f"{default_pipeline}-{default_metric}-T{t:g}", "mix", default_pipeline,
                           default_metric, "factors", temperature=float(t)))
+    # loramix's own default (``loramix generate`` without options), at its temperature
+    dp, dm, dt = wts.DEFAULT_PIPELINE, wts.DEFAULT_METRIC, wts.DEFAULT_TEMPERATURE
+    if dp in pipelines and dm in metrics and all(s.name != f"{dp}-{dm}-T{dt:g}" for s in out):
+        out.append(System(f"{dp}-{dm}-T{dt:g}", "mix", dp, dm, "factors", temperature=dt))
     return out
 
 
@@ -222,10 +228,11 @@ def exclusion_mask(bank: Bank, rows: list[int]) -> np.ndarray:
 
 def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
                 temperature: float = 1.0, top_k: int | None = None,
-                pipeline_options: dict | None = None) -> tuple[dict, dict, dict]:
+                pipeline_options: dict | None = None, protocol: str = "loramix") -> tuple[dict, dict, dict]:
     """``(weights, distances, errors)``: ``weights[system][task]`` (N,) for every mixed system,
     ``distances[metric]`` (T, N), and ``errors[system]`` for systems that could not be computed
-    (e.g. a pipeline that needs options it was not given): those are skipped, not fatal."""
+    (e.g. a pipeline that needs options it was not given): those are skipped, not fatal.
+    ``protocol``: how excluded members enter the row statistics (see :func:`loramix.weights.mixing_weights`)."""
     rows = [bank.index(t) for t in tasks]
     train = [train_split(bank.members[i].path) for i in rows]
     mask = exclusion_mask(bank, rows)
@@ -248,7 +255,7 @@ def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
                 else:
                     w = wts.mixing_weights(d, s.pipeline, top_k=top_k,
                                            temperature=s.temperature or temperature,
-                                           exclude=mask, **(pipeline_options or {}))
+                                           exclude=mask, protocol=protocol, **(pipeline_options or {}))
             wts.check_weights(w)
             W[s.name] = {t: w[q] for q, t in enumerate(tasks)}
         except Exception as e:   # noqa: BLE001 - one broken system must not end the run

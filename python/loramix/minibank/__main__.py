@@ -1,4 +1,4 @@
-"""``python -m loramix.minibank build --suite default -o DIR [--scale tiny] [--force]``"""
+"""``python -m loramix.minibank build (--suite default | --tasks DIR) -o DIR [--scale tiny] [--force]``"""
 from __future__ import annotations
 
 import sys

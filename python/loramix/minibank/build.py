@@ -206,8 +206,14 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
     from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
+    from loramix.minibank import realtasks
+
     t_start = time.time()
-    suite = scaled_suite(load_suite(suite) if isinstance(suite, str) else suite, scale)
+    if isinstance(suite, dict) and suite.get("tasks_dir"):
+        real = True   # a real-task suite (realtasks.tasks_suite): already at its scale
+    else:
+        real = False
+        suite = scaled_suite(load_suite(suite) if isinstance(suite, str) else suite, scale)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -216,20 +222,24 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
         shutil.rmtree(out)
     threads = threads or suite.get("threads", 2)
     _set_determinism(threads)
-    specs = task_specs(suite)
+    specs = realtasks.task_specs(suite) if real else task_specs(suite)
     _log(f"suite {suite['name']}: {len(specs)} tasks in {len(suite['families'])} families -> {out}")
 
     # 1. data
     bank = out / "bank"
     data = {}
     for spec in specs:
-        d = generate_task(suite, spec)
+        d = realtasks.split_task(suite, spec["name"]) if real else generate_task(suite, spec)
         data[spec["name"]] = d
         tdir = bank / spec["name"]
         tdir.mkdir(parents=True)
         for split, rows in d.items():
             _write_jsonl(tdir / f"{split}.jsonl", rows)
-    corpus = generate_pretrain(suite, suite["pretrain"]["lines"])
+    corpus = realtasks.pretrain_corpus(data) if real else generate_pretrain(suite, suite["pretrain"]["lines"])
+    cut = suite.get("max_tokens")   # real prompts can be long: keep the last tokens
+
+    def fit(pair):
+        return pair if not cut or len(pair[0]) <= cut else (pair[0][-cut:], pair[1][-cut:])
 
     # 2. tokenizer (pre-training corpus + task training splits: it only has to spell them)
     tok_texts = corpus + [r["input"] + " " + r["output"][0] for n in data for r in data[n]["train"]]
@@ -252,6 +262,7 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
             ids, _ = encode_example(tok, prompt + "\nOutput:", ans, eos_id)
         else:
             ids = tok.encode(line).ids + [eos_id]
+        ids = fit((ids, ids))[0]
         pre.append((ids, ids))  # LM loss on every token
     bt = suite["base_training"]
     nparams = sum(p.numel() for p in model.parameters())
@@ -281,7 +292,7 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
         name = spec["name"]
         torch.manual_seed(lc["init_seed"])
         pm = get_peft_model(model, LoraConfig(**lcfg))
-        rows = [encode_example(tok, r["input"], r["output"][0], eos_id) for r in data[name]["train"]]
+        rows = [fit(encode_example(tok, r["input"], r["output"][0], eos_id)) for r in data[name]["train"]]
         params = [p for p in pm.parameters() if p.requires_grad]
         loss = _train(pm, params, rows, lc, seed_for(suite["seed"], "lora-order", name), pad_id, name)
         tdir = bank / name
@@ -293,11 +304,12 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
 
     manifest = {
         "suite": suite["name"],
-        "suite_fingerprint": suite_fingerprint(suite),
+        "suite_fingerprint": suite_fingerprint({k: v for k, v in suite.items() if k != "tasks_dir"}),
         "scale": scale,
         "seed": suite["seed"],
         "threads": threads,
         "tasks": {s["name"]: {"family": s["family"], "op": s["op"], **results[s["name"]]} for s in specs},
+        **({"task_files": suite["task_files"], "max_tokens": suite.get("max_tokens")} if real else {}),
         "families": [f["name"] for f in suite["families"]],
         "config": {k: suite[k] for k in ("splits", "tokenizer", "model", "base_training", "lora")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -333,13 +345,21 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m loramix.minibank build")
-    ap.add_argument("--suite", default="default", help="'default', a .json file or a .py file/module defining SUITE")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--suite", default="default", help="'default', a .json file or a .py file/module defining SUITE")
+    g.add_argument("--tasks", default=None,
+                   help="a folder of real task files (<name>.jsonl, Lots-of-LoRAs layout; tasks.json for categories)")
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--scale", default="full", choices=["full", "tiny"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     a = ap.parse_args(argv)
-    build(a.suite, a.out, scale=a.scale, threads=a.threads, force=a.force)
+    if a.tasks:
+        from loramix.minibank.realtasks import tasks_suite
+
+        build(tasks_suite(a.tasks, scale=a.scale), a.out, scale=a.scale, threads=a.threads, force=a.force)
+    else:
+        build(a.suite, a.out, scale=a.scale, threads=a.threads, force=a.force)
     return 0
 
 

@@ -33,6 +33,9 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
     done = [o.exists() and is_complete(o, keys[q]) for q, o in enumerate(outs)]
     for q, o in enumerate(outs):
         if not done[q]:   # what would be replaced: only with overwrite, and only if replaceable
+            if o.exists() and not overwrite:
+                raise OutputError(f"output {o} exists and is not a finished adapter of these inputs; pass "
+                                  "--overwrite (overwrite=True) to replace it")
             check_output(o, bank, overwrite)
     extras = [dict((provenance or [{}] * len(outs))[q] or {}) for q in range(len(outs))]
     results: list[GenerateResult | None] = [None] * len(outs)

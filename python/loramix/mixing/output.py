@@ -210,7 +210,8 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
-    for k in ("metric_options", "combiner", "verified", "task_type", "recipe"):   # encoder options, neural's model, --verify, replay
+    for k in ("metric_options", "combiner", "verified", "protocol", "task_type", "recipe"):
+        # cosine's encoder options, neural's model, --verify, --protocol paper, replay
         if extra.get(k):
             d[k] = extra[k]
     return d

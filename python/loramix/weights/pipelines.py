@@ -30,6 +30,15 @@ from typing import Callable
 
 import numpy as np
 
+#: loramix's defaults for generating an adapter (``loramix generate``): the ``hybrid`` metric (token
+#: histograms + the datasets' instructions), standardized, at a temperature that keeps the few
+#: nearest members (docs/evaluation.md: chosen on the mini bank's valid split, checked on real tasks).
+DEFAULT_PIPELINE = "normalized"
+DEFAULT_METRIC = "hybrid"
+DEFAULT_TEMPERATURE = 0.25
+#: the paper's best pipeline, exactly: ``--pipeline normalized --metric js --temperature 1``
+PAPER_DEFAULTS = {"pipeline": "normalized", "metric": "js", "temperature": 1.0}
+
 PipelineFn = Callable[..., np.ndarray]
 PIPELINES: dict[str, PipelineFn] = {}
 PIPELINE_INPUT: dict[str, str] = {}        # name -> "row" (one distance row) | "matrices"
@@ -114,16 +123,28 @@ def normalized(d: np.ndarray, *, temperature: float = 1.0, **_) -> np.ndarray:
     return softmin(standardize(d), temperature)
 
 
+PROTOCOLS = ("loramix", "paper")
+
+
 def mixing_weights(distances, pipeline: str = "normalized", *, temperature: float = 1.0,
-                   top_k: int | None = None, exclude=None, **options) -> np.ndarray:
+                   top_k: int | None = None, exclude=None, protocol: str = "loramix", **options) -> np.ndarray:
     """Weights (Q, N) from distances (Q, N) (a 1-D row gives a 1-D result).
 
     ``exclude``: a boolean mask (Q, N) or (N,) of members left out (leave-one-out).
+    ``protocol`` (row pipelines): ``"loramix"`` (default) leaves excluded members out of the row
+    before the pipeline sees it, so they do not enter its statistics (the right choice for a new
+    dataset, whose row has no self-distance); ``"paper"`` does what the paper's code does in
+    leave-one-out: the pipeline runs on the whole row (``normalized``: mean and std include the
+    excluded members, e.g. the self-distance 0), then excluded members are set to infinite
+    distance, i.e. their weights are dropped and the rest renormalized (softmin over the kept
+    entries of the whole-row standardized distances).
     ``distances`` may be a dict metric name -> (Q, N): a ``"matrices"`` pipeline gets all of them,
     a row pipeline (and top-k) uses the first.
     """
     if pipeline not in PIPELINES:
         raise WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(PIPELINES))}")
+    if protocol not in PROTOCOLS:
+        raise WeightsError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     mats = None
     if isinstance(distances, dict):
         if not distances:
@@ -159,11 +180,25 @@ def mixing_weights(distances, pipeline: str = "normalized", *, temperature: floa
         keep = np.flatnonzero(~mask[i])
         if keep.size == 0:
             raise WeightsError("every member is excluded; nothing left to mix")
-        w[i, keep] = fn(d[i, keep], temperature=temperature, **options)
+        if protocol == "paper" and keep.size < n:
+            w[i, keep] = _paper_row(fn, d[i], keep, temperature, options)
+        else:
+            w[i, keep] = fn(d[i, keep], temperature=temperature, **options)
         if top_k is not None:
             w[i] = _top_k(d[i], w[i], keep, top_k)
     check_weights(w)
     return w[0] if one else w
+
+
+def _paper_row(fn, d_row, keep, temperature, options):
+    """The paper's leave-one-out: statistics over the whole row, excluded entries at infinity."""
+    if fn is normalized:   # exact in the log domain: softmin of the whole-row z over the kept entries
+        return softmin(standardize(d_row)[keep], temperature)
+    w = np.asarray(fn(d_row, temperature=temperature, **options), dtype=np.float64)[keep]
+    s = w.sum()
+    if not s > 0:
+        raise WeightsError("protocol paper: the kept members' weights underflow to zero; raise the temperature")
+    return w / s
 
 
 def _top_k(d_row, w_row, keep, k):
