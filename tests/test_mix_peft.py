@@ -182,11 +182,45 @@ def test_svd_lanczos_path_equals_truncated_svd(rng, monkeypatch):
     a = rng.standard_normal((40, 90))
     d = b @ a
     u, s, vt = np.linalg.svd(d)
-    for path_max in (512, 0):          # the QR+SVD path, then the Lanczos path
+    for path_max in (512, 0):          # the default paths with and without Lanczos fallback
         monkeypatch.setattr(mix, "SVD_DENSE_MAX", path_max)
         for r in (1, 5, 12):
             bb, aa = mix.truncated_factors(b, a, r)
             ref = (u[:, :r] * s[:r]) @ vt[:r]
             np.testing.assert_allclose(bb @ aa, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    for method in ("gram", "qr"):      # each exact path on its own, up to and past full rank
+        for r in (1, 5, 12, 40, 100):
+            bb, aa = mix.truncated_factors(b, a, r, method)
+            k = min(r, 40)
+            ref = (u[:, :k] * s[:k]) @ vt[:k]
+            assert bb.shape == (70, k) and aa.shape == (k, 90)
+            np.testing.assert_allclose(bb @ aa, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+            # the singular values are split evenly between the factors
+            np.testing.assert_allclose(np.linalg.norm(bb, axis=0), np.sqrt(s[:k]), rtol=1e-9)
+            np.testing.assert_allclose(np.linalg.norm(aa, axis=1), np.sqrt(s[:k]), rtol=1e-9)
     _, sl, _ = mix._lanczos_svd(b, a, 5)      # the Lanczos path itself converges
     np.testing.assert_allclose(sl, s[:5], rtol=1e-10)
+
+
+def test_svd_gram_path_refuses_rank_deficient_stacks_and_auto_falls_back(rng):
+    from loramix.mixing import modes as mix
+
+    # a member entered twice: the stacked factors are rank deficient, their Gram singular
+    b = rng.standard_normal((50, 8)) * np.linspace(1, 3, 8)[None, :]
+    a = rng.standard_normal((8, 60))
+    b2, a2 = np.concatenate([b, 2 * b], axis=1), np.concatenate([a, a], axis=0)
+    assert mix._gram_factors(b2, a2, 3) is None
+    with pytest.raises(mix.MixError, match="rank deficient"):
+        mix.truncated_factors(b2, a2, 3, "gram")
+    d = b2 @ a2
+    u, s, vt = np.linalg.svd(d)
+    bb, aa = mix.truncated_factors(b2, a2, 3)              # auto: the Householder path
+    ref = (u[:, :3] * s[:3]) @ vt[:3]
+    np.testing.assert_allclose(bb @ aa, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    # more stacked columns than output rows: the input side's Gram takes it
+    b3, a3 = rng.standard_normal((6, 10)), rng.standard_normal((10, 40))
+    u, s, vt = np.linalg.svd(b3 @ a3)
+    bb, aa = mix.truncated_factors(b3, a3, 2, "gram")
+    np.testing.assert_allclose(bb @ aa, (u[:, :2] * s[:2]) @ vt[:2], rtol=0, atol=1e-12 * s[0])
+    with pytest.raises(mix.MixError, match="unknown svd method"):
+        mix.truncated_factors(b3, a3, 2, "eig")

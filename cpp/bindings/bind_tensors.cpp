@@ -4,6 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -479,6 +483,32 @@ void register_tensors(py::module_& m) {
     }
     return out;
   });
+  // Bounded memory when streaming a bank: once a tensor has been read, its pages leave this
+  // process's page tables (they stay in the page cache; a later read maps them again). The
+  // range is rounded outward to 64 KiB, the kernel's fault-around window (a read fault maps up
+  // to 16 cached pages around the address, so pages of neighbouring tensors get mapped too); a
+  // neighbour dropped that way is mapped again if read later, which only costs a fault (the
+  // mapping is read-only and private).
+  m.def("release_pages", [](const py::sequence& refs) {
+    std::vector<std::pair<char*, std::size_t>> spans;
+    const std::size_t page = std::max<std::size_t>(static_cast<std::size_t>(sysconf(_SC_PAGESIZE)), 65536);
+    for (py::handle h : refs) {
+      if (!py::isinstance<TensorRef>(h))
+        throw py::type_error("release_pages: expected TensorRef objects, got " +
+                             std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+      const TensorRef& r = h.cast<const TensorRef&>();
+      if (!r.map || r.nbytes == 0) continue;
+      char* base = static_cast<char*>(r.map->addr);
+      const std::size_t b = static_cast<std::size_t>(static_cast<const char*>(r.data) - base);
+      const std::size_t lo = b / page * page;
+      const std::size_t hi = std::min(r.map->len, (b + r.nbytes + page - 1) / page * page);
+      if (hi > lo) spans.emplace_back(base + lo, hi - lo);
+    }
+    py::gil_scoped_release release;
+    for (const auto& sp : spans) madvise(sp.first, sp.second, MADV_DONTNEED);  // advisory: errors ignored
+  }, py::arg("refs"),
+     "Drops the pages of these tensors from this process's mapping (MADV_DONTNEED); the data stay "
+     "in the page cache and are mapped again when read.");
 }
 
 }  // namespace loramix::bind

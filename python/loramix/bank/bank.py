@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -30,6 +30,7 @@ import numpy as np
 from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
+from loramix.bank import index as bank_index
 from loramix.bank import peft_io, schema
 from loramix.profiles import tokens as prof
 from loramix.bank import integrity
@@ -65,14 +66,17 @@ def build_bank(bank_dir, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIELDS
     bank_dir = Path(bank_dir)
     if not bank_dir.is_dir():
         raise BankError(f"bank {bank_dir}: no such folder")
+    index_rows: list[dict] = []
     with StagedFiles() as staged:
-        doc = _build(bank_dir, tokenizer, tuple(fields), base_model, split, progress, staged)
+        doc = _build(bank_dir, tokenizer, tuple(fields), base_model, split, progress, staged, index_rows)
         staged.write(bank_dir / BANK_FILE, (json.dumps(doc, indent=1) + "\n").encode())   # renamed last
         staged.commit()
+    _write_index(bank_dir, doc, index_rows)   # after the commit: it records the files as they are now
     return doc
 
 
-def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress, staged) -> dict:
+def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress, staged,
+           index_rows: list) -> dict:
     """``build_bank``'s work; every file it would change is staged in ``staged``."""
     tok_src = prof.tokenizer_file(tokenizer)
     # a file that is not a tokenizer is refused (naming it) before anything is staged
@@ -130,6 +134,7 @@ def _build(bank_dir: Path, tokenizer, fields: tuple, base_model, split, progress
             problems.append(f"member {d.name!r}: {e}")
             continue
         specs.append(spec)
+        index_rows.append(_index_row(d, spec, p))
         members.append({
             "name": d.name,
             "path": d.name,
@@ -192,6 +197,29 @@ def _open_weights(w: Path, name: str):
         raise peft_io.AdapterError(f"member {name!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
 
 
+def _index_row(d: Path, spec: peft_io.AdapterSpec, p) -> dict:
+    """What :mod:`loramix.bank.index` records of one member (file stats are taken at write)."""
+    w = d / peft_io.WEIGHTS_NAME
+    return {
+        "dir": d, "config": spec.raw_config, "dtype": spec.dtype,
+        "modules": [[m.name, m.rank, m.in_features, m.out_features, m.scaling, m.a_key, m.b_key]
+                    for m in spec.modules.values()],
+        "tensors": bank_index.tensor_layout(_open_weights(w, d.name)),
+        "data_start": bank_index.data_start(w),
+        "profile": p, "vocab": p.vocab_size,
+    }
+
+
+def _write_index(bank_dir: Path, doc: dict, rows: list[dict]) -> None:
+    for row, m in zip(rows, doc["members"]):
+        d = row.pop("dir")
+        row["name"] = m["name"]
+        row["stat"] = bank_index.file_stat([d / peft_io.WEIGHTS_NAME, d / peft_io.CONFIG_NAME,
+                                            d / PROFILE_NAME]).tolist()
+    vocab = max([int(doc["tokenizer"]["vocab_size"])] + [r["vocab"] for r in rows])
+    bank_index.write(bank_dir, doc, rows, prof.stack([r.pop("profile") for r in rows], vocab))
+
+
 def same_base_model(a: str | None, b: str | None) -> bool:
     """Hub id and local copy of one model count as the same base model: the names are equal, or
     their last path components are (``mistralai/Mistral-7B-v0.1`` vs ``/models/Mistral-7B-v0.1``).
@@ -229,18 +257,44 @@ def _fit_problems(specs, base_model=None) -> list[str]:
     return problems
 
 
-@dataclass
 class Member:
-    name: str
-    path: Path
-    spec: peft_io.AdapterSpec
-    profile_path: Path
-    info: dict = field(default_factory=dict)
-    _file: object = None
+    """One member of an opened bank: its name, folder, adapter spec, profile file and bank.json
+    entry. Members opened from the bank's index build their folder path and spec on first use
+    (the module table is shared by every member of one layout), so opening stays cheap."""
+
+    def __init__(self, name: str, path, spec, profile_path, info: dict | None = None, _file=None):
+        self.name = name
+        self._path = path
+        self._spec = spec             # an AdapterSpec, or a callable building it from the path
+        self._profile_path = profile_path
+        self.info = info if info is not None else {}
+        self._file = _file
+
+    @property
+    def path(self) -> Path:
+        if not isinstance(self._path, Path):
+            self._path = Path(self._path)
+        return self._path
+
+    @property
+    def profile_path(self) -> Path:
+        if not isinstance(self._profile_path, Path):
+            self._profile_path = Path(self._profile_path)
+        return self._profile_path
+
+    @property
+    def spec(self) -> peft_io.AdapterSpec:
+        if not isinstance(self._spec, peft_io.AdapterSpec):
+            self._spec = self._spec(self.name, self.path)
+        return self._spec
+
+    def __repr__(self) -> str:
+        return f"Member({self.name!r}, {str(self._path)!r})"
 
     @property
     def modules(self):
-        return self.spec.modules
+        s = self._spec
+        return s.modules if isinstance(s, peft_io.AdapterSpec) else s.modules
 
     @property
     def file(self):
@@ -260,6 +314,35 @@ class Member:
         return np.ascontiguousarray(np.pad(x, pad))
 
 
+def _open_member(path: Path, info: dict, check: bool):
+    """``(Member, None)``, ``(None, None)`` for a missing/empty member (skipped), or
+    ``(None, problem)``: one member read the full way (paths, config, safetensors header, specs,
+    size and signature against bank.json, profile)."""
+    bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}",
+                                              links_out=k == "dataset")
+                       for k in ("path", "profile", "dataset") if k != "dataset" or info.get(k)) if w]
+    if bad:
+        return None, "; ".join(bad)
+    d = path / info["path"]
+    w = d / peft_io.WEIGHTS_NAME
+    if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
+            not (d / peft_io.CONFIG_NAME).is_file():
+        return None, None
+    try:
+        cfg = peft_io.read_config(d, info["name"])
+        sf = _open_weights(w, info["name"])
+        spec = peft_io.spec_from_file(cfg, sf, d, info["name"])
+    except peft_io.AdapterError as e:
+        return None, str(e)
+    why = integrity.changed_problem(info["name"], w, info) if check else None
+    if why:
+        return None, why
+    pp = path / info["profile"]
+    if not pp.is_file():
+        return None, f"member {info['name']!r}: profile {info['profile']} is missing"
+    return Member(info["name"], d, spec, pp, info, sf), None
+
+
 class Bank:
     """An opened, checked bank. ``members`` in bank.json order."""
 
@@ -270,15 +353,21 @@ class Bank:
         self.skipped = skipped
         self._profiles = None
         self._module_index = None
+        self._index = None      # the bank.index this bank was opened from, while it is current
 
     def module_index(self) -> dict[str, list[int]]:
         """Module name → indices of the members holding it, in natural module order. Computed
         once (members never change after :meth:`open`): a mix asks for it several times."""
         if self._module_index is None:
             out: dict[str, list[int]] = {}
+            groups: dict[int, tuple] = {}   # members opened from the index share module tables
             for i, m in enumerate(self.members):
-                for name in m.modules:
-                    out.setdefault(name, []).append(i)
+                groups.setdefault(id(m.modules), (m.modules, []))[1].append(i)
+            for mods, idx in groups.values():
+                for name in mods:
+                    out.setdefault(name, []).extend(idx)
+            for v in out.values():
+                v.sort()
             self._module_index = dict(sorted(out.items(), key=lambda kv: peft_io.natural_key(kv[0])))
         return self._module_index
 
@@ -296,8 +385,7 @@ class Bank:
 
     @classmethod
     def open(cls, path, *, check: bool = True) -> "Bank":
-        from loramix.core import tensors
-
+        """Open and check the bank at ``path`` (its ``bank.json``, and ``bank.index`` when current)."""
         path = Path(path)
         f = path / BANK_FILE
         if not f.is_file():
@@ -319,46 +407,25 @@ class Bank:
             raise BankError(f"bank {path}: tokenizer file {tok.name} is missing")
         if check and prof.tokenizer_hash(tok) != doc["tokenizer"]["sha256"]:
             raise BankError(f"bank {path}: {tok.name} changed since the bank was built; rebuild it")
-        members, skipped, problems, specs = [], [], [], []
         dup = integrity.duplicate_names(doc["members"])
         if dup:
             raise BankError(f"bank {path}: {BANK_FILE} lists member(s) {', '.join(map(repr, dup))} more than "
                             "once; member names must be unique (rebuild the bank)")
-        for info in doc["members"]:
-            bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}",
-                                                      links_out=k == "dataset")
-                               for k in ("path", "profile", "dataset") if k != "dataset" or info.get(k)) if w]
-            if bad:
-                problems += bad
-                continue
-            d = path / info["path"]
-            w = d / peft_io.WEIGHTS_NAME
-            if not d.is_dir() or not w.is_file() or w.stat().st_size == 0 or \
-                    not (d / peft_io.CONFIG_NAME).is_file():
-                skipped.append(info["name"])
-                continue
-            try:
-                cfg = peft_io.read_config(d, info["name"])
-                try:
-                    sf = tensors.SafetensorsFile(str(w))
-                except (ValueError, OSError) as e:
-                    raise peft_io.AdapterError(
-                        f"member {info['name']!r}: {peft_io.WEIGHTS_NAME} is unreadable: {e}") from None
-                spec = peft_io.spec_from_file(cfg, sf, d, info["name"])
-            except peft_io.AdapterError as e:
-                problems.append(str(e))
-                continue
-            why = integrity.changed_problem(info["name"], w, info) if check else None
-            if why:
-                problems.append(why)
-                continue
-            pp = path / info["profile"]
-            if not pp.is_file():
-                problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
-                continue
-            m = Member(info["name"], d, spec, pp, info, sf)
-            members.append(m)
-            specs.append(spec)
+        idx = bank_index.load_current(path, doc)
+        if idx is not None:
+            members, skipped, problems, specs, stale = bank_index.open_members(
+                path, doc, idx, check, Member, _open_member)
+        else:
+            members, skipped, problems, specs, stale = [], [], [], [], False
+            for info in doc["members"]:
+                m, problem = _open_member(path, info, check)
+                if problem:
+                    problems.append(problem)
+                elif m is None:
+                    skipped.append(info["name"])
+                else:
+                    members.append(m)
+                    specs.append(m.spec)
         problems += _fit_problems(specs, doc.get("base_model"))
         for n, (inn, out) in doc.get("modules", {}).items():
             for s in specs:
@@ -374,7 +441,14 @@ class Bank:
                           + ", ".join(skipped), stacklevel=2)
         if not members:
             raise BankError(f"bank {path}: no usable members")
-        return cls(path, doc, members, skipped)
+        if isinstance(stale, list):   # the open succeeded; say once that the index is behind
+            logging.getLogger("loramix.bank").info(
+                "bank %s: %d member(s) changed since %s was written and were read without it: %s%s; "
+                "`loramix bank build` refreshes the index", path, len(stale), bank_index.INDEX_NAME,
+                ", ".join(stale[:10]), " ..." if len(stale) > 10 else "")
+        bank = cls(path, doc, members, skipped)
+        bank._index = idx if idx is not None and not stale else None
+        return bank
 
     # ------------------------------------------------------------ facts
     @property
@@ -421,6 +495,8 @@ class Bank:
 
     def profiles(self):
         """The members' profiles as a CSR matrix (N, V) of counts."""
+        if self._profiles is None and self._index is not None and not self.skipped:
+            self._profiles = self._index.profiles(self.vocab_size)
         if self._profiles is None:
             ps = []
             for m in self.members:

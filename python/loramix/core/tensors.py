@@ -151,6 +151,14 @@ def mix_into(writers: Sequence[SafetensorsWriter], name: str, sources: Sequence,
     _core.mix_into(writers, name, sources, w, _threads(threads))
 
 
+def release_pages(refs: Sequence) -> None:
+    """Drop the mapped pages of these :class:`TensorRef` sources from this process's memory
+    (``MADV_DONTNEED``) once they have been read: a pass over a bank then holds only what it
+    is mixing, whatever the bank's size. The bytes stay in the page cache and are mapped again
+    on the next read; views and refs stay valid. Other objects in ``refs`` are ignored."""
+    _core.release_pages([r for r in refs if isinstance(r, TensorRef)])
+
+
 def _convert(fn, x, dtype, what):
     a = np.asarray(x)
     if a.dtype != dtype:
@@ -179,6 +187,6 @@ def f16_to_f32(x) -> np.ndarray:
 
 
 __all__ = [
-    "SafetensorsFile", "SafetensorsWriter", "TensorRef", "weighted_sum", "gram", "mix_into",
+    "SafetensorsFile", "SafetensorsWriter", "TensorRef", "weighted_sum", "gram", "mix_into", "release_pages",
     "f32_to_bf16", "bf16_to_f32", "f32_to_f16", "f16_to_f32",
 ]

@@ -1,0 +1,158 @@
+"""bank.index: `bank build` writes it, `Bank.open` uses it when current and falls back (per
+member, or whole) when it is stale, foreign or damaged; what a bank opened from it gives is what
+the full read gives."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import _tiny
+from loramix.bank import index as bank_index
+from loramix.bank.bank import Bank
+from loramix.mixing.local import mix_adapters
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    return _tiny.world(tmp_path_factory)
+
+
+@pytest.fixture
+def bank_copy(w, tmp_path):
+    d = tmp_path / "bank"
+    shutil.copytree(w.bank, d)
+    return d
+
+
+def _without_index(src, dst):
+    shutil.copytree(src, dst)
+    (dst / bank_index.INDEX_NAME).unlink()
+    return dst
+
+
+def _same_bank(a: Bank, b: Bank):
+    assert a.names == b.names
+    for ma, mb in zip(a.members, b.members):
+        assert ma.path.relative_to(a.path) == mb.path.relative_to(b.path) and ma.info == mb.info
+        assert ma.profile_path.relative_to(a.path) == mb.profile_path.relative_to(b.path)
+        assert ma.modules == mb.modules
+        sa, sb = ma.spec, mb.spec
+        for f in ("name", "base_model", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+                  "target_modules", "layers_to_transform", "dtype", "raw_config"):
+            assert getattr(sa, f) == getattr(sb, f), f
+        assert sa.path == ma.path and sb.path == mb.path
+    assert a.module_index() == b.module_index()
+    pa, pb = a.profiles(), b.profiles()
+    assert pa.shape == pb.shape
+    np.testing.assert_array_equal(pa.toarray(), pb.toarray())
+
+
+def test_build_writes_an_index_that_open_uses_and_that_equals_the_full_read(w, tmp_path):
+    assert (w.bank / bank_index.INDEX_NAME).is_file()
+    fast = Bank.open(w.bank)
+    assert fast._index is not None
+    full = Bank.open(_without_index(w.bank, tmp_path / "plain"))
+    assert full._index is None
+    _same_bank(fast, full)
+
+
+def test_mix_through_the_index_is_byte_identical(w, tmp_path):
+    plain = _without_index(w.bank, tmp_path / "plain")
+    weights = {"m0": 0.5, "m1": 0.2, "m2": 0.3}
+    for mode in ("factors", "concat", "svd"):
+        a = mix_adapters(w.bank, weights, tmp_path / f"a-{mode}", mode=mode, rank=2)[0]
+        b = mix_adapters(plain, weights, tmp_path / f"b-{mode}", mode=mode, rank=2)[0]
+        assert (a.out / "adapter_model.safetensors").read_bytes() == \
+            (b.out / "adapter_model.safetensors").read_bytes()
+        assert (a.out / "adapter_config.json").read_text() == (b.out / "adapter_config.json").read_text()
+
+
+def test_changed_member_is_read_in_full_and_named_once(w, bank_copy, caplog):
+    cfgp = bank_copy / "m2" / "adapter_config.json"
+    cfg = json.loads(cfgp.read_text())
+    cfg["alpha_pattern"] = {}                      # a real change: m2's scaling differs now
+    cfgp.write_text(json.dumps(cfg))
+    with caplog.at_level(logging.INFO, logger="loramix.bank"):
+        b = Bank.open(bank_copy)
+    assert len(caplog.records) == 1
+    assert re.search(r"1 member\(s\) changed since bank.index.*: m2;.*bank build", caplog.records[0].getMessage())
+    assert b._index is None                        # profiles then come from the files
+    m2 = b.members[b.index("m2")]
+    assert m2.spec.alpha_pattern == {}
+    assert m2.modules["model.layers.0.self_attn.v_proj"].scaling == pytest.approx(
+        cfg["lora_alpha"] / m2.modules["model.layers.0.self_attn.v_proj"].rank)
+
+
+def test_touched_profile_is_read_from_its_file(w, bank_copy):
+    from loramix.profiles import tokens as prof
+
+    pp = bank_copy / "m1" / "profile.npz"
+    p = prof.Profile.load(pp)
+    p.counts = p.counts * 3
+    p.save(pp)
+    b = Bank.open(bank_copy)
+    assert b._index is None
+    np.testing.assert_array_equal(b.profiles().toarray()[1][p.ids], p.counts)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("magic", "bad magic"),
+    ("truncated", "outside the file|past the end"),
+    ("header", "not the expected JSON"),
+])
+def test_damaged_index_is_ignored_with_a_warning(w, bank_copy, damage, match, caplog):
+    f = bank_copy / bank_index.INDEX_NAME
+    data = bytearray(f.read_bytes())
+    if damage == "magic":
+        data[:8] = b"NOTANIDX"
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[16:20] = b"}}}}"
+    f.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="loramix.bank"):
+        b = Bank.open(bank_copy)
+    assert re.search(f"ignoring its index.*({match})", caplog.records[0].getMessage())
+    assert b._index is None
+    _same_bank(b, Bank.open(w.bank))
+
+
+def test_index_of_another_bank_json_is_not_used(w, bank_copy, caplog):
+    doc = json.loads((bank_copy / "bank.json").read_text())
+    (bank_copy / "bank.json").write_text(json.dumps(doc, indent=2))   # same content, other bytes
+    with caplog.at_level(logging.INFO, logger="loramix.bank"):
+        b = Bank.open(bank_copy)
+    assert "written for another bank.json" in caplog.records[0].getMessage()
+    assert b._index is None and b.names == ["m0", "m1", "m2", "m3"]
+
+
+def test_bank_without_index_opens_as_before(w, tmp_path):
+    b = Bank.open(_without_index(w.bank, tmp_path / "old"))
+    assert b._index is None and b.names == ["m0", "m1", "m2", "m3"]
+    assert b.profiles().shape == (4, b.vocab_size)
+
+
+def test_index_file_layout(w):
+    idx = bank_index.read(w.bank / bank_index.INDEX_NAME)
+    doc = json.loads((w.bank / "bank.json").read_text())
+    assert idx.meta["bank_hash"] == doc["bank_hash"] and idx.meta["names"] == ["m0", "m1", "m2", "m3"]
+    assert idx.arrays["stat"].shape == (4, 6)
+    for i, m in enumerate(doc["members"]):
+        wpath = w.bank / m["path"] / "adapter_model.safetensors"
+        st = os.stat(wpath)
+        assert tuple(idx.arrays["stat"][i, :2]) == (st.st_size, st.st_mtime_ns)
+        # the recorded data start and tensor offsets locate every tensor's bytes in the file
+        ci, li, start = idx.meta["members"][i]
+        raw = wpath.read_bytes()
+        from safetensors.numpy import load_file
+        t = load_file(str(wpath))
+        for key, dtype, shape, b0, b1 in idx.meta["layouts"][li]["tensors"]:
+            assert dtype == "F32" and tuple(shape) == t[key].shape
+            np.testing.assert_array_equal(np.frombuffer(raw[start + b0: start + b1], np.float32).reshape(shape),
+                                          t[key])
