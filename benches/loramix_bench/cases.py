@@ -45,7 +45,7 @@ def subset_bank(bank, layers: int | None):
     members = []
     for m in bank.members:
         spec = dataclasses.replace(m.spec, modules={k: v for k, v in m.spec.modules.items() if keep(k)})
-        members.append(dataclasses.replace(m, spec=spec))
+        members.append(m.with_spec(spec))
     doc = copy.copy(bank.doc)
     doc["modules"] = {k: v for k, v in bank.doc.get("modules", {}).items() if keep(k)}
     return Bank(bank.path, doc, members, bank.skipped)

@@ -291,6 +291,11 @@ class Member:
     def __repr__(self) -> str:
         return f"Member({self.name!r}, {str(self._path)!r})"
 
+    def with_spec(self, spec: peft_io.AdapterSpec) -> "Member":
+        """A copy of this member with another adapter spec (e.g. a subset of its modules), sharing
+        its mapped file."""
+        return Member(self.name, self._path, spec, self._profile_path, self.info, self._file)
+
     @property
     def modules(self):
         s = self._spec
