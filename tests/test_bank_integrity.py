@@ -201,3 +201,21 @@ def test_a_replaced_profile_is_refused(w, bank, tmp_path):
     build_bank(bank, bank / "tokenizer.json")       # the rebuild makes it right again
     generate(w.queries["animals_q"], bank, out)
     assert os.path.isfile(out / "adapter_model.safetensors")
+
+
+def test_provenance_records_the_hash_of_every_member_mixed(w, tmp_path):
+    """The provenance names what was really mixed: each member with a non-zero weight and the
+    SHA-256 of its weights file (computed here from the file itself), and no other member."""
+    import hashlib
+
+    from loramix.bank.bank import Bank
+    from loramix.pipeline import generate
+
+    bank = Bank.open(w.bank)
+    res = generate(w.queries["animals_q"], bank, tmp_path / "out", metric="js", top_k=2)
+    prov = json.loads((tmp_path / "out" / "loramix.json").read_text())
+    used = [n for n, x in zip(res.members, res.weights) if x != 0]
+    assert len(used) == 2 and sorted(prov["members_sha256"]) == sorted(used)
+    for name in used:
+        f = bank.members[bank.index(name)].path / "adapter_model.safetensors"
+        assert prov["members_sha256"][name] == hashlib.sha256(f.read_bytes()).hexdigest()

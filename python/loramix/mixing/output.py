@@ -210,6 +210,12 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
     })
+    # what was really mixed: the SHA-256 recorded at build of every member with a non-zero weight
+    # (checked against the files by `bank verify` / `generate --verify`, then "verified": true)
+    sha = {m.name: m.info.get("weights_sha256") for m, w in zip(bank.members, res.weights)
+           if w != 0 and m.info.get("weights_sha256")}
+    if sha:
+        d["members_sha256"] = sha
     for k in ("metric_options", "combiner", "verified", "protocol", "task_type", "recipe"):
         # cosine's encoder options, neural's model, --verify, --protocol paper, replay
         if extra.get(k):
