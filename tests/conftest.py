@@ -51,3 +51,13 @@ def tiny_minibank(tmp_path_factory):
     root = tmp_path_factory.mktemp("mb") / "tiny"
     build("default", root, scale="tiny")
     return root
+
+
+@pytest.fixture
+def bank_copy(w, tmp_path):
+    """A private copy of the tiny world's bank, free to break."""
+    import shutil
+
+    d = tmp_path / "bank"
+    shutil.copytree(w.bank, d)
+    return d

@@ -12,22 +12,11 @@ import shutil
 import numpy as np
 import pytest
 
-import _tiny
 from loramix.bank import index as bank_index
 from loramix.bank.bank import Bank
 from loramix.mixing.local import mix_adapters
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
-@pytest.fixture
-def bank_copy(w, tmp_path):
-    d = tmp_path / "bank"
-    shutil.copytree(w.bank, d)
-    return d
 
 
 def _without_index(src, dst):

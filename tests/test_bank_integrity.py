@@ -15,16 +15,10 @@ from loramix.bank.bank import Bank, BankError, build_bank
 from loramix.pipeline import OutputError, generate
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 @pytest.fixture
-def bank(w, tmp_path):
-    b = tmp_path / "bank"
-    shutil.copytree(w.bank, b)
-    return b
+def bank(bank_copy):
+    """A private copy of the tiny bank (conftest's ``bank_copy``), free to break."""
+    return bank_copy
 
 
 def _set_value(st, key_part: str, index, value):

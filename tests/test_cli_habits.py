@@ -16,11 +16,6 @@ from loramix.pipeline import OutputError, generate
 from loramix.version import __version__
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def test_version():
     r = _tiny.run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"loramix {__version__}"

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import socket
 
 import numpy as np
@@ -21,17 +19,10 @@ from loramix.data import readers
 from loramix.pipeline import generate
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 @pytest.fixture
-def bank(w, tmp_path):
-    """A private copy of the tiny bank, free to break."""
-    b = tmp_path / "bank"
-    shutil.copytree(w.bank, b)
-    return b
+def bank(bank_copy):
+    """A private copy of the tiny bank (conftest's ``bank_copy``), free to break."""
+    return bank_copy
 
 
 def run(capsys, *argv):

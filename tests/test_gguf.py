@@ -19,11 +19,6 @@ ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "a
 KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w_proj)\.lora_([AB])\.weight$")
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def _ggml_rows(b: np.ndarray, n_head: int) -> np.ndarray:
     """The rows of a q/k projection in GGML's rotary order, index by index: within head h of
     size d, GGML row h·d + 2k + j is HF row h·d + j·d/2 + k."""

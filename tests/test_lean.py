@@ -16,11 +16,6 @@ import _tiny
 HEAVY = ("numba", "llvmlite", "pyarrow", "matplotlib", "torch")
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def _py(code: str, *, block=(), cwd=None):
     """Run ``code`` in a fresh interpreter importing the loramix under test; modules in ``block``
     cannot be imported there (as if not installed)."""

@@ -25,11 +25,6 @@ from loramix.pipeline import OutputError, generate, mix_adapters
 from loramix.profiles.tokens import ProfileError
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def _tree(root: Path) -> dict:
     """Every file under ``root`` (links not followed) → its bytes: what must survive untouched."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else "dir")

@@ -17,11 +17,6 @@ from loramix.pipeline import generate
 HUB_ID = "tiny-org/tiny-mistral"
 
 
-@pytest.fixture(scope="module")
-def w(tmp_path_factory):
-    return _tiny.world(tmp_path_factory)
-
-
 def _rebased(w, root, base_ref: str):
     """A copy of the tiny bank whose members name their base model ``base_ref`` (as the mini
     bank's ``../../base``), with the base model at ROOT/base."""

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file as np_save_file
 
-from loramix import _core
 from loramix.core.tensors import (SafetensorsFile, SafetensorsWriter, bf16_to_f32, f16_to_f32, f32_to_bf16,
                              f32_to_f16, gram, mix_into, weighted_sum)
 
