@@ -13,7 +13,6 @@ in ms per member and GB/s, and projected to a 502-member bank. Prints a table; w
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -45,12 +44,9 @@ def make_member(path: Path, layers: int = 32, hidden: int = 4096, kv: int = 1024
     save_file(t, str(path), metadata={"format": "pt"})
 
 
-def blake2b(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.blake2b()
-    with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
+def blake2b(path) -> str:
+    """The peer: BLAKE2b through the same chunked read as loramix's SHA-256."""
+    return integrity.file_digest(path, "blake2b")
 
 
 def main() -> None:

@@ -15,13 +15,13 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 import loramix
 from loramix import _core
+from loramix_bench._common import run_threads  # benches/ is on sys.path when run as a script
 from loramix.core.tensors import SafetensorsFile, SafetensorsWriter, f32_to_bf16, gram, weighted_sum
 
 
@@ -39,18 +39,7 @@ def read_bandwidth(arr: np.ndarray, threads: int, repeat: int) -> float:
     """GB/s of numpy sums over `arr`, split across `threads` Python threads (sum releases the GIL)."""
     flat = arr.reshape(-1)
     parts = np.array_split(flat, threads)
-
-    def run():
-        if threads == 1:
-            flat.sum()
-            return
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    return flat.nbytes / best_time(run, repeat) / 1e9
+    return flat.nbytes / best_time(lambda: run_threads(p.sum for p in parts), repeat) / 1e9
 
 
 def main() -> None:

@@ -35,6 +35,20 @@ def times(fn, repeat: int = 3, warmup: int = 1, first: list | None = None) -> li
     return out
 
 
+def run_threads(fns) -> None:
+    """Call each of ``fns`` in its own Python thread and wait for all (numpy reductions release
+    the GIL, so this spreads a read over the cores); one callable runs in this thread."""
+    fns = list(fns)
+    if len(fns) == 1:
+        fns[0]()
+        return
+    ts = [threading.Thread(target=f) for f in fns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
 def summary(ts: list[float]) -> dict:
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs": len(ts)}
 

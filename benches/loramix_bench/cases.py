@@ -117,33 +117,11 @@ def _finish(res: dict, sampler: C.PeakSampler, base: dict) -> dict:
 @case
 def ceiling_read(nbytes: int = 2 * 10**9, threads: int = 2, repeat: int = 5, **_):
     """Read bandwidth: numpy sum over a large float32 array (split over ``threads`` threads)."""
-    import threading
-
     a = np.ones(nbytes // 4, np.float32)
     parts = np.array_split(a, threads)
-
-    def run():
-        if threads == 1:
-            a.sum()
-            return
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    ts = C.times(run, repeat)
-    u = a.view(np.uint64)
-    upart = np.array_split(u, threads)
-
-    def run_u64():
-        ts_ = [threading.Thread(target=p.max) for p in upart]
-        for t in ts_:
-            t.start()
-        for t in ts_:
-            t.join()
-
-    tu = C.times(run_u64, repeat)
+    ts = C.times(lambda: C.run_threads(p.sum for p in parts), repeat)
+    uparts = np.array_split(a.view(np.uint64), threads)
+    tu = C.times(lambda: C.run_threads(p.max for p in uparts), repeat)
     return {**C.summary(ts), "gb_per_s": a.nbytes / min(ts) / C.GB, "gb_per_s_median": a.nbytes / np.median(ts) / C.GB,
             "u64_max_gb_per_s": a.nbytes / min(tu) / C.GB}
 
@@ -154,8 +132,6 @@ def ceiling_read_mmap(bank: str, nbytes: int = 4 * 10**9, threads: int = 2, repe
     ``np.memmap`` views of its safetensors files as uint64 (its bf16 bytes are not valid
     float32 values to sum), split over threads; compare with ``ceiling_read``'s uint64 rate.
     The first pass also maps the pages (minor faults); later passes find them mapped."""
-    import threading
-
     files = sorted(Path(bank).glob("*/adapter_model.safetensors"))
     views, total = [], 0
     for f in files:
@@ -166,15 +142,12 @@ def ceiling_read_mmap(bank: str, nbytes: int = 4 * 10**9, threads: int = 2, repe
             break
     parts = [views[i::threads] for i in range(threads)]
 
+    def work(vs):
+        for v in vs:
+            np.asarray(v).view(np.uint64).max()   # bf16 bytes read as f32 may be inf: no float op
+
     def run():
-        def work(vs):
-            for v in vs:
-                np.asarray(v).view(np.uint64).max()   # bf16 bytes read as f32 may be inf: no float op
-        ts = [threading.Thread(target=work, args=(p,)) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        C.run_threads([lambda p=p: work(p) for p in parts])
 
     first: list = []
     ts = C.times(run, repeat, 1, first)

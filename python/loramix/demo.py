@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from loramix.weights.hybrid import effective_metric
 from loramix import weights as wts
 from loramix.evaluation import loo as eval_loo
 
@@ -76,7 +75,7 @@ def run_demo(task: str | None = None, out=DEFAULT_OUT, *, bank_root=None, evalua
     out = Path(out)
     check_output(out, bank, overwrite)   # refuse before any work
     families = {t: v.get("family") for t, v in (bp.manifest or {}).get("tasks", {}).items()}
-    metric = effective_metric(metric)   # the default hybrid needs the encoder weights: js without them
+    metric = wts.resolve_metric(metric)   # the default hybrid needs the encoder weights: js without them
 
     echo(f"loramix demo: a LoRA for the held-out task '{task}', mixed from the other "
          f"{len(bank.members) - 1} adapters of the mini bank, without training "

@@ -23,7 +23,6 @@ from loramix.mixing.modes import check_rank
 from loramix.mixing.output import GenerateResult, OutputError, check_output
 from loramix.bank.baseref import resolve_base_model
 from loramix.mixing.output import output_names, resumable
-from loramix.weights.hybrid import effective_metric
 
 __all__ = ["generate", "GenerateResult", "OutputError", "mix_adapters"]
 
@@ -155,7 +154,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
         raise wts.WeightsError(f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(wts.PIPELINES))}")
     popts = dict(pipeline_options or {})
     mopts = dict(metric_options or {})
-    metric = effective_metric(metric, mopts)   # hybrid without an encoder: js, said once
+    metric = wts.resolve_metric(metric, mopts)   # e.g. hybrid without an encoder: js, said once
     metrics = [metric]
     if pipeline in wts.PIPELINE_PREPARE:   # e.g. neural: its metrics and model come from the bank
         metrics, popts, extra = wts.PIPELINE_PREPARE[pipeline](bank, metric, popts)
@@ -180,11 +179,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
         if queries is None:
             queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=profile_cache,
                                            progress=progress) for d in items]
-            v = max([bank.vocab_size] + [q.vocab_size for q in queries])
-            qm = prof.stack(queries, v)
-            bm = bank.profiles()
-            if bm.shape[1] != v:
-                bm = prof.widen(bm, v)
+            qm, bm = prof.stack_against(queries, bank)
         Ds[m] = wts.distances(qm, bm, m)
     D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)

@@ -319,6 +319,20 @@ class Member:
         return np.ascontiguousarray(np.pad(x, pad))
 
 
+def _open_into(path: Path, info: dict, check: bool, members: list, skipped: list, problems: list,
+               specs: list) -> None:
+    """Read one member the full way (:func:`_open_member`) and file it: into ``members`` (and its
+    spec into ``specs``), ``skipped`` (missing or empty) or ``problems``."""
+    m, problem = _open_member(path, info, check)
+    if problem:
+        problems.append(problem)
+    elif m is None:
+        skipped.append(info["name"])
+    else:
+        members.append(m)
+        specs.append(m.spec)
+
+
 def _open_member(path: Path, info: dict, check: bool):
     """``(Member, None)``, ``(None, None)`` for a missing/empty member (skipped), or
     ``(None, problem)``: one member read the full way (paths, config, safetensors header, specs,
@@ -419,18 +433,11 @@ class Bank:
         idx = bank_index.load_current(path, doc)
         if idx is not None:
             members, skipped, problems, specs, stale = bank_index.open_members(
-                path, doc, idx, check, Member, _open_member)
+                path, doc, idx, check, Member, _open_into)
         else:
             members, skipped, problems, specs, stale = [], [], [], [], False
             for info in doc["members"]:
-                m, problem = _open_member(path, info, check)
-                if problem:
-                    problems.append(problem)
-                elif m is None:
-                    skipped.append(info["name"])
-                else:
-                    members.append(m)
-                    specs.append(m.spec)
+                _open_into(path, info, check, members, skipped, problems, specs)
         problems += _fit_problems(specs, doc.get("base_model"))
         for n, (inn, out) in doc.get("modules", {}).items():
             for s in specs:

@@ -247,13 +247,13 @@ def load_current(path: Path, doc: dict):
     return idx
 
 
-def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_member):
+def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_into):
     """``(members, skipped, problems, specs, stale)`` of a bank opened from its index: one
     ``stat`` per member file, specs shared per layout (``specs`` holds one per layout, plus the
     members read in full). A member whose weights or config changed since indexing is read the
-    full way by ``open_member(path, info, check)`` (``stale`` is then the list of their names,
-    for one warning once the open succeeds); a missing member or a changed profile sets
-    ``stale`` True (the bank then reads its profiles from the files). ``member_cls`` builds the
+    full way and filed by ``open_into(path, info, check, members, skipped, problems, specs)``
+    (``stale`` is then the list of their names, for one warning once the open succeeds); a
+    missing member or a changed profile sets ``stale`` True (the bank then reads its profiles from the files). ``member_cls`` builds the
     others: ``member_cls(name, folder, spec_factory, profile_path, info)``."""
     meta, stat = idx.meta, idx.arrays["stat"].tolist()
     specs_by_key: dict = {}
@@ -272,14 +272,7 @@ def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_membe
         if now[:4] != stat[i][:4]:
             changed.append(info["name"])
             stale = True
-            m, problem = open_member(path, info, check)
-            if problem:
-                problems.append(problem)
-            elif m is None:
-                skipped.append(info["name"])
-            else:
-                members.append(m)
-                reps.append(m.spec)
+            open_into(path, info, check, members, skipped, problems, reps)
             continue
         if now[4] < 0:
             problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")

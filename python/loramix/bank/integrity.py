@@ -20,20 +20,25 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256",
+__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest",
            "changed_problem", "verify", "SIG_EDGE"]
 
 #: Bytes at each end of the data section that the quick signature covers.
 SIG_EDGE = 1 << 12
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
+def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file's bytes with a ``hashlib`` algorithm, read in chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for b in iter(lambda: fh.read(chunk), b""):
             h.update(b)
     return h.hexdigest()
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    return file_digest(path, "sha256", chunk)
 
 
 def path_problem(bank_path, value, what: str, *, links_out: bool = False) -> str | None:

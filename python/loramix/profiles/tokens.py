@@ -239,6 +239,15 @@ def widen(m, v: int):
     return sp.csr_array((m.data, m.indices, m.indptr), shape=(m.shape[0], v))
 
 
+def stack_against(queries, bank):
+    """``(queries, bank profiles)`` as two CSR matrices of one width: the queries' profiles
+    stacked and the bank's (anything with ``vocab_size`` and ``profiles()``), both as wide as the
+    widest vocabulary among them (queries may use added tokens beyond the bank's)."""
+    v = max([bank.vocab_size] + [q.vocab_size for q in queries])
+    bm = bank.profiles()
+    return stack(queries, v), (widen(bm, v) if bm.shape[1] != v else bm)
+
+
 def stack(profiles, vocab_size: int | None = None):
     """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts; without
     scipy (the base install leaves it out) the core's own :class:`loramix.core.divergence.CSR`,

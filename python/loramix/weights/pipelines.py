@@ -44,6 +44,7 @@ PIPELINES: dict[str, PipelineFn] = {}
 PIPELINE_INPUT: dict[str, str] = {}        # name -> "row" (one distance row) | "matrices"
 PIPELINE_PREPARE: dict[str, Callable] = {}  # name -> prepare(bank, metric, options) (see above)
 METRICS: dict[str, tuple[Callable, str]] = {}
+METRIC_RESOLVE: dict[str, Callable] = {}   # name -> resolve(metric_options) -> the metric really used
 
 
 class WeightsError(ValueError):
@@ -65,8 +66,12 @@ def register_pipeline(name: str, *, input: str = "row", prepare: Callable | None
     return deco
 
 
-def register_metric(name: str, fn: Callable, kind: str = "histogram") -> Callable:
+def register_metric(name: str, fn: Callable, kind: str = "histogram", *, resolve: Callable | None = None) -> Callable:
     """Register a distance.
+
+    ``resolve(metric_options) -> name``: the metric a run with these options really computes (a
+    metric that needs something optional may fall back to another one, and says so once);
+    :func:`resolve_metric` asks it, so that the provenance names what was computed.
 
     ``kind="histogram"``: ``fn(query_counts (Q, V), bank_counts (N, V)) -> (Q, N)`` on token
     profiles (dense or CSR). Any other kind (e.g. ``"embedding"`` for a cosine metric on
@@ -75,7 +80,16 @@ def register_metric(name: str, fn: Callable, kind: str = "histogram") -> Callabl
     opened bank and its ``profile_cache`` folder, so it can compute and cache its own features.
     """
     METRICS[name] = (fn, kind)
+    if resolve is not None:
+        METRIC_RESOLVE[name] = resolve
     return fn
+
+
+def resolve_metric(name: str, metric_options: dict | None = None) -> str:
+    """The metric a run of ``name`` with ``metric_options`` really computes (``name`` itself unless
+    the metric registered a ``resolve`` hook that falls back, e.g. ``hybrid`` without an encoder)."""
+    fn = METRIC_RESOLVE.get(name)
+    return fn(dict(metric_options or {})) if fn is not None else name
 
 
 def softmin(d: np.ndarray, temperature: float = 1.0) -> np.ndarray:
