@@ -197,13 +197,15 @@ def _check_replaceable(out: Path) -> None:
 
 
 def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", threads: int | None = None,
-          force: bool = False) -> dict:
-    """Build the bank for ``suite`` into ``out`` and return the manifest."""
+          force: bool = False, jobs: int = 1) -> dict:
+    """Build the bank for ``suite`` into ``out`` and return the manifest.
+
+    ``jobs`` > 1 trains the per-task LoRAs in that many processes (each with ``threads`` torch
+    threads); the files are byte-identical to ``jobs=1``."""
     import peft
     import tokenizers
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
     from loramix.minibank import realtasks
@@ -282,25 +284,28 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
     portable_tokenizer_config(base_dir)
     _log(f"base done, loss {loss:.3f}")
 
-    # 4. one LoRA per task
-    lc = suite["lora"]
-    lcfg = dict(r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
-                target_modules=list(lc["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    # 4. one LoRA per task (in ``jobs`` processes when asked: each loads the bf16 base from disk,
+    #    which equals the bf16-rounded model in memory, so the files are the same either way)
+    rows = {s["name"]: [fit(encode_example(tok, r["input"], r["output"][0], eos_id)) for r in data[s["name"]]["train"]]
+            for s in specs}
+    jobs = max(1, min(int(jobs or 1), len(specs)))
     results = {}
-    for i, spec in enumerate(specs):
-        t0 = time.time()
-        name = spec["name"]
-        torch.manual_seed(lc["init_seed"])
-        pm = get_peft_model(model, LoraConfig(**lcfg))
-        rows = [fit(encode_example(tok, r["input"], r["output"][0], eos_id)) for r in data[name]["train"]]
-        params = [p for p in pm.parameters() if p.requires_grad]
-        loss = _train(pm, params, rows, lc, seed_for(suite["seed"], "lora-order", name), pad_id, name)
-        tdir = bank / name
-        pm.save_pretrained(tdir, safe_serialization=True)
-        _fix_adapter_dir(tdir)
-        model = pm.unload()  # the untouched base back, LoRA layers removed
-        results[name] = {"train_loss": round(loss, 4)}
-        _log(f"[{i + 1}/{len(specs)}] {name}: loss {loss:.3f} ({time.time() - t0:.1f}s)")
+    if jobs == 1:
+        for i, spec in enumerate(specs):
+            name = spec["name"]
+            model, results[name] = _fit_lora(model, suite, name, rows[name], bank / name, pad_id)
+            _log(f"[{i + 1}/{len(specs)}] {name}: loss {results[name]['train_loss']:.3f} "
+                 f"({results[name].pop('seconds'):.1f}s)")
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")   # a fresh interpreter: no inherited OpenMP state
+        work = [(str(base_dir), suite, s["name"], rows[s["name"]], str(bank / s["name"]), pad_id, threads)
+                for s in specs]
+        with ctx.Pool(jobs) as pool:
+            for i, (name, res) in enumerate(pool.imap_unordered(_fit_lora_job, work)):
+                results[name] = res
+                _log(f"[{i + 1}/{len(specs)}] {name}: loss {res['train_loss']:.3f} ({res.pop('seconds'):.1f}s)")
 
     manifest = {
         "suite": suite["name"],
@@ -323,6 +328,45 @@ def build(suite: dict | str, out: str | os.PathLike, *, scale: str = "full", thr
         fh.write("\n")
     _log(f"done in {manifest['build_seconds']:.0f}s")
     return manifest
+
+
+def _fit_lora(model, suite: dict, name: str, rows, tdir: Path, pad_id: int):
+    """Train task ``name``'s LoRA on ``model`` (the float32 copy of the bf16 base), save it into
+    ``tdir``; return the base back (LoRA layers removed) and ``{"train_loss", "seconds"}``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    t0 = time.time()
+    lc = suite["lora"]
+    lcfg = dict(r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
+                target_modules=list(lc["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(lc["init_seed"])
+    pm = get_peft_model(model, LoraConfig(**lcfg))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    loss = _train(pm, params, rows, lc, seed_for(suite["seed"], "lora-order", name), pad_id, name)
+    pm.save_pretrained(tdir, safe_serialization=True)
+    _fix_adapter_dir(tdir)
+    return pm.unload(), {"train_loss": round(loss, 4), "seconds": time.time() - t0}
+
+
+_WORKER_BASE: dict = {}
+
+
+def _fit_lora_job(job):
+    """One LoRA in a worker process: the base is loaded from disk once per process."""
+    base_dir, suite, name, rows, tdir, pad_id, threads = job
+    if base_dir not in _WORKER_BASE:
+        import torch
+        from transformers import MistralForCausalLM
+
+        _set_determinism(threads)
+        _WORKER_BASE.clear()
+        base = MistralForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        # the in-process model went to bf16 and back, rotary buffers included: do the same
+        _WORKER_BASE[base_dir] = base.to(torch.bfloat16).float()
+    model, res = _fit_lora(_WORKER_BASE[base_dir], suite, name, rows, Path(tdir), pad_id)
+    _WORKER_BASE[base_dir] = model
+    return name, res
 
 
 def _fix_adapter_dir(tdir: Path) -> None:
@@ -352,14 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--scale", default="full", choices=["full", "tiny"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train the per-task LoRAs in this many processes (same files as 1)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     a = ap.parse_args(argv)
     if a.tasks:
         from loramix.minibank.realtasks import tasks_suite
 
-        build(tasks_suite(a.tasks, scale=a.scale), a.out, scale=a.scale, threads=a.threads, force=a.force)
+        build(tasks_suite(a.tasks, scale=a.scale), a.out, scale=a.scale, threads=a.threads, force=a.force,
+              jobs=a.jobs)
     else:
-        build(a.suite, a.out, scale=a.scale, threads=a.threads, force=a.force)
+        build(a.suite, a.out, scale=a.scale, threads=a.threads, force=a.force,
+              jobs=a.jobs)
     return 0
 
 

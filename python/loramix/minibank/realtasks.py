@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loramix.minibank.suite import seed_for
 
-#: the full build: ~1 hour on 2 cores for ~100 tasks (see docs/evaluation.md)
+#: the full build: under an hour on 2 cores for ~100 tasks with ``--jobs 2`` (docs/evaluation.md)
 FULL = {
     "seed": 2507_01806,
     "splits": {"test": 16, "valid": 8},           # the rest of each task's examples is train
@@ -30,9 +30,9 @@ FULL = {
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 40,
               "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True},
     "max_tokens": 384,
-    "base_training": {"steps": 1500, "batch_size": 16, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01},
+    "base_training": {"steps": 1000, "batch_size": 16, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01},
     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"],
-             "init_seed": 0, "steps": 120, "batch_size": 8, "lr": 5e-3, "warmup": 12},
+             "init_seed": 0, "steps": 80, "batch_size": 8, "lr": 5e-3, "warmup": 8},
     "threads": 1,
 }
 
