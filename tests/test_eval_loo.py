@@ -73,6 +73,29 @@ def test_weights_equal_generate_with_exclude(opened, tmp_path):
                                                                           np.inf, D["js"][k]))
 
 
+def test_same_source_members_are_left_out_like_generate_exclude(opened, tmp_path):
+    """``sources`` (tasks.json): members sharing a source dataset with the held-out task get no
+    weight, and the weights equal generate(..., exclude=[task and its same-source members])."""
+    from loramix.pipeline import generate
+
+    _, bank = opened
+    names = bank.names
+    sources = {n: frozenset({f"src{k // 2}"}) for k, n in enumerate(names)}   # pairs share a source
+    mask = eval_loo.exclusion_mask(bank, list(range(len(names))), sources)
+    for q, n in enumerate(names):
+        want = {m for m in names if sources[m] & sources[n]}
+        assert {names[j] for j in np.flatnonzero(mask[q])} == want and len(want) == (2 if q // 2 * 2 + 1 < len(names) else 1)
+    systems = eval_loo.plan_systems(["normalized"], ["js"], ("factors",), neural_metrics=[])
+    W, _, errors = eval_loo.loo_weights(bank, names[:3], systems, temperature=0.7, sources=sources)
+    assert not errors
+    for task in names[:3]:
+        same = sorted(m for m in names if sources[m] & sources[task])
+        r = generate(eval_loo.train_split(bank.members[bank.index(task)].path), bank, tmp_path / task,
+                     pipeline="normalized", metric="js", temperature=0.7, exclude=same)
+        np.testing.assert_allclose(W["normalized-js"][task], r.weights, rtol=0, atol=1e-15)
+        assert all(W[s][task][bank.index(m)] == 0 for s in W for m in same)
+
+
 def test_registered_pipelines_and_metrics_are_discovered(opened):
     _, bank = opened
 

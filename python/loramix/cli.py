@@ -239,6 +239,8 @@ def _add_eval_demo(sub, common) -> None:
     lo.add_argument("--top-k", type=int, default=None)
     lo.add_argument("--protocol", default="loramix", choices=["loramix", "paper"],
                     help="paper: the held-out task's self-distance enters the row's mean/std (the paper's code)")
+    lo.add_argument("--labels", default=None,
+                    help="tasks.json (name, categories, sources): also leave out members sharing a source dataset")
     lo.add_argument("--max-new-tokens", type=int, default=24)
     lo.add_argument("--max-prompt-tokens", type=int, default=512)
     lo.add_argument("--batch-size", type=int, default=512, help="rows per generation batch (all systems share it)")
@@ -306,7 +308,7 @@ def _run_eval_demo(args, progress: bool) -> int:
                       threads=args.threads, keep_adapters=args.keep_adapters,
                       neural_metrics=args.neural_metrics, neural_folds=args.neural_folds,
                       neural_seed=args.neural_seed, neural_hidden=args.neural_hidden, protocol=args.protocol,
-                      log=log)
+                      labels=args.labels, log=log)
     _emit(args, s, markdown_table(s) + f"\n\nresults in {args.out}/ (results.csv, table.md, summary.json)")
     return 0
 

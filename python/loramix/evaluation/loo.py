@@ -113,11 +113,13 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
                   threads: int | None = None, keep_adapters: bool = False, cache=None,
                   neural_metrics: Sequence[str] | None = NEURAL_METRICS, neural_folds: int = NEURAL_FOLDS,
                   neural_seed: int = 0, neural_hidden: int = 16, protocol: str = "loramix",
-                  log: Callable[[str], None] | None = None) -> dict:
+                  labels=None, log: Callable[[str], None] | None = None) -> dict:
     """Run the leave-one-out comparison; returns the summary (also written to ``out``).
 
     ``protocol="paper"``: the held-out task's own distance (and its duplicates') enters the row
-    statistics before it is excluded, as the paper's code does (:func:`loramix.weights.mixing_weights`)."""
+    statistics before it is excluded, as the paper's code does (:func:`loramix.weights.mixing_weights`).
+    ``labels``: a ``tasks.json`` (name, categories, sources): members sharing a source dataset with
+    the held-out task are left out too (their texts would make it trivially close)."""
     from loramix.evaluation import generation as ev
     from loramix.mixing.local import mix_adapters
 
@@ -156,6 +158,13 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
            "tasks": tasks, "systems": [asdict(s) for s in plan]}
     if protocol != "loramix":   # only then: runs of the default protocol stay resumable
         cfg["protocol"] = protocol
+    sources = None
+    if labels is not None:
+        from loramix.evaluation.retrieval import read_labels
+
+        sources = {n: sorted(src) for n, (_, src) in read_labels(labels).items() if n in b.names}
+        cfg["same_source_excluded"] = sources
+        sources = {n: frozenset(v) for n, v in sources.items()}
     families = {t: v.get("family") for t, v in (bp.manifest or {}).get("tasks", {}).items()} or None
     neural_sys = [s for s in plan if s.kind == "neural"]
     if neural_sys:
@@ -169,10 +178,11 @@ def leave_one_out(bank, out, *, tasks: Sequence[str] | None = None, split: str =
     _check_run(out, cfg)
 
     W, _, errors = loo_weights(b, tasks, plan, temperature=temperature, top_k=top_k,
-                               pipeline_options=pipeline_options, protocol=protocol)
+                               pipeline_options=pipeline_options, protocol=protocol, sources=sources)
     if neural_sys:
         NW, nerr, ninfo = neural_loo_weights(b, tasks, neural_sys, folds=neural_folds, seed=neural_seed,
-                                             hidden=neural_hidden, families=families, threads=threads, log=log)
+                                             hidden=neural_hidden, families=families, threads=threads,
+                                             sources=sources, log=log)
         W.update(NW)
         errors.update(nerr)
         ndoc = {k: v for k, v in ninfo.items() if k != "systems"}

@@ -134,10 +134,10 @@ def fold_assignment(tasks: Sequence[str], k: int = NEURAL_FOLDS, *, seed: int = 
     return {t: j % k for j, t in enumerate(order)}
 
 
-def fold_members(bank: Bank, tasks: Sequence[str], fold_of: dict) -> list[dict]:
+def fold_members(bank: Bank, tasks: Sequence[str], fold_of: dict, sources: dict | None = None) -> list[dict]:
     """Per fold: its held-out tasks and the members its combiner may train on — every member but
     the held-out tasks and those trained on the same data as one of them (:func:`exclusion_mask`)."""
-    mask = exclusion_mask(bank, [bank.index(t) for t in tasks])
+    mask = exclusion_mask(bank, [bank.index(t) for t in tasks], sources)
     out = []
     for f in range(max(fold_of.values()) + 1):
         q = [k for k, t in enumerate(tasks) if fold_of[t] == f]
@@ -148,7 +148,7 @@ def fold_members(bank: Bank, tasks: Sequence[str], fold_of: dict) -> list[dict]:
 
 def neural_loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *, folds: int = NEURAL_FOLDS,
                        seed: int = 0, hidden: int = 16, families: dict | None = None, gram=None,
-                       metric_options: dict | None = None, threads=None,
+                       metric_options: dict | None = None, threads=None, sources: dict | None = None,
                        log: Callable[[str], None] | None = None) -> tuple[dict, dict, dict]:
     """Weights of the ``neural`` systems with K-fold combiners: ``(weights, errors, info)``.
 
@@ -171,7 +171,7 @@ def neural_loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[Syste
     if not todo:
         return W, errors, info
     rows = [bank.index(t) for t in tasks]
-    mask = exclusion_mask(bank, rows)
+    mask = exclusion_mask(bank, rows, sources)
     fold_of = fold_assignment(tasks, folds, seed=seed, families=families)
     info["fold_of"] = fold_of
     nf = max(fold_of.values()) + 1
@@ -180,7 +180,7 @@ def neural_loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[Syste
     except Exception as e:   # noqa: BLE001
         return W, {s.name: f"{type(e).__name__}: {e}" for s in todo}, info
     D: dict[str, np.ndarray] = {}
-    folds_doc = info["fold_members"] = fold_members(bank, tasks, fold_of)
+    folds_doc = info["fold_members"] = fold_members(bank, tasks, fold_of, sources)
     for s in todo:
         parts = neural_parts(s.metric)
         try:
@@ -215,27 +215,34 @@ def neural_loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[Syste
     return W, errors, info
 
 
-def exclusion_mask(bank: Bank, rows: list[int]) -> np.ndarray:
-    """Per held-out task: the task itself and every member trained on the same data."""
+def exclusion_mask(bank: Bank, rows: list[int], sources: dict | None = None) -> np.ndarray:
+    """Per held-out task: the task itself and every member trained on the same data — the same
+    dataset hash, or (``sources``: name -> set of source datasets, e.g. from ``tasks.json``) a
+    shared underlying source, whose texts would make the neighbour trivially close."""
     hashes = np.array([m.info.get("dataset_hash", "") for m in bank.members])
+    src = [frozenset((sources or {}).get(n, ())) for n in bank.names]
     mask = np.zeros((len(rows), len(bank.members)), bool)
     for q, i in enumerate(rows):
         mask[q, i] = True
         if hashes[i]:
             mask[q, hashes == hashes[i]] = True
+        if src[i]:
+            mask[q, [bool(src[i] & x) for x in src]] = True
     return mask
 
 
 def loo_weights(bank: Bank, tasks: Sequence[str], systems: Sequence[System], *,
                 temperature: float = 1.0, top_k: int | None = None,
-                pipeline_options: dict | None = None, protocol: str = "loramix") -> tuple[dict, dict, dict]:
+                pipeline_options: dict | None = None, protocol: str = "loramix",
+                sources: dict | None = None) -> tuple[dict, dict, dict]:
     """``(weights, distances, errors)``: ``weights[system][task]`` (N,) for every mixed system,
     ``distances[metric]`` (T, N), and ``errors[system]`` for systems that could not be computed
     (e.g. a pipeline that needs options it was not given): those are skipped, not fatal.
-    ``protocol``: how excluded members enter the row statistics (see :func:`loramix.weights.mixing_weights`)."""
+    ``protocol``: how excluded members enter the row statistics (see :func:`loramix.weights.mixing_weights`);
+    ``sources``: also exclude members sharing a source dataset (:func:`exclusion_mask`)."""
     rows = [bank.index(t) for t in tasks]
     train = [train_split(bank.members[i].path) for i in rows]
-    mask = exclusion_mask(bank, rows)
+    mask = exclusion_mask(bank, rows, sources)
     D, W, errors = {}, {}, {}
     for s in systems:
         if not s.mixed or s.kind == "neural":
