@@ -218,6 +218,40 @@ def test_summary_findings_from_a_results_table(tmp_path):
     assert "**normalized-js**" in (tmp_path / "table.md").read_text()
 
 
+def test_summary_default_vs_paper_is_paired_and_gap_shares_are_exact(tmp_path):
+    """The pre-registered comparison: loramix's default system minus the paper's pipeline, paired
+    over tasks (percentile bootstrap of the per-task differences), and each one's share of the
+    base→task-LoRA gap as mean(system − base) / mean(task LoRA − base), recomputed here."""
+    from loramix.evaluation.generation import bootstrap_ci
+    from loramix.evaluation.report import default_and_paper_systems
+
+    dflt, paper = default_and_paper_systems()
+    assert paper == "normalized-js" and dflt.startswith("normalized-") and "-T" in dflt
+    rng = np.random.default_rng(1)
+    vals = {}
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["task", "system", "n", "rougeL", "exact", "subseq"])
+        for t in range(12):
+            lvl = rng.uniform(0, 0.3)   # task difficulty: cancels in the paired differences
+            for s, mu in (("base", 0.1), (paper, 0.3), (dflt, 0.35), ("task-lora", 0.6)):
+                vals[(t, s)] = lvl + mu + rng.normal(0, 0.01)
+                w.writerow([f"t{t}", s, 4, vals[(t, s)], 0, 0])
+    s = eval_loo.summarize_results(tmp_path)
+    f = s["findings"]
+    order = sorted(range(12), key=lambda t: f"t{t}")   # the summary's task order: by name
+    want = list(bootstrap_ci([vals[(t, dflt)] - vals[(t, paper)] for t in order]))
+    np.testing.assert_allclose(f["default_minus_paper"], want, rtol=0, atol=1e-12)
+    assert f["default_minus_paper"][1] > 0 and f["default_vs_paper_tasks"] == 12
+    gap = np.mean([vals[(t, "task-lora")] - vals[(t, "base")] for t in range(12)])
+    for key, sysname in (("gap_closed_default", dflt), ("gap_closed_paper", paper)):
+        np.testing.assert_allclose(f[key], np.mean([vals[(t, sysname)] - vals[(t, "base")] for t in range(12)]) / gap,
+                                   rtol=1e-12)
+    table = (tmp_path / "table.md").read_text()
+    assert f"loramix's default ({dflt}) − the paper's pipeline ({paper}), paired over 12 tasks" in table
+    assert "the CI excludes 0" in table
+
+
 def test_cli_leave_one_out(tiny, tmp_path):
     root, cache = tiny
     env = {**os.environ, "PYTHONPATH": str(_tiny.PKG_PARENT), "LORAMIX_CACHE": str(cache)}

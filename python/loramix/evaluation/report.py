@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix import weights as wts
 from loramix.evaluation.systems import DEFAULT_METRIC, DEFAULT_PIPELINE, weight_stats
 
 
@@ -118,6 +119,36 @@ def _findings(res: dict) -> dict:
             f["task_lora_minus_best"] = _ci([pt[t] - pb[t] for t in common])
     if "delta_vs_base" in gen[best]:
         f["best_minus_base"] = gen[best]["delta_vs_base"]
+    f.update(_default_vs_paper(res))
+    return f
+
+
+def default_and_paper_systems() -> tuple[str, str]:
+    """The names of loramix's generate default and of the paper's pipeline as systems."""
+    p = wts.PAPER_DEFAULTS
+    return (f"{wts.DEFAULT_PIPELINE}-{wts.DEFAULT_METRIC}-T{wts.DEFAULT_TEMPERATURE:g}",
+            f"{p['pipeline']}-{p['metric']}" + ("" if p["temperature"] == 1.0 else f"-T{p['temperature']:g}"))
+
+
+def _default_vs_paper(res: dict) -> dict:
+    """The comparison fixed before the run (no choice on the test split): loramix's default vs
+    the paper's pipeline, paired over tasks, and each one's share of the base→task-LoRA gap."""
+    dflt, paper = default_and_paper_systems()
+    if dflt not in res or paper not in res:
+        return {}
+    pd, pp = res[dflt]["per_task"], res[paper]["per_task"]
+    common = sorted(t for t in pd if t in pp)
+    if not common:
+        return {}
+    f = {"default_system": dflt, "paper_system": paper, "default_vs_paper_tasks": len(common),
+         "default_minus_paper": _ci([pd[t] - pp[t] for t in common])}
+    if "base" in res and "task-lora" in res:
+        pb, pt = res["base"]["per_task"], res["task-lora"]["per_task"]
+        both = [t for t in common if t in pb and t in pt]
+        gap = float(np.mean([pt[t] - pb[t] for t in both])) if both else 0.0
+        if gap:
+            f["gap_closed_default"] = float(np.mean([pd[t] - pb[t] for t in both])) / gap
+            f["gap_closed_paper"] = float(np.mean([pp[t] - pb[t] for t in both])) / gap
     return f
 
 
@@ -186,6 +217,15 @@ def markdown_table(summary: dict) -> str:
             lines.append(f"Paired over tasks, best generated − base: {_fmt_ci(f['best_minus_base'])}.")
         if "task_lora_minus_best" in f:
             lines.append(f"Paired over tasks, task LoRA − best generated: {_fmt_ci(f['task_lora_minus_best'])}.")
+        if "default_minus_paper" in f:
+            d = f["default_minus_paper"]
+            verdict = ("" if f["default_vs_paper_tasks"] < MIN_TASKS_FOR_CI else
+                       "; the CI excludes 0" if d[1] > 0 or d[2] < 0 else "; the CI includes 0")
+            shares = "".join(f", {lab} recovers {100 * f[k]:.0f}% of the base→task-LoRA gap"
+                             for lab, k in (("the default", "gap_closed_default"), ("the paper's", "gap_closed_paper"))
+                             if k in f)
+            lines.append(f"loramix's default ({f['default_system']}) − the paper's pipeline ({f['paper_system']}), "
+                         f"paired over {f['default_vs_paper_tasks']} tasks: {_fmt_ci(d)}{verdict}{shares}.")
         if "task_lora_rougeL" in f:
             gap = f.get("gap_closed")
             cis = ("" if f["best_below_task_lora_ci_disjoint"] is None else
