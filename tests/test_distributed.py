@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,12 +233,19 @@ def test_failed_batch_then_rerun_skips_complete(w, queries, client, tmp_path, tm
     ref = local_ref(w, queries, tmp_path_factory)
     out = tmp_path / "out"
     opts = {"split": "modules", "parts": 3, "retries": 0, "timeout": WAIT}
+    from loramix.core.files import make_stage_dir
+
+    out.mkdir()
+    foreign = make_stage_dir(out, "q3")   # another live process writing q3: not this batch's to remove
+    (foreign / "theirs.bin").write_bytes(b"x")
     client.run(_install_fail, "q3")
     try:
         with pytest.raises(RuntimeError, match="injected failure for q3"):
             generate(queries, w.bank, out, client=client, distributed_options=opts)
     finally:
         client.run(_uninstall_fail)
+    assert (foreign / "theirs.bin").read_bytes() == b"x"
+    shutil.rmtree(foreign)
     assert not (out / "q3").exists()
     keys = {}
     for d in out.iterdir():   # each target: a finished, verified adapter or nothing

@@ -235,7 +235,7 @@ def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
     where = {m: s for s, mods in enumerate(spec["slices"]) for m in mods}
     parts = {s: tensors.SafetensorsFile(_part_path(spec, s)) for s in sorted(set(where.values()))}
     entries = mixmod.entries_for(bank, info, spec["dtype"], index)
-    stage = stage_folder(out)
+    stage = _batch_stage(spec, out)
     try:
         w = tensors.SafetensorsWriter(stage / peft_io.WEIGHTS_NAME, entries, spec["metadata"])
         try:
@@ -255,8 +255,32 @@ def _assemble(spec: dict, q: int, out: str, extra: dict, _deps=None) -> str:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+#: inside a worker's staging folder until it is sealed: the run it belongs to, so the client
+#: removes the stages of its own killed tasks and never another run's
+BATCH_MARK = ".loramix-run"
+
+
+def _batch_stage(spec: dict, out: Path) -> Path:
+    stage = stage_folder(out)
+    (stage / BATCH_MARK).write_text(spec["run"])
+    return stage
+
+
+def _own_stages(out: Path, run: str) -> list[Path]:
+    """The staging folders next to ``out`` made by tasks of run ``run`` (killed mid-write)."""
+    mine = []
+    for st in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            if st.is_dir() and not st.is_symlink() and (st / BATCH_MARK).read_text() == run:
+                mine.append(st)
+        except OSError:
+            continue
+    return mine
+
+
 def _finish(spec, bank, q, info, stage, out, extra) -> str:
     """Config, provenance (sealed with the checksums) and card, then the rename into place."""
+    (stage / BATCH_MARK).unlink(missing_ok=True)
     finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra)
     sha = seal(stage, spec["keys"][q], spec["split"])
     if out.exists() and not spec["overwrite"]:
@@ -278,7 +302,7 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
     stages, writers = {}, {}
     try:
         for q, o in todo.items():
-            stages[q] = stage_folder(o)
+            stages[q] = _batch_stage(spec, o)
             writers[q] = tensors.SafetensorsWriter(
                 stages[q] / peft_io.WEIGHTS_NAME, mixmod.entries_for(bank, infos[q], spec["dtype"], index),
                 spec["metadata"])
@@ -470,6 +494,7 @@ def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, t
     # task keys are new on every run: the scheduler may still hold the results of a previous
     # run's keys, and would hand them back instead of running the tasks again
     tag = f"{bkey[:12]}-{uuid.uuid4().hex[:8]}"
+    spec["run"] = tag
     futures = []
     ok = False
     try:
@@ -502,8 +527,8 @@ def _run(c, bank, W, spec, outs, todo, extras, split, parts, scratch, retries, t
             c.cancel(futures)
             _drain(c, "loramix-", tag, 60 if timeout is None else timeout)
         shutil.rmtree(spec["scratch"], ignore_errors=True)
-        for q in todo:   # stage folders of tasks whose worker was killed mid-write
-            for st in outs[q].parent.glob(f".{outs[q].name}.tmp-*"):
+        for q in todo:   # stage folders of this run's tasks whose worker was killed mid-write
+            for st in _own_stages(outs[q], tag):
                 shutil.rmtree(st, ignore_errors=True)
 
 
