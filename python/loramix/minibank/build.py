@@ -21,7 +21,6 @@ training script with a fixed seed; only the data order differs by task.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from loramix.bank.integrity import file_sha256
 from loramix.minibank.suite import generate_pretrain, generate_task, load_suite, seed_for, suite_fingerprint, task_specs
 
 __all__ = ["build", "file_hashes", "scaled_suite", "MANIFEST"]
@@ -55,18 +55,10 @@ def portable_tokenizer_config(base_dir: Path) -> None:
     p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` except the manifest, keyed by posix relative path."""
     root = Path(root)
-    return {p.relative_to(root).as_posix(): sha256(p)
+    return {p.relative_to(root).as_posix(): file_sha256(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 

@@ -14,11 +14,11 @@ build's fingerprint changes with the data.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
 
+from loramix.bank.integrity import file_sha256
 from loramix.minibank.suite import seed_for
 
 #: the full build: under an hour on 2 cores for ~100 tasks with ``--jobs 2`` (docs/evaluation.md)
@@ -35,10 +35,6 @@ FULL = {
              "init_seed": 0, "steps": 80, "batch_size": 8, "lr": 5e-3, "warmup": 8},
     "threads": 1,
 }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def tasks_suite(tasks_dir, *, scale: str = "full", labels=None) -> dict:
@@ -69,7 +65,7 @@ def tasks_suite(tasks_dir, *, scale: str = "full", labels=None) -> dict:
     for n in names:
         fams.setdefault(cats.get(n, "tasks"), []).append({"name": n})
     s.update(name=f"tasks-{tasks_dir.name}" + ("-tiny" if scale == "tiny" else ""), tasks_dir=str(tasks_dir),
-             task_files={n: {"file": f"{n}.jsonl", "sha256": _sha256(tasks_dir / f"{n}.jsonl")} for n in names},
+             task_files={n: {"file": f"{n}.jsonl", "sha256": file_sha256(tasks_dir / f"{n}.jsonl")} for n in names},
              families=[{"name": c, "tasks": ts} for c, ts in fams.items()])
     if scale == "tiny":
         s["splits"] = {"test": 4, "valid": 2}
