@@ -95,8 +95,6 @@ Scaling model (to size a cluster)
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import threading
@@ -111,7 +109,7 @@ from loramix.mixing import modes as mixmod
 from loramix.bank import peft_io
 from loramix.bank.bank import Bank, BankError, file_sha256
 from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage,  # noqa: F401
-                                   is_complete, seal, stage_folder, swap_in, target_key, weight_matrix,
+                                   content_key, is_complete, seal, stage_folder, swap_in, target_key, weight_matrix,
                                    weights_metadata)
 from loramix.mixing.scheduler import connect as connect_scheduler
 from loramix.version import __version__
@@ -133,10 +131,8 @@ class BatchResult(GenerateResult):
 # ------------------------------------------------------------------ keys and verification
 
 def batch_key(bank_hash: str, W, mode: str, rank, dtype: str, split: str, n_parts: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([bank_hash, mode, rank, dtype, __version__, split, n_parts, W.shape]).encode())
-    h.update(np.ascontiguousarray(W, dtype="<f8").tobytes())
-    return h.hexdigest()
+    """What a batch's scratch files are a function of (the bank, all weights, the split)."""
+    return content_key([bank_hash, mode, rank, dtype, __version__, split, n_parts, list(W.shape)], W)
 
 
 # ------------------------------------------------------------------ worker side

@@ -293,12 +293,17 @@ All weights are in `{PROVENANCE_NAME}`.
 
 # ------------------------------------------------------------------ resume: keys and verification
 
+def content_key(header: list, weights) -> str:
+    """SHA-256 of a JSON ``header`` (the settings) followed by ``weights`` as little-endian float64."""
+    h = hashlib.sha256()
+    h.update(json.dumps(header).encode())
+    h.update(np.ascontiguousarray(weights, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
 def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
     """What one output is a function of, hashed: the bank, its weight row and the settings."""
-    h = hashlib.sha256()
-    h.update(json.dumps([bank_hash, mode, rank, dtype, __version__]).encode())
-    h.update(np.ascontiguousarray(w_row, dtype="<f8").tobytes())
-    return h.hexdigest()
+    return content_key([bank_hash, mode, rank, dtype, __version__], w_row)
 
 
 def is_complete(out, key: str) -> bool:
