@@ -193,7 +193,8 @@ def markdown_table(summary: dict) -> str:
     bf = summary.get("by_family")
     if bf:
         show = [x for x in ("base", "uniform", f"nearest-{DEFAULT_METRIC}", f"{DEFAULT_PIPELINE}-{DEFAULT_METRIC}",
-                            summary.get("findings", {}).get("best_generated"), "task-lora") if x in bf]
+                            summary.get("findings", {}).get("best_generated"), default_and_paper_systems()[0],
+                            "task-lora") if x in bf]
         show = list(dict.fromkeys(show))
         fams = sorted({f for s in show for f in bf[s]})
         lines += ["", "Rouge-L by family of the held-out task (mean over its tasks):", "",
