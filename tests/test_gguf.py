@@ -96,12 +96,76 @@ def test_gguf_from_the_cli_and_f32(w, tmp_path):
 def test_gguf_refusals_name_the_file(w, tmp_path):
     from loramix.mixing.gguf_export import GGUFExportError, export_gguf
 
-    generate(w.queries["music_q"], w.bank, tmp_path / "mixed")   # members of ranks 2..8: per-module ranks
-    with pytest.raises(GGUFExportError, match=r"mixed/adapter_config.json: modules of ranks"):
-        export_gguf(tmp_path / "mixed")
     generate(w.queries["music_q"], w.bank, tmp_path / "hub", mode="svd", rank=2, base_model="org/not-here")
     with pytest.raises(GGUFExportError, match=r"hub/adapter_config.json: base model 'org/not-here' .* --base"):
         export_gguf(tmp_path / "hub")
     p = export_gguf(tmp_path / "hub", base=w.model)   # --base gives the config
     assert {t.name for t in gguf.GGUFReader(str(p)).tensors}
     assert sorted(x.name for x in (tmp_path / "hub").iterdir() if x.name.startswith(".")) == []
+
+
+def _peft_deltas(model_dir, adapter_dir) -> dict:
+    """(ΔW, scaling, rank) per module: ΔW = scaling · B @ A in float64, with PEFT's own scaling
+    (its reading of r, lora_alpha, rank_pattern, alpha_pattern, use_rslora) and its loaded factors."""
+    import torch
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(_tiny.load_base(model_dir), str(adapter_dir))
+    out = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            m = re.search(r"layers\.(\d+)\.self_attn\.(\w_proj)$", name)
+            with torch.no_grad():
+                b = mod.lora_B["default"].weight.double().numpy()
+                a = mod.lora_A["default"].weight.double().numpy()
+            s = mod.scaling["default"]
+            out[(int(m.group(1)), m.group(2))] = (s * (b @ a), s, a.shape[0])
+    return out
+
+
+def _llama_cpp_deltas(path) -> tuple[dict, float]:
+    """ΔW per module as llama.cpp computes it from the file: (alpha / rank) · B @ A, with one alpha
+    per file and rank taken per tensor from B (``b->ne[0]``); alpha 0 means scale 1."""
+    r = gguf.GGUFReader(str(path))
+    alpha = float(_field(r, "adapter.lora.alpha"))
+    t = {x.name: np.asarray(x.data).reshape(tuple(int(d) for d in x.shape[::-1])).astype(np.float64)
+         for x in r.tensors}
+    names = {ggml: proj for proj, ggml in ATTN.items()}
+    out = {}
+    for key, a in t.items():
+        m = re.match(r"^blk\.(\d+)\.(\w+)\.weight\.lora_a$", key)
+        if m is None:
+            continue
+        b = t[key[:-1] + "b"]
+        rank = b.shape[1]          # B is out × r here; ggml's ne[0] is r
+        out[(int(m.group(1)), names[m.group(2)])] = (alpha / rank if alpha else 1.0) * (b @ a)
+    return out, alpha
+
+
+@pytest.mark.parametrize("case", ["generated", "m2", "m1"])
+def test_gguf_mixed_ranks_alphas_and_rslora_scale_like_peft(w, tmp_path, case):
+    """Adapters llama.cpp's one alpha / rank would mis-scale: a generated factors mix over members
+    of ranks 2..8 (per-module ranks), member m2 (rank_pattern and alpha_pattern), member m1 (rsLoRA).
+    The file's ΔW, computed the way llama.cpp does, is PEFT's in float64 up to the f32 rounding of
+    the folded B (relative 2**-24 per entry)."""
+    from loramix.mixing.gguf_export import export_gguf
+
+    if case == "generated":
+        src = tmp_path / "mixed"
+        generate(w.queries["music_q"], w.bank, src)
+    else:
+        src = w.members[case]
+    path = export_gguf(src, tmp_path / "x.gguf", base=w.model, outtype="f32")
+    model_cfg = json.loads((w.model / "config.json").read_text())
+    peft = _peft_deltas(w.model, src)
+    got, alpha = _llama_cpp_deltas(path)
+    assert set(got) == set(peft)
+    for (layer, proj), (d, _, _) in peft.items():
+        if proj in ("q_proj", "k_proj"):
+            d = _ggml_rows(d, model_cfg["num_attention_heads" if proj == "q_proj" else "num_key_value_heads"])
+        np.testing.assert_allclose(got[(layer, proj)], d, rtol=1e-6, atol=1e-6 * np.abs(d).max(),
+                                   err_msg=f"layer {layer} {proj}")
+    # the case needs the fold: one alpha / rank would give some module another scale than PEFT's
+    assert any(abs(alpha / rank - s) > 1e-6 * s for _, s, rank in peft.values())
+    if case == "generated":
+        assert len({rank for _, _, rank in peft.values()}) > 1

@@ -176,7 +176,7 @@ def _add_export(sub, common) -> None:
     ex.add_argument("-o", "--out", default=None, help="output file (default: ADAPTER/adapter_model.gguf)")
     ex.add_argument("--base", default=None, help="base model folder (default: the adapter's base model)")
     ex.add_argument("--outtype", default="f16", choices=["f16", "f32"],
-                    help="tensor type (f16: convert_lora_to_gguf.py's default)")
+                    help="tensor type (default f16; convert_lora_to_gguf.py --outtype gives the same bits)")
 
 
 def _run_export(args, results=None) -> dict:

@@ -84,14 +84,19 @@ def pattern_key(pattern_keys, module: str) -> str | None:
 def module_scaling(cfg: dict, module: str, rank: int) -> float:
     """PEFT's ``scaling`` of ``module`` in an adapter with config ``cfg`` and actual ``rank``."""
     rp = cfg.get("rank_pattern") or {}
-    ap = cfg.get("alpha_pattern") or {}
     k = pattern_key(rp.keys(), module)
     r = int(rp[k]) if k is not None else int(cfg.get("r", 8))
     if r != rank:
         raise ValueError(f"module {module}: tensors have rank {rank} but the config says r={r}")
-    k = pattern_key(ap.keys(), module)
-    alpha = float(ap[k]) if k is not None else float(cfg.get("lora_alpha", 8))
+    alpha = module_alpha(cfg, module)
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def module_alpha(cfg: dict, module: str) -> float:
+    """PEFT's ``alpha`` of ``module``: its ``alpha_pattern`` entry, else ``lora_alpha``."""
+    ap = cfg.get("alpha_pattern") or {}
+    k = pattern_key(ap.keys(), module)
+    return float(ap[k]) if k is not None else float(cfg.get("lora_alpha", 8))
 
 
 def read_config(path: Path, name: str) -> dict:

@@ -12,14 +12,23 @@ The file holds what llama.cpp's ``convert_lora_to_gguf.py`` writes for the same 
 - the converter's per-architecture rewrites, which apply to B only (ΔW = B·A and they permute the
   rows of ΔW): for the llama family (Llama, Mistral) the rows of ``q_proj`` / ``k_proj`` are
   permuted from HF's rotary layout to GGML's, as ``convert_hf_to_gguf.py`` does to the base weights;
-- tensors as f16 (the converter's default ``--outtype``) or f32.
+- tensors as f16 (the default here: the converter's ``--outtype f16``) or f32 (the converter's own
+  default in the llama.cpp that llama-cpp-python 0.3.36 vendors).
 
-llama.cpp scales every module by ``alpha / rank`` with one alpha per file, so adapters whose
-modules differ in rank (a ``rank_pattern``) are refused rather than silently mis-scaled.
+Scales. llama.cpp multiplies each module's ``B·A`` by ``alpha / rank`` with one ``alpha`` per file
+(``adapter.lora.alpha``) and ``rank`` read per tensor from B's shape (``llama_adapter_lora_weight::
+get_scale``: ``alpha ? adapter_scale * alpha / b->ne[0] : adapter_scale``). PEFT's scaling is per
+module: ``alpha_m / r_m`` from ``rank_pattern`` / ``alpha_pattern``, ``alpha_m / sqrt(r_m)`` with
+rsLoRA. So B of each module is multiplied by ``scaling_m · r_m / alpha`` (:func:`b_factor`), which
+makes llama.cpp's ΔW PEFT's exactly for adapters of mixed ranks and alphas and for rsLoRA (the
+converter writes the file's ``lora_alpha`` and ignores all three, mis-scaling such adapters). For a
+plain adapter (one rank, one alpha, no rsLoRA) the factor is exactly 1 and B is left untouched, so
+the file equals the converter's.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -57,6 +66,17 @@ def permute_rows(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np
     return (w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+def b_factor(spec, ms, alpha: float) -> float:
+    """What B of module ``ms`` is multiplied by in the GGUF file so that llama.cpp's scale,
+    ``alpha / rank`` (``rank``: this tensor's; 1 when ``alpha`` is 0), gives PEFT's ``ms.scaling``.
+    Exactly 1 for a module with the file's alpha and no rsLoRA."""
+    if alpha == 0:
+        return float(ms.scaling)
+    alpha_m = peft_io.module_alpha(spec.raw_config, ms.name)
+    scaled_rank = alpha_m * math.sqrt(ms.rank) if spec.use_rslora else alpha_m   # scaling_m · r_m
+    return 1.0 if scaled_rank == alpha else scaled_rank / alpha
+
+
 def base_config(adapter_dir: Path, base=None) -> tuple[Path, dict]:
     """The base model's ``config.json``: from ``base`` (a folder), else the adapter's
     ``base_model_name_or_path`` when that is a local folder."""
@@ -88,12 +108,6 @@ def export_gguf(adapter_dir, out=None, *, base=None, outtype: str = "f16") -> Pa
         raise GGUFExportError(f"{cfg_path}: architecture {archs[:1] or '(none)'} is not supported for GGUF "
                               f"adapters yet (supported: {', '.join(ARCHITECTURES)})")
     arch, permute = ARCHITECTURES[archs[0]]
-    ranks = {m.rank for m in spec.modules.values()}
-    scalings = {m.scaling for m in spec.modules.values()}
-    if len(ranks) > 1 or len(scalings) > 1:
-        raise GGUFExportError(f"{adapter_dir / peft_io.CONFIG_NAME}: modules of ranks {sorted(ranks)}; llama.cpp "
-                              "scales every module by one alpha / its rank, so only one rank per adapter can be "
-                              "written exactly (generate with --mode factors or --mode svd --rank R)")
     n_blocks = int(bcfg["num_hidden_layers"])
     n_head = int(bcfg["num_attention_heads"])
     n_kv = int(bcfg.get("num_key_value_heads") or n_head)
@@ -108,7 +122,8 @@ def export_gguf(adapter_dir, out=None, *, base=None, outtype: str = "f16") -> Pa
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(spec.lora_alpha))
+        alpha = float(spec.lora_alpha)
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         w.add_name(adapter_dir.name)
         for name, ms in spec.modules.items():
             mapped = tmap.get_name(f"{name}.weight", try_suffixes=(".weight", ".bias"))
@@ -116,6 +131,9 @@ def export_gguf(adapter_dir, out=None, *, base=None, outtype: str = "f16") -> Pa
                 raise GGUFExportError(f"{adapter_dir / peft_io.WEIGHTS_NAME}: module {name} has no {arch} GGUF "
                                       "tensor name")
             a, b = f.to_f32(ms.a_key), f.to_f32(ms.b_key)
+            k = b_factor(spec, ms, alpha)
+            if k != 1.0:
+                b = (b.astype(np.float64) * k).astype(np.float32)
             if permute and re.search(r"\.(q_proj)$", name):
                 b = permute_rows(b, n_head, n_head)
             elif permute and re.search(r"\.(k_proj)$", name):
