@@ -13,6 +13,9 @@ library and asserts the contract: the input is accepted, or refused with the par
   configs next to a valid ``adapter_model.safetensors``.
 - ``datasets``: :func:`loramix.data.readers.iter_texts` on random JSON lines, JSON, CSV and
   parquet files (structured and raw bytes).
+- ``json_lines``: the streaming parser of long JSON lines (:mod:`loramix.data.jsonstream`, made
+  to take every line, in blocks of a few bytes) against ``json.loads`` on the same lines read in
+  text mode: the same lines accepted, the same records, the same text fields when kept as spans.
 
 Used by ``tests/test_fuzz.py`` (a short derandomized run) and ``tools/fuzz.py`` (a long run).
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 import shutil
 import struct
 import warnings
@@ -298,6 +303,89 @@ def check_dataset(item, dirpath: Path) -> str:
         assert str(f) in str(e), f"error does not name the file: {e}"
         return "refused"
     finally:
+        f.unlink()
+
+
+# ------------------------------------------------------------------ long JSON lines
+
+# every character json may meet: escapes, quotes, control characters, lone surrogates, non-BMP
+_CHARS = st.characters(blacklist_categories=())
+_STRING = st.one_of(st.text(_CHARS, max_size=12),
+                    st.text(st.sampled_from(list('\\"\n\t \x01/éß日\U0001F600\ud83d\ude00\ud800a')), max_size=30))
+_LINE_VALUE = st.recursive(st.one_of(JSON_LEAVES, _STRING, st.floats()),
+                           lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(_STRING, c, max_size=3)),
+                           max_leaves=10)
+
+
+@st.composite
+def json_line(draw):
+    """``(file bytes, block, span)``: JSON lines of records with string-heavy text fields,
+    written compact or spaced, escaped (``ensure_ascii``) or raw, CR/LF/CRLF ends, sometimes
+    mutated; ``block`` and ``span``: the streaming parser's sizes for the run."""
+    lines = []
+    for _ in range(draw(st.integers(1, 3))):
+        rec = draw(st.dictionaries(st.sampled_from(["input", "output", "x", ""]),
+                                   st.one_of(_STRING, _STRING, _LINE_VALUE), max_size=4))
+        seps = draw(st.sampled_from([None, (",", ":"), (" ,\t", " :  ")]))
+        text = json.dumps(rec, ensure_ascii=draw(st.booleans()), separators=seps)
+        # a lone surrogate cannot be UTF-8: written as its escape
+        text = re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+        lines.append(draw(st.sampled_from(["", " ", "\t"])) + text + draw(st.sampled_from(["", " \t"])))
+        if draw(st.integers(0, 5)) == 0:
+            lines.append(draw(st.sampled_from(["", "  ", "\x0c", "[1]", '"s"'])))
+    data = b"".join((line + draw(st.sampled_from(["\n", "\r\n", "\r"]))).encode() for line in lines)
+    if draw(st.integers(0, 3)) == 0:
+        data = draw(mutated(data))
+    return data, draw(st.integers(1, 13)), draw(st.integers(0, 8))
+
+
+def _same(a, b) -> bool:
+    """Equal values of the same types (NaN equal to NaN, dict keys in the same order)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+def check_json_line(item, dirpath: Path) -> str:
+    """Every line through :mod:`loramix.data.jsonstream` (tiny blocks) vs ``json.loads``."""
+    from loramix.data import jsonstream as js
+    from loramix.data import readers
+
+    data, block, span = item
+    f = fresh(dirpath, ".jsonl")
+    f.write_bytes(data)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            want = [json.loads(line) for line in fh if not line.isspace()]
+        want_ok = all(isinstance(r, dict) for r in want)
+    except ValueError:        # not JSON, not UTF-8
+        want, want_ok = None, False
+    saved = js.LONG_LINE, js.BLOCK, js.SPAN
+    js.LONG_LINE, js.BLOCK, js.SPAN = 1, block, span
+    try:
+        got = [r for b in readers.iter_records(f) for r in b]
+    except readers.DatasetError as e:
+        assert str(f) in str(e), f"error does not name the file: {e}"
+        got = None
+    try:
+        assert (got is not None) == want_ok, (data, got, want)
+        if got is None:
+            return "refused"
+        assert all(_same(g, w) for g, w in zip(got, want, strict=True)), (data, got, want)
+        # the lazy path: the text fields alone, long strings left in the file and decoded again
+        lazy = [r for b in readers._iter_file(f, 10, ("input", "output"), lazy=True) for r in b]
+        for r, w in zip(lazy, want, strict=True):
+            assert list(r) == list(w)
+            for k in set(r) & {"input", "output"}:
+                text = readers._text(r[k])
+                assert str(js.LongText([text])) == readers._text(w[k]), (data, k)
+        return "accepted"
+    finally:
+        js.LONG_LINE, js.BLOCK, js.SPAN = saved
         f.unlink()
 
 

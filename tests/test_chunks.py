@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from loramix.data import jsonstream
 from loramix.profiles import chunks, tokens
 
 SHIPPED = Path(__file__).resolve().parents[1] / "python/loramix/minibank/shipped/base/tokenizer.json"
@@ -171,3 +172,59 @@ def test_build_profile_warns_on_inexact_cuts(tmp_path, small_pieces):
     with pytest.warns(UserWarning, match=r"cut\(s\) of long examples .*tokenizer.json"):
         p = tokens.build_profile(data, path)
     assert p.n_tokens > 0
+
+
+def in_parts(text: str, seed: int) -> list[str]:
+    """``text`` split at random, parts of 1 to 400 characters."""
+    rng, parts, i = random.Random(seed), [], 0
+    while i < len(text):
+        n = rng.randint(1, 400)
+        parts.append(text[i:i + n])
+        i += n
+    return parts
+
+
+@pytest.mark.parametrize("kind", ["shipped", "llama-legacy", "crossing"])
+def test_a_text_read_in_parts_is_cut_as_the_whole(tmp_path, small_pieces, kind):
+    """A long example read piece by piece (a LongText) is cut exactly where the whole str is,
+    forced cuts and the cut space of ``drop_space`` included."""
+    plan = chunks.cut_plan(SHIPPED if kind == "shipped" else train_bpe(tmp_path, kind))
+    forced = 0
+    for seed, text in enumerate([corpus(11, 1500), "abcdefghij" * 150 + corpus(12, 300), " " * 700 + "x"]):
+        whole, parts = {}, {}
+        want = list(chunks.pieces(text, plan, whole))
+        assert list(chunks.pieces(iter(in_parts(text, seed)), plan, parts)) == want
+        assert parts == whole and "".join(want).replace(" ", "") == text.replace(" ", "")
+        forced += whole.get("forced_cuts", 0)          # the giant word at least
+    assert forced >= 4
+
+
+@pytest.mark.parametrize("kind,ascii_only", [("shipped", True), ("shipped", False), ("bytelevel", True)])
+def test_a_streamed_json_line_profiles_like_json_loads_and_whole_text(tmp_path, monkeypatch, kind, ascii_only):
+    """Issue 10 #10: a long JSON line read by the streaming parser (``LONG_LINE`` lowered) gives
+    the profile file of the ``json.loads`` path byte for byte, and the counts of an independent
+    reference: ``json.loads`` and the tokenizer on each whole text."""
+    path = SHIPPED if kind == "shipped" else train_bpe(tmp_path / "tok", kind)
+    rows = [{"input": corpus(21, 40000), "output": ["the answer", "not this"]},        # ~200K characters
+            {"input": "short", "output": "x"}, {"output": corpus(22, 300), "input": corpus(23, 5000), "n": 1}]
+    data = tmp_path / "d.jsonl"
+    text = "".join(json.dumps(r, ensure_ascii=ascii_only) + "\n" for r in rows)
+    data.write_bytes(text.encode("utf-8", "surrogatepass"))
+    normal = tokens.build_profile(data, path).save(tmp_path / "normal.npz")
+
+    decoded = []
+    real = jsonstream._decode
+    monkeypatch.setattr(jsonstream, "_decode", lambda raw: decoded.append(len(raw)) or real(raw))
+    monkeypatch.setattr(jsonstream, "LONG_LINE", 1000)
+    monkeypatch.setattr(jsonstream, "BLOCK", 4099)
+    monkeypatch.setattr(jsonstream, "SPAN", 512)
+    streamed = tokens.build_profile(data, path)
+    assert streamed.save(tmp_path / "streamed.npz").read_bytes() == normal.read_bytes()
+    assert len(decoded) > 2 * len(text) // 4099 and max(decoded) <= 2 * 4099    # read in bounded pieces
+
+    tok = tokens.load_tokenizer(path)
+    with open(data, encoding="utf-8") as fh:
+        recs = [json.loads(line) for line in fh]
+    want = counts_whole(tok, [r["input"] + (r["output"][0] if isinstance(r["output"], list) else r["output"])
+                              for r in recs], streamed.vocab_size)
+    np.testing.assert_array_equal(streamed.dense(np.int64), want)

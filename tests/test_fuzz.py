@@ -112,3 +112,18 @@ def test_dataset_readers(scratch):
     run()
     for suffix in (".jsonl", ".json", ".csv", ".parquet"):
         assert seen[(suffix, "refused")] > 0 and seen[(suffix, "accepted")] > 0, seen
+
+
+def test_long_json_lines(scratch):
+    """The streaming JSON-line parser against ``json.loads`` (tests/_fuzz.py ``json_line``)."""
+    seen = Counter()
+
+    @settings(RUN, max_examples=300)
+    @given(_fuzz.json_line())
+    @example((b'{"input": "a\\u00e9\\ud83d\\ude00\\"\\\\", "output": ["x"]}\n', 1, 0))
+    @example((b'{"input": "a", "output": "b"} x\n', 2, 1))
+    def run(item):
+        seen[_fuzz.check_json_line(item, scratch)] += 1
+
+    run()
+    assert seen["refused"] > 20 and seen["accepted"] > 100, seen

@@ -8,7 +8,10 @@ folders), or any folder of data files (e.g. a dataset repo from the Hub).
 Each example's text is its text fields concatenated in order (default ``input`` then ``output``,
 as the paper does: ``input + output[0]``); a field holding a list counts by its first element.
 JSON lines, CSV, parquet and arrow are streamed (a dataset larger than memory works); a single
-JSON document is parsed whole (that format cannot be streamed without a streaming parser).
+JSON document is parsed whole (that format cannot be streamed without a streaming parser). A JSON
+line longer than :data:`loramix.data.jsonstream.LONG_LINE` bytes is parsed in bounded memory by
+:mod:`loramix.data.jsonstream`; with ``iter_texts(long_texts=True)`` its long text comes as a
+:class:`~loramix.data.jsonstream.LongText`, decoded piece by piece (the profiler's path).
 """
 from __future__ import annotations
 
@@ -18,12 +21,11 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from loramix.data import jsonstream
+from loramix.data.errors import DatasetError
+
 DEFAULT_FIELDS = ("input", "output")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".arrow")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read: the message names the file and the problem."""
 
 
 def _text(value) -> str:
@@ -31,7 +33,9 @@ def _text(value) -> str:
         return ""
     if isinstance(value, (list, tuple)):
         return _text(value[0]) if value else ""
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, (str, jsonstream.Span)):
+        return value
+    return str(jsonstream.materialized(value))
 
 
 def special_file_kind(p) -> str:
@@ -126,8 +130,12 @@ def iter_records(path, split: str = "train", batch_size: int = 1024,
                  columns: tuple | None = None) -> Iterator[list[dict]]:
     """Yield lists of records (dicts) from every data file of the dataset. ``columns``: for
     columnar files (parquet, arrow), read only these (a missing one is an error naming it)."""
+    return _records(path, split, batch_size, columns, lazy=False)
+
+
+def _records(path, split, batch_size, columns, lazy: bool) -> Iterator[list[dict]]:
     for f in data_files(path, split):
-        yield from _iter_file(f, batch_size, columns)
+        yield from _iter_file(f, batch_size, columns, lazy)
 
 
 def _check_columns(f, names, columns):
@@ -138,11 +146,12 @@ def _check_columns(f, names, columns):
                                f"{', '.join(names) or 'none'}); choose fields with --fields")
 
 
-def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterator[list[dict]]:
+def _iter_file(f: Path, batch_size: int, columns: tuple | None = None,
+               lazy: bool = False) -> Iterator[list[dict]]:
     suf = f.suffix.lower()
     try:
         if suf in (".jsonl", ".ndjson"):
-            yield from _batched(_jsonl(f), batch_size)
+            yield from _batched(_jsonl(f, columns if lazy else None), batch_size)
         elif suf == ".json":
             yield from _batched(_json(f), batch_size)
         elif suf == ".csv":
@@ -171,19 +180,41 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None) -> Iterat
         raise
 
 
-def _jsonl(f: Path):
-    with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.isspace() or not line:    # (strip() would copy a long line)
+def _jsonl(f: Path, only: tuple | None = None):
+    """The records of a JSON-lines file, read as text mode would (UTF-8, lines end at CR, LF or
+    CRLF). A line of over ``jsonstream.LONG_LINE`` bytes is parsed by :mod:`jsonstream` in bounded
+    memory; with ``only`` (the lazy path) its long strings stay :class:`jsonstream.Span` s and
+    only the fields in ``only`` keep their values, else the record is as ``json.loads`` gives it."""
+    with open(f, "rb") as fh:
+        n = at = 0
+        while raw := fh.readline(jsonstream.LONG_LINE):
+            if len(raw) == jsonstream.LONG_LINE and raw[-1:] != b"\n":
+                n += 1
+                try:
+                    rec, blank, at = jsonstream.parse_line(f, fh, at, n, only)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"dataset {f}: line {n} is not JSON ({e.msg})") from None
+                fh.seek(at)
+                if not blank:
+                    yield _record(f, n, rec if only else jsonstream.materialized(rec))
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"dataset {f}: line {n} is not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DatasetError(f"dataset {f}: line {n} is not a JSON object")
-            line = None    # a long line is not kept alive beside its parsed record
-            yield rec
+            at += len(raw)
+            for line in raw.splitlines(True) if b"\r" in raw else (raw,):
+                n += 1
+                line = line.decode("utf-8")
+                if line.isspace() or not line:    # (strip() would copy a long line)
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"dataset {f}: line {n} is not JSON ({e.msg})") from None
+                yield _record(f, n, rec)
+
+
+def _record(f: Path, n: int, rec):
+    if not isinstance(rec, dict):
+        raise DatasetError(f"dataset {f}: line {n} is not a JSON object")
+    return rec
 
 
 def _json(f: Path):
@@ -260,14 +291,16 @@ def _batched(it, n):
 
 
 def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "train",
-               batch_size: int = 1024) -> Iterator[list[str]]:
+               batch_size: int = 1024, long_texts: bool = False) -> Iterator[list[str]]:
     """Yield batches of example texts: the ``fields`` of each record concatenated, lists by
-    their first element. A record lacking a field is an error naming the field and the file."""
+    their first element. A record lacking a field is an error naming the field and the file.
+    ``long_texts``: the text of a JSON line over ``jsonstream.LONG_LINE`` bytes may come as a
+    :class:`jsonstream.LongText` (iterating it decodes its pieces again, from the file)."""
     fields = tuple(fields)
     if not fields:
         raise DatasetError("no text fields given")
     n = nonblank = 0
-    for batch in iter_records(path, split, batch_size, fields):
+    for batch in _records(path, split, batch_size, fields, lazy=long_texts):
         out = []
         for rec in batch:
             n += 1
@@ -277,9 +310,14 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
                     f"dataset {path}: example {n} has no field {missing[0]!r} "
                     f"(fields present: {', '.join(map(str, rec)) or 'none'}); choose fields with --fields")
             parts = [t for t in (_text(rec[k]) for k in fields) if t]
-            # one non-empty field: its string itself, not a copy (a long example is held once)
-            out.append(parts[0] if len(parts) == 1 else "".join(parts))
-            nonblank += not out[-1].isspace() and bool(out[-1])
+            if all(isinstance(t, str) for t in parts):
+                # one non-empty field: its string itself, not a copy (a long example is held once)
+                out.append(parts[0] if len(parts) == 1 else "".join(parts))
+                nonblank += not out[-1].isspace() and bool(out[-1])
+            else:
+                text = jsonstream.LongText(parts)
+                out.append(text if long_texts else str(text))
+                nonblank += not text.blank
         batch.clear()      # the records' strings live on only in ``out``
         yield out
     if n == 0:

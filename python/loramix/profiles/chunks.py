@@ -33,12 +33,11 @@ tokenization: at most a few tokens per :data:`PIECE_CHARS` characters. :func:`en
 reports these cuts through ``stats["forced_cuts"]``.
 
 Memory (``benches/bench_profile_memory.py``, one JSON line, shipped tokenizer): peak anonymous
-memory 1,507 MiB before this module and 88 MiB after for an 8 MB line; 188 MiB for 64 MB and
-451 MiB for 200 MB (before: killed under a 6 GB cap). The tokenizer's share no longer grows with
-the example; what still does is the reader's: a JSON line is held as its text and as the parsed
-string while it is decoded, about 2 bytes per byte of the longest line. So profiling stays under
-300 MB for lines up to ~100 MB; beyond that, ~80 MB + 2 x the longest line (a streaming JSON
-string parser would remove this; not done).
+memory 1,507 MiB before this module and 88 MiB after for an 8 MB line; 451 MiB for 200 MB
+(before: killed under a 6 GB cap), the reader then holding the line and its parsed string. A
+JSON line over 4 MB is now parsed by :mod:`loramix.data.jsonstream` and its text comes here as
+an iterable of decoded parts (never joined; :func:`pieces` cuts it exactly as the whole str):
+77 MiB for 8 MB and 79 MiB for 200 MB, whatever the line's length.
 """
 from __future__ import annotations
 
@@ -181,29 +180,50 @@ def _cut(text: str, start: int, end: int, plan: CutPlan) -> int:
             return i
 
 
-def pieces(text: str, plan: CutPlan, stats: dict | None = None) -> Iterator[str]:
+def pieces(text, plan: CutPlan, stats: dict | None = None) -> Iterator[str]:
     """``text`` in pieces of at most :data:`PIECE_CHARS` characters, cut as ``plan`` says.
+    ``text``: a str, or an iterable of the str parts of one text (a long example read piece by
+    piece, :class:`loramix.data.jsonstream.LongText`): the cuts are the same as on the joined
+    text, since each is decided with enough of the text after it in hand.
     ``stats["forced_cuts"]`` counts the cuts that may change token counts."""
-    start, n = 0, len(text)
-    while n - start > PIECE_CHARS:
-        c = _cut(text, start, start + PIECE_CHARS, plan)
+    parts = iter((text,) if isinstance(text, str) else text)
+    # a cut at i looks at text[i + 1] and at an added token starting there
+    ahead = PIECE_CHARS + 2 + max(map(len, plan.avoid_before), default=0)
+    buf, start, done = "", 0, False
+    while True:
+        if not done and len(buf) - start <= ahead:
+            more, size = [], len(buf) - start
+            while size <= ahead:
+                p = next(parts, None)
+                if p is None:
+                    done = True
+                    break
+                more.append(p)
+                size += len(p)
+            if more:   # (one str part alone: the text itself, no copy)
+                buf = buf[start:] + "".join(more)
+                start = 0
+        if len(buf) - start <= PIECE_CHARS:
+            yield buf[start:]
+            return
+        c = _cut(buf, start, start + PIECE_CHARS, plan)
         forced = c < 0 or not plan.exact
         if c < 0:
             c = start + PIECE_CHARS
             # never leave a lone surrogate half (text from ``surrogateescape``)
-            if "\ud800" <= text[c - 1] <= "\udbff":
+            if "\ud800" <= buf[c - 1] <= "\udbff":
                 c -= 1
         if forced and stats is not None:
             stats["forced_cuts"] = stats.get("forced_cuts", 0) + 1
-        yield text[start:c]
-        start = c + 1 if (plan.drop_space and text[c] == " " and not forced) else c
-    yield text[start:]
+        yield buf[start:c]
+        start = c + 1 if (plan.drop_space and buf[c] == " " and not forced) else c
 
 
-def encoded_ids(tok, texts: Iterable[str], plan: CutPlan, stats: dict | None = None) -> Iterator[np.ndarray]:
+def encoded_ids(tok, texts: Iterable, plan: CutPlan, stats: dict | None = None) -> Iterator[np.ndarray]:
     """Token ids of ``texts`` (special tokens added once per text), as int64 arrays of bounded
     size: texts grouped into ``encode_batch`` calls of at most :data:`BATCH_CHARS` characters,
-    long texts cut into :func:`pieces`. The multiset of all ids equals that of encoding every text
+    long texts cut into :func:`pieces`. A text that is not a str is an iterable of its parts
+    (a long example read piece by piece): it is never joined. The multiset of all ids equals that of encoding every text
     whole wherever ``plan`` is exact and no cut was forced."""
     group, size = [], 0
 
@@ -214,7 +234,7 @@ def encoded_ids(tok, texts: Iterable[str], plan: CutPlan, stats: dict | None = N
         return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs])
 
     for t in texts:
-        if len(t) <= PIECE_CHARS:
+        if isinstance(t, str) and len(t) <= PIECE_CHARS:
             group.append(t)
             size += len(t)
             if size >= BATCH_CHARS:

@@ -165,8 +165,9 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     n = 0
     stats: dict = {}
     bar = _bar(progress, f"profile {ds.dataset_name(dataset)}", "ex")
-    for texts in ds.iter_texts(dataset, fields, split=split, batch_size=batch_size):
-        # long examples in bounded pieces: the tokenizer's memory stays bounded (profiles/chunks.py)
+    for texts in ds.iter_texts(dataset, fields, split=split, batch_size=batch_size, long_texts=True):
+        # long examples in bounded pieces: the reader's and the tokenizer's memory stay bounded
+        # (data/jsonstream.py: a long JSON line's text is never held whole; profiles/chunks.py)
         for ids in chunks.encoded_ids(tok, texts, plan, stats):
             if ids.size:
                 if ids.max() >= acc.size:   # added tokens beyond the reported size
