@@ -87,19 +87,56 @@ def test_fp32_matches_sentence_transformers(texts, reference, cache, fused):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int8-block"])
-def test_int8_close_to_sentence_transformers(texts, reference, cache, quantize):
+# int8-all also quantizes the QKV and FFN input projections (faster, worst cosine ~0.97).
+@pytest.mark.parametrize("quantize, floor", [("int8", 0.98), ("int8-block", 0.98), ("int8-all", 0.96)])
+def test_int8_close_to_sentence_transformers(texts, reference, cache, quantize, floor):
     got = embed.Encoder(threads=THREADS, quantize=quantize, cache=cache).encode(texts)
     cos = _cos(got, reference)
-    assert cos.min() >= 0.98, (cos.min(), texts[int(cos.argmin())][:50])
+    assert cos.min() >= floor, (cos.min(), texts[int(cos.argmin())][:50])
+    assert np.median(cos) >= 0.99
 
 
-def test_batching_and_order_do_not_change_results(texts, cache):
-    sub = texts[:40]
-    a = embed.Encoder(threads=THREADS, cache=cache, batch_size=1).encode(sub)
-    b = embed.Encoder(threads=THREADS, cache=cache, batch_size=16).encode(sub[::-1])[::-1]
-    np.testing.assert_allclose(a, b, atol=2e-5)
+def test_batching_padding_and_order_do_not_change_results(texts, cache):
+    """A text's fp32 embedding alone (no padding) equals it inside any length-sorted batch, however
+    padded, to float rounding: the masked positions add exact zeros to the attention and the pooling."""
+    sub = texts[:60]
+    alone = embed.Encoder(threads=THREADS, cache=cache, batch_size=1).encode(sub)
+    for kw in ({}, {"batch_size": 16}, {"batch_size": 7, "token_budget": 300}, {"token_budget": 1}):
+        got = embed.Encoder(threads=THREADS, cache=cache, **kw).encode(sub[::-1])[::-1]
+        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6, err_msg=str(kw))
     assert embed.Encoder(threads=THREADS, cache=cache).encode([]).shape == (0, 384)
+    with pytest.raises(ValueError):
+        embed.Encoder(threads=THREADS, cache=cache, token_budget=0)
+
+
+def test_plan_batches_sorts_by_length_within_the_token_budget(rng):
+    lengths = rng.integers(1, 257, 500)
+    lengths[:5] = 256
+    for max_rows, budget in ((32, 8192), (1000, 8192), (4, 100), (1000, 1)):
+        batches = embed.plan_batches(lengths, max_rows=max_rows, token_budget=budget)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(len(lengths)))          # every text once
+        assert np.all(np.diff(lengths[flat]) <= 0)                          # longest first
+        assert flat[:5].tolist() == [0, 1, 2, 3, 4]                          # stable among equals
+        for b in batches:
+            assert 1 <= len(b) <= max_rows
+            assert len(b) == 1 or len(b) * lengths[b].max() <= budget
+    assert embed.plan_batches(np.array([], np.int64), max_rows=32, token_budget=8192) == []
+
+
+def test_pad_batch_right_pads_with_a_mask():
+    ids, mask = embed.pad_batch([[101, 7, 102], [101, 102], [5]], np.array([3, 2, 1]), pad_id=0)
+    assert ids.dtype == mask.dtype == np.int64
+    assert ids.tolist() == [[101, 7, 102], [101, 102, 0], [5, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+
+
+def test_threads_default_to_physical_cores(monkeypatch, cache):
+    assert 1 <= embed.physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.delenv("LORAMIX_NUM_THREADS", raising=False)
+    assert embed.Encoder(cache=cache).threads == embed.physical_cores()
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", "1")
+    assert embed.Encoder(cache=cache).threads == 1
 
 
 def test_onnx_cached_by_weights_hash(cache, tmp_path):

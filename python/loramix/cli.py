@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--embeddings", action="store_true",
                    help="also store the members' sentence embeddings (metric cosine) in their profiles")
     b.add_argument("--encoder", default=None, help="with --embeddings: a BERT-family folder (default MiniLM)")
-    b.add_argument("--quantize", default=None, choices=["int8", "int8-block"])
+    b.add_argument("--quantize", default=None, choices=["int8", "int8-all", "int8-block"])
     b.add_argument("--cap", type=int, default=None, help="with --embeddings: examples embedded per member (default 1000)")
     pl = bsub.add_parser("pull", help="download adapters and their datasets from the Hub", parents=[common])
     pl.add_argument("repo_ids", nargs="+")
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("--max-epochs", type=int, default=500)
     tc.add_argument("--seed", type=int, default=0)
     tc.add_argument("--encoder", default=None, help="with --cosine: a BERT-family folder (default MiniLM)")
-    tc.add_argument("--quantize", default=None, choices=["int8", "int8-block"])
+    tc.add_argument("--quantize", default=None, choices=["int8", "int8-all", "int8-block"])
 
     pr = sub.add_parser("profile", help="a dataset's token profile (.npz)", parents=[common])
     pr.add_argument("dataset")
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
     ge.add_argument("--verify", action="store_true", help="first check every bank member byte (bank verify)")
     ge.add_argument("--encoder", default=None, help="metric cosine: a BERT-family encoder folder (default MiniLM)")
-    ge.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="metric cosine: int8 encoder")
+    ge.add_argument("--quantize", default=None, choices=["int8", "int8-all", "int8-block"], help="metric cosine: int8 encoder")
     ge.add_argument("--cap", type=int, default=None,
                     help="metric cosine: examples embedded per dataset (default 1000; 64 is much faster)")
     ge.add_argument("--combiner", default=None, help="pipeline neural: combiner .onnx (default BANK/combiner.onnx)")
@@ -266,7 +266,7 @@ def _add_eval_demo(sub, common) -> None:
     rt.add_argument("--temperature", type=float, default=None, help="for every pipeline (default: 1 and loramix's 0.25)")
     rt.add_argument("--top-k", type=int, default=None)
     rt.add_argument("--cap", type=int, default=None, help="examples embedded per dataset for metric cosine (default 1000)")
-    rt.add_argument("--quantize", default=None, choices=["int8", "int8-block"], help="encoder for cosine/instruction")
+    rt.add_argument("--quantize", default=None, choices=["int8", "int8-all", "int8-block"], help="encoder for cosine/instruction")
     rt.add_argument("--encoder", default=None, help="a BERT-family encoder folder (default MiniLM)")
     rt.add_argument("--out", default=None, help="also write summary.json and table.md there")
     de = sub.add_parser("demo", parents=[common],

