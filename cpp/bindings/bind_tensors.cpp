@@ -29,6 +29,7 @@ struct TensorRef {
   std::string dtype_name, name, path;
   std::vector<uint64_t> shape;
   uint64_t numel = 0, nbytes = 0;
+  uint64_t file_offset = 0;  // of the data in the file (the kernels pread there when map->fd >= 0)
 };
 
 struct PyFile {
@@ -112,6 +113,7 @@ TensorRef make_ref(const PyFile& pf, const std::string& name) {
   r.shape = t.shape;
   r.numel = t.numel;
   r.nbytes = t.end - t.begin;
+  r.file_offset = static_cast<uint64_t>(static_cast<const char*>(r.data) - static_cast<const char*>(r.map->addr));
   return r;
 }
 
@@ -143,6 +145,11 @@ Sources collect_sources(const py::handle& seq_obj) {
       const TensorRef& r = o.cast<const TensorRef&>();
       if (r.dtype < 0) unsupported_dtype(r.dtype_name, r.name, r.path);
       v = {r.data, static_cast<DType>(r.dtype)};
+      if (r.map && r.map->fd >= 0 && r.nbytes) {  // read with pread: its pages never enter the process
+        v.fd = r.map->fd;
+        v.offset = r.file_offset;
+        v.path = &r.path;
+      }
       cnt = r.numel;
     } else if (py::isinstance<py::array>(o)) {
       auto a = py::reinterpret_borrow<py::array>(o);
