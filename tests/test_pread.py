@@ -86,6 +86,7 @@ _CHILD = textwrap.dedent("""
         resource.setrlimit(resource.RLIMIT_NOFILE, (lim, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     from loramix.core import tensors
     files = [tensors.SafetensorsFile(p) for p in sys.argv[3:]]
+    assert sum(f.tensor("t0").pread for f in files) == (min(len(files), lim // 2) if lim else len(files))
     W = np.linspace(-1, 1, 4 * len(files), dtype=np.float32).reshape(4, -1)
     np.save(sys.argv[2], np.concatenate([tensors.weighted_sum([f.tensor(k) for f in files], W[:q], "BF16").ravel()
                                          for k in ("t0", "t2") for q in (1, 4)]))
@@ -119,6 +120,7 @@ def test_file_sources_never_enter_the_process(tmp_path, rng):
     with tensors.SafetensorsWriter(p, [("x", "F32", x.shape)]) as w:
         w.write("x", x)
     f = tensors.SafetensorsFile(p)
+    assert f.tensor("x").pread
     before = _rss_file_kb()
     out = tensors.weighted_sum([f.tensor("x"), f.tensor("x")], [0.5, 0.5])
     assert _rss_file_kb() - before < 16 << 10          # far below the file's 64 MB
@@ -134,3 +136,18 @@ def test_truncated_source_is_an_error(tmp_path, rng):
     os.truncate(p, os.path.getsize(p) - 400)   # another process shortens the file under us
     with pytest.raises(OSError, match="short read"):
         tensors.weighted_sum([ref], [1.0])
+
+
+def test_tensor_refs_is_file_tensor_in_one_call(tmp_path, rng):
+    files = [tensors.SafetensorsFile(p) for p in _bank(tmp_path, rng, k=4)]
+    names = ["t0", "t1", "t2", "t3"]
+    refs = tensors.tensor_refs(files, names)
+    for f, n, r in zip(files, names, refs):
+        assert (r.path, r.name, r.dtype, r.shape) == (f.tensor(n).path, n, f.dtype(n), f.shape(n))
+        assert r.numpy().tobytes() == f.numpy(n).tobytes()
+    with pytest.raises(ValueError, match="4 files but 3 names"):
+        tensors.tensor_refs(files, names[:3])
+    with pytest.raises(TypeError, match=r"files\[1\] is not a SafetensorsFile"):
+        tensors.tensor_refs([files[0], "x"], names[:2])
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        tensors.tensor_refs(files[:1], ["nope"])
