@@ -122,15 +122,17 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
 
   // Chunk width C. One row: one chunk per thread up to 32768 elements (long preads and
   // streams; the accumulators and 8 staged sources stay in L2). Several rows: the Q x C
-  // accumulators, the panel and the staged sources in L2. Each source's span of a chunk is
-  // fetched once per chunk, whatever Q, so C no longer shrinks with the number of sources.
+  // accumulators (1 MB at Q = 16) and the panel in L2, C as wide as that allows: each pread
+  // has a fixed cost in the kernel (16 KB preads cost Q = 16 twice the read ceiling's CPU).
+  // Each source's span of a chunk is fetched once per chunk, whatever Q, so C no longer
+  // shrinks with the number of sources.
   const std::size_t tile = kr.tile;
   std::size_t C;
   if (Q == 1) {
     const std::size_t per_thread = (n + static_cast<std::size_t>(threads) - 1) / static_cast<std::size_t>(threads);
     C = std::min<std::size_t>(32768, std::max(4 * tile, round_up(per_thread, tile)));
   } else {
-    C = std::min<std::size_t>(8192, std::max(4 * tile, 131072 / Q / tile * tile));
+    C = std::min<std::size_t>(16384, std::max(4 * tile, 262144 / Q / tile * tile));
   }
   C = round_up(C, tile);
   const std::size_t Kc = dense.empty() ? 1 : std::min<std::size_t>(dense.size(), std::max<std::size_t>(8, 65536 / C));

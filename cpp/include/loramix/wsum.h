@@ -17,7 +17,7 @@
 //    read (memory or pread), so outputs are the same bytes for a given ISA and path. A panel
 //    source's chunk holding NaN/inf is added by axpy in its place in that chain.
 //  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats + a
-//    staging area of 8 sources x C elements (C <= 32768 for Q = 1, else ~min(8192, 131072/Q),
+//    staging area of 8 sources x C elements (C <= 32768 for Q = 1, else ~min(16384, 262144/Q),
 //    at least 4 tiles; Kc ~65536/C), whatever K and P: nothing of size K x P is ever allocated.
 //  - Reading: a source in memory (fd < 0) is read in place. A source in a file (fd >= 0) is
 //    read with one pread per chunk of the output (its span of that chunk, into the staging
