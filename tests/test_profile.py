@@ -148,3 +148,34 @@ def test_profile_roundtrip_cache_and_tokenizer_mismatch(w, tmp_path):
         prof.profile_dataset(cache, other)
     loaded = prof.Profile.load(cache)
     assert loaded.tokenizer_hash == prof.tokenizer_hash(w.tokenizer)
+
+
+def test_tokenizer_loaded_and_hashed_once_per_file_version(tmp_path):
+    tok_file = _tiny.build_tokenizer(tmp_path / "tok")
+    t1, h1 = prof.load_tokenizer(tok_file), prof.tokenizer_hash(tok_file)
+    assert prof.load_tokenizer(tok_file.parent) is t1          # the same file through its folder
+    assert prof.tokenizer_hash(tok_file) == h1
+    j = json.loads(tok_file.read_text())
+    j["model"]["vocab"]["zzz"] = len(j["model"]["vocab"])
+    tok_file.write_text(json.dumps(j))                         # edited in place: a new version
+    assert prof.tokenizer_hash(tok_file) != h1
+    t2 = prof.load_tokenizer(tok_file)
+    assert t2 is not t1 and t2.get_vocab_size() == t1.get_vocab_size() + 1
+
+
+def test_batch_profiles_in_threads_equal_one_by_one(w, tmp_path, monkeypatch):
+    from loramix import pipeline
+    from loramix.bank.bank import Bank
+
+    bank = Bank.open(w.bank)
+    data = [_tiny.write_jsonl(tmp_path / f"d{i}.jsonl", ROWS[i:]) for i in range(5)]
+    kw = dict(fields=bank.fields, split="train", cache=None, progress=False)
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", "3")
+    many = pipeline._query_profiles(data, bank, **kw)
+    one = [prof.query_profile(d, bank, **kw) for d in data]
+    assert [p.source for p in many] == [str(d) for d in data]
+    for a, b in zip(many, one):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.counts, b.counts)
+    with pytest.raises(Exception, match="missing"):
+        pipeline._query_profiles(data[:2] + [tmp_path / "missing.jsonl"], bank, **kw)

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,8 +21,34 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data are l
 
 constexpr uint64_t kMaxHeader = 100000000ull;  // the reference's MAX_HEADER_SIZE
 
+namespace {
+// Descriptors kept open by mappings, and the budget: half the soft RLIMIT_NOFILE (a bank of
+// many members must not starve the rest of the process of descriptors).
+std::atomic<long> g_kept_fds{0};
+
+long fd_budget() {
+  static const long budget = [] {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return 4096L;
+    return static_cast<long>(rl.rlim_cur / 2);
+  }();
+  return budget;
+}
+
+// Takes one slot of the budget; false when it is spent.
+bool keep_fd() {
+  if (g_kept_fds.fetch_add(1) < fd_budget()) return true;
+  g_kept_fds.fetch_sub(1);
+  return false;
+}
+}  // namespace
+
 Mapping::~Mapping() {
   if (addr && len) munmap(addr, len);
+  if (fd >= 0) {
+    ::close(fd);
+    g_kept_fds.fetch_sub(1);
+  }
 }
 
 namespace {
@@ -471,8 +498,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       throw OsError(e, path, "cannot map '" + path + "': " + std::strerror(e));
     }
   }
-  ::close(fd);
-  map_ = std::make_shared<const Mapping>(addr, len);
+  int kept = -1;
+  if (len > 0 && keep_fd()) kept = fd;
+  else ::close(fd);
+  map_ = std::make_shared<const Mapping>(addr, len, kept);
   static const uint8_t empty[1] = {0};
   parse_safetensors(len ? static_cast<const uint8_t*>(addr) : empty, len, path, &tensors_,
                     &metadata_, &has_metadata_, &data_start_);
@@ -577,6 +606,22 @@ void pwrite_all(int fd, const void* buf, std::size_t len, uint64_t off, const st
     p += w;
     len -= static_cast<std::size_t>(w);
     off += static_cast<uint64_t>(w);
+  }
+}
+
+void pread_all(int fd, void* buf, std::size_t len, uint64_t off, const std::string& path) {
+  char* p = static_cast<char*>(buf);
+  while (len) {
+    const ssize_t r = ::pread(fd, p, std::min<std::size_t>(len, 1u << 30), static_cast<off_t>(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      const int e = errno;
+      throw OsError(e, path, "cannot read '" + path + "': " + std::strerror(e));
+    }
+    if (r == 0) throw OsError(EIO, path, "cannot read '" + path + "': short read (file truncated?)");
+    p += r;
+    len -= static_cast<std::size_t>(r);
+    off += static_cast<uint64_t>(r);
   }
 }
 

@@ -66,6 +66,17 @@ const char* at(const SrcView& s, std::size_t i) {
   return static_cast<const char*>(s.data) + i * dtype_size(s.dtype);
 }
 
+// The bytes of source `s` for elements [c0, c0 + cnt): in place for a source in memory, else
+// one pread of that span into `buf` (room for cnt f32).
+const void* fetch(const SrcView& s, std::size_t c0, std::size_t cnt, float* buf) {
+  if (s.fd < 0) return at(s, c0);
+  const std::size_t es = dtype_size(s.dtype);
+  pread_all(s.fd, buf, cnt * es, s.offset + c0 * es, s.path ? *s.path : std::string("?"));
+  return buf;
+}
+
+constexpr std::size_t kBatch = 8;  // per-row sources fetched per step (staging slots)
+
 }  // namespace
 
 void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t Q, std::size_t n,
@@ -83,6 +94,7 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
   std::vector<std::size_t> dense;
   std::vector<char> dense_has_zero;                  // per panel source: some weight is zero
   std::vector<std::vector<std::size_t>> row_k(Q);  // per row: sources handled by axpy
+  std::vector<std::size_t> act;                      // sources used by some row's axpy, in order
   const bool use_panel = Q >= 4;
   for (std::size_t k = 0; k < K; ++k) {
     std::size_t nz = 0;
@@ -92,6 +104,7 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
       dense.push_back(k);
       dense_has_zero.push_back(nz < Q);
     } else {
+      act.push_back(k);
       for (std::size_t q = 0; q < Q; ++q)
         if (W[q * K + k] != 0.f) row_k[q].push_back(k);
     }
@@ -107,28 +120,28 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
       row_dt[q].push_back(src[k].dtype);
     }
 
+  // Chunk width C. One row: one chunk per thread up to 32768 elements (long preads and
+  // streams; the accumulators and 8 staged sources stay in L2). Several rows: the Q x C
+  // accumulators (1 MB at Q = 16) and the panel in L2, C as wide as that allows: each pread
+  // has a fixed cost in the kernel (16 KB preads cost Q = 16 twice the read ceiling's CPU).
+  // Each source's span of a chunk is fetched once per chunk, whatever Q, so C no longer
+  // shrinks with the number of sources.
   const std::size_t tile = kr.tile;
-  std::size_t n_active = dense.size();
-  {
-    std::vector<char> used(K, 0);
-    for (const auto& ks : row_k)
-      for (std::size_t k : ks) n_active += !used[k]++;
+  std::size_t C;
+  if (Q == 1) {
+    const std::size_t per_thread = (n + static_cast<std::size_t>(threads) - 1) / static_cast<std::size_t>(threads);
+    C = std::min<std::size_t>(32768, std::max(4 * tile, round_up(per_thread, tile)));
+  } else {
+    C = std::min<std::size_t>(16384, std::max(4 * tile, 262144 / Q / tile * tile));
   }
-  // Chunk width C: one row streams each source once (long runs suit the prefetchers). With
-  // several rows, the Q x C accumulators and each active source's chunk should stay in L2, so
-  // that a source read for one row is found there by the next.
-  std::size_t C = 8192, Kc = 1;
-  if (Q > 1) {
-    C = 65536 / Q;
-    if (n_active) C = std::min(C, 131072 / n_active);
-    C = std::min<std::size_t>(8192, std::max(4 * tile, C / tile * tile));
-  }
-  if (!dense.empty()) Kc = std::min<std::size_t>(dense.size(), std::max<std::size_t>(8, 65536 / C));
   C = round_up(C, tile);
+  const std::size_t Kc = dense.empty() ? 1 : std::min<std::size_t>(dense.size(), std::max<std::size_t>(8, 65536 / C));
   const std::size_t nchunks = (n + C - 1) / C;
   struct Worker {
-    Scratch acc, panel, obuf;
+    Scratch acc, panel, stage, obuf;
+    const void* slot[kBatch];
     std::vector<const void*> ptrs;
+    std::vector<std::size_t> pos;       // per row: next entry of row_k[q]
     std::vector<std::size_t> fallback;  // panel sources of this block holding a non-finite value
   };
   std::vector<Worker> ws(static_cast<std::size_t>(std::max(threads, 1)));
@@ -136,6 +149,7 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
   parallel_for(nchunks, 1, threads, cancel, [&](std::size_t b, std::size_t e, int wid) {
     Worker& w = ws[static_cast<std::size_t>(wid)];
     float* acc = w.acc.get(Q * C);
+    float* stage = w.stage.get(kBatch * C);
     for (std::size_t ci = b; ci < e; ++ci) {
       const std::size_t c0 = ci * C, cnt = std::min(C, n - c0), cp = round_up(cnt, tile);
       std::memset(acc, 0, sizeof(float) * Q * C);
@@ -147,30 +161,48 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
           for (std::size_t j = 0; j < kc; ++j) {
             const SrcView& s = src[dense[d0 + j]];
             float* row = panel + j * C;
-            kr.to_f32(at(s, c0), s.dtype, cnt, row);
+            kr.to_f32(fetch(s, c0, cnt, stage), s.dtype, cnt, row);
             if (dense_has_zero[d0 + j] && !all_finite(row, cnt)) {
               std::memset(row, 0, sizeof(float) * cnt);  // 0 * 0 adds nothing to any row
               w.fallback.push_back(d0 + j);
             }
             std::memset(row + cnt, 0, sizeof(float) * (cp - cnt));
           }
-          kr.gemm(acc, C, panel, C, wpack.data() + d0 * Q, Q, kc, cp);
-          for (std::size_t d : w.fallback) {  // rows with a non-zero weight get w * T, NaN included
+          // The GEMM runs up to each fallback source, which is added in its place (rows with a
+          // non-zero weight get w * T, NaN included): every element's terms stay in source order.
+          std::size_t j0 = d0;
+          for (std::size_t d : w.fallback) {
+            if (d > j0) kr.gemm(acc, C, panel + (j0 - d0) * C, C, wpack.data() + j0 * Q, Q, d - j0, cp);
             const SrcView& s = src[dense[d]];
-            const void* ptr = at(s, c0);
+            const void* ptr = fetch(s, c0, cnt, stage);
             for (std::size_t q = 0; q < Q; ++q) {
               const float wq = wpack[d * Q + q];
               if (wq != 0.f) kr.axpy(acc + q * C, &ptr, &s.dtype, &wq, 1, cnt);
             }
+            j0 = d + 1;
           }
+          if (d0 + kc > j0) kr.gemm(acc, C, panel + (j0 - d0) * C, C, wpack.data() + j0 * Q, Q, d0 + kc - j0, cp);
         }
       }
-      for (std::size_t q = 0; q < Q; ++q) {
-        const auto& ks = row_k[q];
-        if (ks.empty()) continue;
-        w.ptrs.resize(ks.size());
-        for (std::size_t j = 0; j < ks.size(); ++j) w.ptrs[j] = at(src[ks[j]], c0);
-        kr.axpy(acc + q * C, w.ptrs.data(), row_dt[q].data(), row_w[q].data(), ks.size(), cnt);
+      // Per-row sources, kBatch at a time in source order: each fetched once, then every row
+      // that uses it adds it (its sources stay in order, so its chain of terms is unchanged).
+      w.pos.assign(Q, 0);
+      for (std::size_t a0 = 0; a0 < act.size(); a0 += kBatch) {
+        const std::size_t nb = std::min(kBatch, act.size() - a0);
+        for (std::size_t j = 0; j < nb; ++j) w.slot[j] = fetch(src[act[a0 + j]], c0, cnt, stage + j * C);
+        const std::size_t last = act[a0 + nb - 1];
+        for (std::size_t q = 0; q < Q; ++q) {
+          const auto& ks = row_k[q];
+          const std::size_t p0 = w.pos[q];
+          std::size_t p = p0, j = 0;
+          w.ptrs.clear();
+          for (; p < ks.size() && ks[p] <= last; ++p) {
+            while (act[a0 + j] != ks[p]) ++j;
+            w.ptrs.push_back(w.slot[j]);
+          }
+          w.pos[q] = p;
+          if (p > p0) kr.axpy(acc + q * C, w.ptrs.data(), row_dt[q].data() + p0, row_w[q].data() + p0, p - p0, cnt);
+        }
       }
       for (std::size_t q = 0; q < Q; ++q) {
         const OutTarget& o = out[q];
@@ -202,15 +234,16 @@ void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threa
     for (std::size_t pi = b; pi < e; ++pi) {
       std::vector<double>& g = partial[pi];
       g.assign(Kp * Kp, 0.0);
-      Scratch sp;
+      Scratch sp, st;
       float* panel = sp.get(Kp * C);
+      float* stage = st.get(C);
       std::memset(panel, 0, sizeof(float) * Kp * C);
       const std::size_t ch0 = nchunks * pi / parts, ch1 = nchunks * (pi + 1) / parts;
       for (std::size_t ci = ch0; ci < ch1; ++ci) {
         if (cancel && cancel->requested()) throw Cancelled();
         const std::size_t c0 = ci * C, cnt = std::min(C, n - c0), cp = round_up(cnt, kr.tile);
         for (std::size_t k = 0; k < K; ++k) {
-          kr.to_f32(at(src[k], c0), src[k].dtype, cnt, panel + k * C);
+          kr.to_f32(fetch(src[k], c0, cnt, stage), src[k].dtype, cnt, panel + k * C);
           std::memset(panel + k * C + cnt, 0, sizeof(float) * (cp - cnt));
         }
         kr.gram(panel, C, Kp, cp, g.data(), Kp);

@@ -67,6 +67,24 @@ def _takes(fn, name: str) -> bool:
     return name in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
 
 
+_CORE_METRICS = ("js", "kl", "wd")   # computed by the compiled core (weights/metrics.py)
+
+
+def _query_profiles(items, bank, **kw) -> list:
+    """The token profiles of the datasets, several at once in threads (the tokenizer releases
+    the GIL; reading and counting one dataset overlaps another's encoding): as many threads as
+    ``LORAMIX_NUM_THREADS`` or cores. Results and errors come in the datasets' order."""
+    import os
+
+    n = min(len(items), int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or os.cpu_count() or 1)
+    if n < 2:
+        return [prof.query_profile(d, bank, **kw) for d in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        return list(ex.map(lambda d: prof.query_profile(d, bank, **kw), items))
+
+
 def _dataset_hash(item, query, fields, split) -> str:
     if query is not None:
         return query.dataset_hash
@@ -177,9 +195,10 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
                                                 **prog, **mopts), dtype=np.float64))
             continue
         if queries is None:
-            queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=profile_cache,
-                                           progress=progress) for d in items]
-            qm, bm = prof.stack_against(queries, bank)
+            queries = _query_profiles(items, bank, fields=fields, split=split, cache=profile_cache,
+                                      progress=progress)
+            # the compiled metrics take the core's CSR: no scipy import on their path
+            qm, bm = prof.stack_against(queries, bank, core=all(x in _CORE_METRICS for x in metrics))
         Ds[m] = wts.distances(qm, bm, m)
     D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)

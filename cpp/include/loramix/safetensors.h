@@ -13,7 +13,11 @@
 //    begin); bytes == dtype bits x prod(shape) / 8 with checked arithmetic;
 //  - file length == 8 + N + last end exactly.
 //  Any violation throws FormatError("invalid safetensors file '<path>': <what>").
-//  The mapping is shared (std::shared_ptr<const Mapping>); views keep it alive.
+//  The mapping is shared (std::shared_ptr<const Mapping>); views keep it alive. The mapping
+//  also keeps the file's descriptor open (Mapping::fd) while fewer than half of the process's
+//  RLIMIT_NOFILE descriptors are so kept, so that the streaming kernels can read tensors with
+//  pread instead of through the mapping (wsum.h); beyond that budget fd is -1 and they read
+//  through the mapping.
 //
 // Writer contract: the entries' order is the order of the data in the file and of the keys
 // in the header; the header is serialized exactly like safetensors (serde_json, compact,
@@ -49,12 +53,13 @@ struct OsError : std::runtime_error {
 };
 
 struct Mapping {
-  Mapping(void* addr, std::size_t len) : addr(addr), len(len) {}
-  ~Mapping();
+  Mapping(void* addr, std::size_t len, int fd = -1) : addr(addr), len(len), fd(fd) {}
+  ~Mapping();  // unmaps; closes fd if >= 0
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
   void* addr;
   std::size_t len;
+  int fd;  // the mapped file, open for pread, or -1
 };
 
 struct TensorInfo {
@@ -157,5 +162,9 @@ class SafetensorsWriter {
 
 // Writes all of `buf` at `off` (retries short writes and EINTR). Throws OsError.
 void pwrite_all(int fd, const void* buf, std::size_t len, uint64_t off, const std::string& path);
+
+// Reads exactly `len` bytes at `off` into `buf` (retries short reads and EINTR). Throws
+// OsError (EIO "short read" at end of file: the file was truncated after it was opened).
+void pread_all(int fd, void* buf, std::size_t len, uint64_t off, const std::string& path);
 
 }  // namespace loramix

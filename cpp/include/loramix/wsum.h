@@ -11,10 +11,19 @@
 //    overflow -> inf), see halfconv.h.
 //  - A term with W[q][k] == 0 contributes nothing, even if T_k holds inf or NaN, and a
 //    source whose weights are all zero is never read.
-//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats (C = 8192
-//    for Q = 1, else ~min(65536/Q, 131072/active sources) within [4 tiles, 8192]; Kc ~65536/C),
-//    whatever K and P. Sources are read chunk by
-//    chunk straight from their (mapped) memory; nothing of size K x P is ever allocated.
+//  - Order of terms: each element's sum is one sequential chain of f32 multiply-adds (FMA on
+//    AVX2/AVX-512): first the panel sources in source order, then the per-row sources in source
+//    order. The chain does not depend on the chunk width, the thread count or how a source is
+//    read (memory or pread), so outputs are the same bytes for a given ISA and path. A panel
+//    source's chunk holding NaN/inf is added by axpy in its place in that chain.
+//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats + a
+//    staging area of 8 sources x C elements (C <= 32768 for Q = 1, else ~min(16384, 262144/Q),
+//    at least 4 tiles; Kc ~65536/C), whatever K and P: nothing of size K x P is ever allocated.
+//  - Reading: a source in memory (fd < 0) is read in place. A source in a file (fd >= 0) is
+//    read with one pread per chunk of the output (its span of that chunk, into the staging
+//    area, then converted or multiplied from L2): the file is never mapped, so its pages do not
+//    enter the process (bounded memory without MADV_DONTNEED), and each source's chunk is read
+//    once per call whatever Q. A short read (file truncated) throws OsError.
 //  - Paths: Q < 4 (or sources used by fewer than half the rows): per row, fused widen+FMA over
 //    groups of up to 4 sources. Q >= 4: sources used by at least half the rows (zero weights
 //    kept; a chunk of such a source holding NaN/inf leaves the panel and is added per row to the
@@ -38,9 +47,14 @@
 
 namespace loramix {
 
+// One source: n elements of `dtype`, in memory at `data` (no alignment required) or, when
+// fd >= 0, in the file `fd` at byte `offset` (read with pread; `data` is then not read).
 struct SrcView {
-  const void* data;  // n elements of `dtype`; no alignment required
+  const void* data;
   DType dtype;
+  int fd = -1;
+  uint64_t offset = 0;
+  const std::string* path = nullptr;  // for messages
 };
 
 // Where row q of a weighted sum goes: memory (mem != nullptr) or a file at byte `offset`

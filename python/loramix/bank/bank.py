@@ -505,8 +505,18 @@ class Bank:
         except ValueError:
             raise BankError(f"bank {self.path}: no member named {name!r}") from None
 
-    def profiles(self):
-        """The members' profiles as a CSR matrix (N, V) of counts."""
+    def profiles(self, *, core: bool = False):
+        """The members' profiles as a CSR matrix (N, V) of counts (``core``: as the core's
+        :class:`loramix.core.divergence.CSR`, which needs no scipy import)."""
+        if core:
+            if self._profiles is None and self._index is not None and not self.skipped:
+                return self._index.profiles(self.vocab_size, core=True)
+            m = self.profiles()
+            if hasattr(m, "_replace"):
+                return m
+            from loramix.core.divergence import CSR
+
+            return CSR(m.indptr, m.indices, m.data, m.shape[1])
         if self._profiles is None and self._index is not None and not self.skipped:
             self._profiles = self._index.profiles(self.vocab_size)
         if self._profiles is None:

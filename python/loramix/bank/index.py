@@ -145,14 +145,16 @@ class BankIndex:
     meta: dict
     arrays: dict
 
-    def profiles(self, vocab_size: int | None = None):
+    def profiles(self, vocab_size: int | None = None, *, core: bool = False):
         """The stacked member profiles (N, V) of float64 counts, as indexed, ``V`` at least
-        ``vocab_size``: a ``scipy.sparse.csr_array``, or without scipy the core's own
-        :class:`loramix.core.divergence.CSR` (what ``profiles.tokens.stack`` gives)."""
+        ``vocab_size``: a ``scipy.sparse.csr_array``, or with ``core`` or without scipy the
+        core's own :class:`loramix.core.divergence.CSR` (what ``profiles.tokens.stack`` gives)."""
         n = self.meta["n_members"]
         v = max(int(self.meta["vocab_size"]), int(vocab_size or 0))
         a = self.arrays
         try:
+            if core:
+                raise ImportError
             import scipy.sparse as sp
         except ImportError:
             from loramix.core.divergence import CSR

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import sys
+
 import numpy as np
 
 from loramix import _core
@@ -45,11 +47,9 @@ def _value_dtype(dtype: np.dtype, what: str) -> np.dtype:
 
 
 def _is_scipy_sparse(x) -> bool:
-    try:
-        import scipy.sparse as sp
-    except ImportError:  # pragma: no cover - scipy is a dependency
-        return False
-    return sp.issparse(x)
+    # scipy is not imported to ask (0.2-0.4 s): a scipy matrix exists only once scipy.sparse is loaded
+    sp = sys.modules.get("scipy.sparse")
+    return sp is not None and sp.issparse(x)
 
 
 def _csr_parts(indptr, indices, data, n_cols: int, what: str):

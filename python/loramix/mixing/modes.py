@@ -81,8 +81,10 @@ def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInf
     infos = [MixInfo(members=[int(i) for i in np.flatnonzero(W[q])]) for q in range(W.shape[0])]
     for name, holders in modules.items():
         h = np.asarray(holders)
-        ranks = np.array([mem[i].modules[name].rank for i in holders])
         nz = W[:, h] != 0                                    # (Q, holders)
+        used_any = nz.any(axis=0)
+        ranks = np.zeros(len(holders), dtype=np.int64)       # only members with a weight are looked at
+        ranks[used_any] = [mem[i].modules[name].rank for i in h[used_any]]
         ms = mem[holders[0]].modules[name]
         for q in np.flatnonzero(nz.any(axis=1)):
             used = ranks[nz[q]]
@@ -195,24 +197,32 @@ def _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads)
     ws = [writers[q] for q in targets]
     tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
     tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
-    tensors.release_pages(a_src + b_src)   # read once: memory stays one module's sources
+    # sources read through the mapping (beyond the descriptor budget) leave the process once read
+    tensors.release_pages([r for r in a_src + b_src if not getattr(r, "pread", False)])
 
 
 def factors_inputs(bank, W, name, holders, targets, r_out):
     """The sources and weights of one ``factors`` core call: ``(a_src, b_src, wa, wb)``."""
+    from loramix.core import tensors
+
     h = np.asarray(holders)
     used = h[(W[np.ix_(targets, h)] != 0).any(axis=0)].tolist()   # one numpy call, not one per member
-    a_src, b_src, scale = [], [], []
-    for i in used:
-        m = bank.members[i]
-        ms = m.modules[name]
-        if ms.rank == r_out:
-            a_src.append(m.file.tensor(ms.a_key))
-            b_src.append(m.file.tensor(ms.b_key))
-        else:   # zero-pad a lower-rank member: extra rows of A / columns of B are zero
-            a_src.append(m.padded(ms.a_key, r_out, 0))
-            b_src.append(m.padded(ms.b_key, r_out, 1))
-        scale.append(ms.scaling)
+    mem = [bank.members[i] for i in used]
+    specs = [m.modules[name] for m in mem]
+    scale = [ms.scaling for ms in specs]
+    if all(ms.rank == r_out for ms in specs):   # the usual case: one core call per factor
+        files = [m.file for m in mem]
+        a_src = tensors.tensor_refs(files, [ms.a_key for ms in specs])
+        b_src = tensors.tensor_refs(files, [ms.b_key for ms in specs])
+    else:
+        a_src, b_src = [], []
+        for m, ms in zip(mem, specs):
+            if ms.rank == r_out:
+                a_src.append(m.file.tensor(ms.a_key))
+                b_src.append(m.file.tensor(ms.b_key))
+            else:   # zero-pad a lower-rank member: extra rows of A / columns of B are zero
+                a_src.append(m.padded(ms.a_key, r_out, 0))
+                b_src.append(m.padded(ms.b_key, r_out, 1))
     wa = W[np.ix_(targets, used)]
     wb = wa * np.asarray(scale)[None, :]
     return a_src, b_src, wa, wb

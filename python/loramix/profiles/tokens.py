@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -40,17 +42,43 @@ def tokenizer_file(path) -> Path:
     return p
 
 
+# Per tokenizer file, once per process: its hash, the loaded tokenizer and its cut plan (a batch
+# of Q datasets loaded, parsed and hashed the file Q times: ~0.1 s each for a 2 MB tokenizer).
+# Keyed by the file's path, size, mtime, ctime and inode: an edited file is a new entry.
+_TOKS: dict = {}
+_TOKS_LOCK = threading.Lock()
+
+
+def _tok_entry(path) -> dict:
+    f = tokenizer_file(path)
+    st = f.stat()
+    where = os.path.realpath(f)
+    key = (where, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    with _TOKS_LOCK:
+        e = _TOKS.get(key)
+        if e is None:
+            for k in [k for k in _TOKS if k[0] == where]:   # an older version of the file
+                del _TOKS[k]
+            e = _TOKS[key] = {"file": f, "lock": threading.Lock()}
+    return e
+
+
+def _cached(path, what: str, make):
+    e = _tok_entry(path)
+    with e["lock"]:   # one thread builds it; the others wait for it
+        if what not in e:
+            e[what] = make(e["file"])
+        return e[what]
+
+
 def tokenizer_hash(path) -> str:
     """SHA-256 of the tokenizer file's bytes: two tokenizers that may split text differently differ."""
-    h = hashlib.sha256()
-    h.update(tokenizer_file(path).read_bytes())
-    return h.hexdigest()
+    return _cached(path, "sha256", lambda f: hashlib.sha256(f.read_bytes()).hexdigest())
 
 
-def load_tokenizer(path):
+def _load(f: Path):
     from tokenizers import Tokenizer
 
-    f = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(f))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
@@ -60,6 +88,12 @@ def load_tokenizer(path):
     tok.no_truncation()
     tok.no_padding()
     return tok
+
+
+def load_tokenizer(path):
+    """The ``tokenizers.Tokenizer`` of ``path`` (no truncation, no padding), loaded once per process
+    and file version and shared: encode with it (threads may), do not reconfigure it."""
+    return _cached(path, "tokenizer", _load)
 
 
 @dataclass
@@ -159,7 +193,7 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     """Tokenize ``dataset`` (a path) with ``tokenizer`` (a path) into a :class:`Profile`."""
     fields = tuple(fields)
     tok = load_tokenizer(tokenizer)
-    plan = chunks.cut_plan(tokenizer_file(tokenizer))
+    plan = _cached(tokenizer, "cut_plan", chunks.cut_plan)
     vocab = int(tok.get_vocab_size(with_added_tokens=True))
     acc = np.zeros(vocab, dtype=np.int64)
     n = 0
@@ -240,19 +274,21 @@ def widen(m, v: int):
     return sp.csr_array((m.data, m.indices, m.indptr), shape=(m.shape[0], v))
 
 
-def stack_against(queries, bank):
+def stack_against(queries, bank, *, core: bool = False):
     """``(queries, bank profiles)`` as two CSR matrices of one width: the queries' profiles
     stacked and the bank's (anything with ``vocab_size`` and ``profiles()``), both as wide as the
-    widest vocabulary among them (queries may use added tokens beyond the bank's)."""
+    widest vocabulary among them (queries may use added tokens beyond the bank's). ``core``: both
+    as the core's :class:`loramix.core.divergence.CSR` (all the compiled metrics need; no scipy
+    import, 0.2-0.4 s of a small run)."""
     v = max([bank.vocab_size] + [q.vocab_size for q in queries])
-    bm = bank.profiles()
-    return stack(queries, v), (widen(bm, v) if bm.shape[1] != v else bm)
+    bm = bank.profiles(core=True) if core else bank.profiles()
+    return stack(queries, v, core=core), (widen(bm, v) if bm.shape[1] != v else bm)
 
 
-def stack(profiles, vocab_size: int | None = None):
-    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts; without
-    scipy (the base install leaves it out) the core's own :class:`loramix.core.divergence.CSR`,
-    which the compiled metrics (js, kl, wd) take as well."""
+def stack(profiles, vocab_size: int | None = None, *, core: bool = False):
+    """Profiles as one ``scipy.sparse.csr_array`` (rows = profiles), float64 counts; with
+    ``core``, or without scipy (the base install leaves it out), the core's own
+    :class:`loramix.core.divergence.CSR`, which the compiled metrics (js, kl, wd) take as well."""
     v = vocab_size or max(p.vocab_size for p in profiles)
     indptr = np.zeros(len(profiles) + 1, dtype=np.int64)
     for i, p in enumerate(profiles):
@@ -262,6 +298,8 @@ def stack(profiles, vocab_size: int | None = None):
     idx = np.concatenate([p.ids for p in profiles]).astype(np.int64) if profiles else np.zeros(0, np.int64)
     val = np.concatenate([p.counts for p in profiles]).astype(np.float64) if profiles else np.zeros(0)
     try:
+        if core:
+            raise ImportError
         import scipy.sparse as sp
     except ImportError:
         from loramix.core.divergence import CSR
