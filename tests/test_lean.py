@@ -51,6 +51,23 @@ def test_generate_cli_imports_nothing_heavy_even_with_a_trained_combiner(w, tmp_
     assert prov["pipeline"] == "neural"
 
 
+def test_default_generate_does_not_import_the_onnx_graph_library(w, tmp_path):
+    """The default metric (hybrid) identifies the encoder by its config and weights; building an
+    ONNX graph is the only use of the ``onnx`` package (~0.5 s to import), so a run whose graph is
+    cached or not needed never imports it."""
+    code = ("import json, sys\nfrom loramix.cli import main\n"
+            f"assert main(['generate', {str(w.queries['music_q'])!r}, '--bank', {str(w.bank)!r}, "
+            f"'-o', {str(tmp_path / 'o')!r}, '--quiet']) == 0\n"
+            "import loramix.profiles.onnx_bert as ob, loramix.profiles.embeddings as emb\n"
+            "print(emb.encoder_key()[:4], ob.load_config.__name__)\n"
+            "print(json.dumps(sorted(m for m in ('onnx', 'ml_dtypes') if sys.modules.get(m) is not None)))\n")
+    r = _py(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-2] == "enc= load_config"
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    assert json.loads((tmp_path / "o" / "loramix.json").read_text())["metric"] in ("hybrid", "js")
+
+
 def test_training_needs_no_numba_and_missing_scipy_names_the_extra(w, tmp_path):
     """The combiner's kernels are in the compiled core: training runs without numba; its optimizer
     (scipy's L-BFGS) names the extra when missing. Rouge-L (evaluation) still needs numba."""

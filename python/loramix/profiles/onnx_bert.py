@@ -24,11 +24,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+# ``onnx`` is imported where a graph is built, not here: importing it costs ~0.5 s (ml_dtypes),
+# and reading an encoder's config or a cached graph's key must not pay for it.
+if TYPE_CHECKING:
+    import onnx
 
 #: Bumped whenever the emitted graph changes, so cached .onnx files are rebuilt.
 GRAPH_VERSION = "3"
@@ -78,11 +81,15 @@ class _G:
         return f"{base}_{self._n}"
 
     def const(self, base: str, arr) -> str:
+        from onnx import numpy_helper
+
         n = self.name(base)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
         return n
 
     def op(self, op_type: str, inputs, base: str | None = None, n_out: int = 1, domain: str | None = None, **attrs):
+        from onnx import helper
+
         outs = [self.name(base or op_type) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name("n_" + op_type),
                                            domain=domain, **attrs))
@@ -98,6 +105,8 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
     ``quantize="int8"`` (needs ``fused=True``): every linear layer becomes an 8-bit
     ``MatMulNBits`` with block-wise scales; embeddings, LayerNorm and attention scores stay fp32.
     """
+    from onnx import TensorProto, helper
+
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
     int8 = quantize == "int8"
