@@ -16,6 +16,9 @@ library and asserts the contract: the input is accepted, or refused with the par
 - ``json_lines``: the streaming parser of long JSON lines (:mod:`loramix.data.jsonstream`, made
   to take every line, in blocks of a few bytes) against ``json.loads`` on the same lines read in
   text mode: the same lines accepted, the same records, the same text fields when kept as spans.
+- ``csv_records``: the CSV reader (:mod:`loramix.data.csvstream`, made to parse records itself
+  in blocks of a few bytes, or to hand back to the ``csv`` module after each long one) against
+  ``csv.reader`` / ``csv.DictReader`` on the file read as text (``newline=""``, utf-8-sig).
 
 Used by ``tests/test_fuzz.py`` (a short derandomized run) and ``tools/fuzz.py`` (a long run).
 """
@@ -386,6 +389,88 @@ def check_json_line(item, dirpath: Path) -> str:
         return "accepted"
     finally:
         js.LONG_LINE, js.BLOCK, js.SPAN = saved
+        f.unlink()
+
+
+# ------------------------------------------------------------------ CSV records
+
+_CSV_CELL = st.one_of(st.text(max_size=8),
+                      st.text(st.sampled_from(list(',"\r\n \tab\x00é日\U0001F600\ufeff')), max_size=12))
+# the characters that decide how CSV is read, often
+_CSV_RAW = st.text(st.sampled_from(list(',,""\r\n\r\n ab\x00é\U0001F600')), max_size=40)
+
+
+@st.composite
+def csv_document(draw):
+    """``(file bytes, long_record, block, span)``: CSV written by ``csv.writer`` (every quoting
+    style, CR/LF/CRLF line ends) or raw text heavy in quotes, commas and line ends (quotes
+    inside unquoted fields, unclosed quotes, text after a closing quote), a byte-order mark or
+    not, sometimes mutated bytes; then the reader's sizes for the run."""
+    import csv
+    import io
+
+    if draw(st.integers(0, 2)):
+        cols = draw(st.integers(1, 3))
+        rows = [["input", "output", "x"][:cols]] + draw(st.lists(st.lists(_CSV_CELL, min_size=0, max_size=4),
+                                                                  max_size=4))
+        buf = io.StringIO(newline="")
+        quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
+        csv.writer(buf, quoting=quoting, lineterminator=draw(st.sampled_from(["\r\n", "\n", "\r"]))).writerows(rows)
+        text = buf.getvalue()
+        if draw(st.booleans()):
+            text = text.rstrip("\r\n")
+    else:
+        text = draw(st.sampled_from(["input,output\n", "", "\r\n"])) + draw(_CSV_RAW)
+    data = (("\ufeff" if draw(st.integers(0, 3)) == 0 else "") + text).encode()
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(mutated(data))
+    long_record = draw(st.sampled_from([1, 2, 3, 5, 8, 13, 40, 1 << 22]))
+    return data, long_record, draw(st.integers(1, 13)), draw(st.integers(0, 8))
+
+
+def check_csv_document(item, dirpath: Path) -> str:
+    """:mod:`loramix.data.csvstream` (tiny sizes) vs ``csv.reader`` and ``csv.DictReader``: the
+    same rows and records, or a DatasetError naming the file and a line where csv raises."""
+    import csv
+
+    from loramix.data import csvstream as cs
+    from loramix.data import readers
+
+    data, long_record, block, span = item
+    f = fresh(dirpath, ".csv")
+    f.write_bytes(data)
+
+    def oracle(reader):
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            return list(reader(fh))
+
+    try:
+        want, want_dicts = oracle(csv.reader), oracle(csv.DictReader)
+    except (csv.Error, UnicodeDecodeError):
+        want = want_dicts = None
+    saved = cs.LONG_RECORD, cs.BLOCK, cs.SPAN
+    cs.LONG_RECORD, cs.BLOCK, cs.SPAN = long_record, block, span
+    try:
+        try:
+            got = [[v if isinstance(v, str) else "".join(v) for v in row] for row in cs.rows(f)]
+        except readers.DatasetError as e:
+            assert str(f) in str(e) and " line " in str(e), f"error does not name the file and line: {e}"
+            got = None
+        assert got == want, (data, got, want)
+        if got is None:
+            return "refused"
+        assert [r for b in readers.iter_records(f) for r in b] == want_dicts, data
+        # the lazy path: long fields left in the file, decoded again when iterated
+        lazy = [r for b in readers._iter_file(f, 3, ("input",), lazy=True) for r in b]
+        def joined(v):
+            return [joined(x) for x in v] if isinstance(v, list) else v if v is None or isinstance(v, str) \
+                else "".join(v)
+
+        for r, w in zip(lazy, want_dicts, strict=True):
+            assert list(r) == list(w) and {k: joined(v) for k, v in r.items()} == w
+        return "accepted"
+    finally:
+        cs.LONG_RECORD, cs.BLOCK, cs.SPAN = saved
         f.unlink()
 
 

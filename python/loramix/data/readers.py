@@ -10,7 +10,9 @@ as the paper does: ``input + output[0]``); a field holding a list counts by its 
 JSON lines, CSV, parquet and arrow are streamed (a dataset larger than memory works); a single
 JSON document is parsed whole (that format cannot be streamed without a streaming parser). A JSON
 line longer than :data:`loramix.data.jsonstream.LONG_LINE` bytes is parsed in bounded memory by
-:mod:`loramix.data.jsonstream`; with ``iter_texts(long_texts=True)`` its long text comes as a
+:mod:`loramix.data.jsonstream`, a CSV record longer than
+:data:`loramix.data.csvstream.LONG_RECORD` bytes by :mod:`loramix.data.csvstream`; with
+``iter_texts(long_texts=True)`` their long texts come as a
 :class:`~loramix.data.jsonstream.LongText`, decoded piece by piece (the profiler's path).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from loramix.data import jsonstream
+from loramix.data import csvstream, jsonstream
 from loramix.data.errors import DatasetError
 
 DEFAULT_FIELDS = ("input", "output")
@@ -155,11 +157,11 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None,
         elif suf == ".json":
             yield from _batched(_json(f), batch_size)
         elif suf == ".csv":
-            # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first field's name
-            with open(f, newline="", encoding="utf-8-sig") as fh:
-                # a long example is a long field: lift the csv module's 128 KiB default cap
-                csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-                yield from _batched(csv.DictReader(fh), batch_size)
+            # a long example is a long field: lift the csv module's 128 KiB default cap
+            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+            # csv.DictReader on the file read as utf-8-sig (a byte-order mark, as Excel writes,
+            # is not part of the first field's name); a long record parsed in bounded memory
+            yield from _batched(csvstream.records(f, lazy), batch_size)
         elif suf == ".parquet":
             pq = require_pyarrow(f, "pyarrow.parquet")
             pf = pq.ParquetFile(f)
@@ -294,8 +296,9 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
                batch_size: int = 1024, long_texts: bool = False) -> Iterator[list[str]]:
     """Yield batches of example texts: the ``fields`` of each record concatenated, lists by
     their first element. A record lacking a field is an error naming the field and the file.
-    ``long_texts``: the text of a JSON line over ``jsonstream.LONG_LINE`` bytes may come as a
-    :class:`jsonstream.LongText` (iterating it decodes its pieces again, from the file)."""
+    ``long_texts``: the text of a JSON line over ``jsonstream.LONG_LINE`` bytes or of a CSV
+    record over ``csvstream.LONG_RECORD`` may come as a :class:`jsonstream.LongText` (iterating
+    it decodes its pieces again, from the file)."""
     fields = tuple(fields)
     if not fields:
         raise DatasetError("no text fields given")
