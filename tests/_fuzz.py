@@ -19,6 +19,9 @@ library and asserts the contract: the input is accepted, or refused with the par
 - ``csv_records``: the CSV reader (:mod:`loramix.data.csvstream`, made to parse records itself
   in blocks of a few bytes, or to hand back to the ``csv`` module after each long one) against
   ``csv.reader`` / ``csv.DictReader`` on the file read as text (``newline=""``, utf-8-sig).
+- ``json_documents``: the streaming reader of ``.json`` documents (:mod:`loramix.data.jsondoc`,
+  made to take every document, in windows and blocks of a few bytes) against ``json.loads``'s
+  path on the same file: the same records, or both refused.
 
 Used by ``tests/test_fuzz.py`` (a short derandomized run) and ``tools/fuzz.py`` (a long run).
 """
@@ -471,6 +474,71 @@ def check_csv_document(item, dirpath: Path) -> str:
         return "accepted"
     finally:
         cs.LONG_RECORD, cs.BLOCK, cs.SPAN = saved
+        f.unlink()
+
+
+# ------------------------------------------------------------------ .json documents
+
+@st.composite
+def json_document(draw):
+    """``(file bytes, window, block, span)``: a ``.json`` dataset (a list of records, the list
+    under ``Instances``/``data``/... with other keys and duplicates around it, or another value),
+    compact or indented, escaped or raw, CR/LF/CRLF between values, sometimes mutated; then the
+    streaming reader's sizes."""
+    record = st.dictionaries(st.sampled_from(["input", "output", "x", ""]), st.one_of(_STRING, _STRING, _LINE_VALUE),
+                             max_size=4)
+    rows = draw(st.lists(st.one_of(record, _LINE_VALUE) if draw(st.integers(0, 5)) == 0 else record, max_size=4))
+    keys = st.sampled_from(["Instances", "instances", "data", "examples", "rows", "Definition", "x"])
+    doc = draw(st.one_of(st.just(rows), st.just(rows), st.just(rows), _LINE_VALUE,
+                         st.lists(st.tuples(keys, st.one_of(st.just(rows), _LINE_VALUE)), max_size=4)))
+    if isinstance(doc, list) and doc and all(isinstance(kv, tuple) for kv in doc):   # an object, keys repeated
+        text = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in doc) + "}"
+    else:
+        text = json.dumps(doc, indent=draw(st.sampled_from([None, 1, "\t"])), ensure_ascii=draw(st.booleans()))
+    text = re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    text = text.replace("\n", draw(st.sampled_from(["\n", "\r\n", "\r"])))
+    text = draw(st.sampled_from(["", " ", "\r\n"])) + text + draw(st.sampled_from(["", "", "\n", "\r\n\t", " x", ",", "\ufeff"]))
+    data = text.encode()
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(mutated(data))
+    return data, draw(st.sampled_from([1, 2, 3, 7, 20, 70, 200, 1 << 20])), draw(st.integers(1, 13)), \
+        draw(st.integers(0, 8))
+
+
+def check_json_document(item, dirpath: Path) -> str:
+    """:mod:`loramix.data.jsondoc` (tiny sizes, every document) vs the ``json.loads`` path."""
+    from loramix.data import jsondoc as jd
+    from loramix.data import jsonstream as js
+    from loramix.data import readers
+
+    data, window, block, span = item
+    f = fresh(dirpath, ".json")
+    f.write_bytes(data)
+
+    def records():
+        try:
+            return [r for b in readers.iter_records(f) for r in b]
+        except readers.DatasetError as e:
+            assert str(f) in str(e), f"error does not name the file: {e}"
+            return None
+
+    saved = jd.LONG_DOC, jd.WINDOW, js.BLOCK, js.SPAN
+    try:
+        want = records()
+        jd.LONG_DOC, jd.WINDOW, js.BLOCK, js.SPAN = 0, window, block, span
+        got = records()
+        assert (got is None) == (want is None), (data, got, want)
+        if got is None:
+            return "refused"
+        assert len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want)), (data, got, want)
+        lazy = [r for b in readers._iter_file(f, 10, ("input", "output"), lazy=True) for r in b]
+        for r, w in zip(lazy, want, strict=True):
+            assert list(r) == list(w)
+            for k in set(r) & {"input", "output"}:
+                assert str(js.LongText([readers._text(r[k])])) == readers._text(w[k]), (data, k)
+        return "accepted"
+    finally:
+        jd.LONG_DOC, jd.WINDOW, js.BLOCK, js.SPAN = saved
         f.unlink()
 
 

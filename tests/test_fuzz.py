@@ -145,3 +145,18 @@ def test_long_csv_records(scratch):
 
     run()
     assert seen["refused"] > 10 and seen["accepted"] > 200, seen
+
+
+def test_json_documents(scratch):
+    """The streaming reader of .json documents against json.loads (tests/_fuzz.py ``json_document``)."""
+    seen = Counter()
+
+    @settings(RUN, max_examples=300)
+    @given(_fuzz.json_document())
+    @example((b'{"data": [{"input": "a\\u00e9", "output": ["x"]}], "Instances": [1], "Instances": 2}', 1, 1, 0))
+    @example((b'\r\n[{"input": "a", "output": 1.5}\r\n,{"input": "b", "output": -Infinity}]', 7, 2, 1))
+    def run(item):
+        seen[_fuzz.check_json_document(item, scratch)] += 1
+
+    run()
+    assert seen["refused"] > 20 and seen["accepted"] > 50, seen
