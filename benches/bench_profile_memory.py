@@ -4,7 +4,9 @@ Each run is a fresh process that profiles a one-line JSON-lines dataset (default
 English-like words) with the shipped mini-bank tokenizer and reports its peak resident set
 (``VmHWM``) and the peak of ``RssAnon`` (sampled every 5 ms by a thread). ``before`` sets
 ``chunks.PIECE_CHARS`` and ``BATCH_CHARS`` so high that the text goes to the tokenizer whole, as
-loramix did before issue 10; ``after`` is the library as it is. Runs alternate (A B A B),
+loramix did before issue 10; ``after`` is the library as it is; with ``--baseline-lib DIR`` ``before`` is instead the library
+tree at ``DIR`` as it is (before/after a change of the readers). ``--format`` csv and json write
+the same text as one quoted CSV field or one string of a ``.json`` document. Runs alternate (A B A B),
 medians are reported, with the machine load (``uptime``) before and after, and the token counts
 of both (they must be equal: the shipped tokenizer cuts exactly).
 
@@ -66,7 +68,12 @@ def make_dataset(path: Path, mb: float, seed: int = 0) -> None:
         n += len(w) + 1
     text = " ".join(parts)
     if path.suffix == ".csv":
-        path.write_text(f"input,output\n{text},done\n")
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as fh:   # quoted: the text holds commas
+            csv.writer(fh).writerows([["input", "output"], [text, "done"]])
+    elif path.suffix == ".json":
+        path.write_text(json.dumps([{"input": text, "output": "done"}]))
     else:
         path.write_text(json.dumps({"input": text, "output": "done"}) + "\n")
 
@@ -78,7 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--only", choices=["before", "after"], default=None,
                     help="run one variant (before needs ~190 MB of RAM per MB of line)")
-    ap.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    ap.add_argument("--format", choices=["jsonl", "csv", "json"], default="jsonl")
+    ap.add_argument("--baseline-lib", default=None, metavar="DIR",
+                    help="'before' runs the library tree at DIR (its python/ folder, e.g. a copy of an "
+                         "older commit's) as it is, instead of whole-text tokenization")
     a = ap.parse_args(argv)
     load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     res = {"before": [], "after": []}
@@ -87,8 +97,11 @@ def main(argv=None) -> int:
         make_dataset(data, a.mb)
         for _ in range(a.repeats):
             for variant in ([a.only] if a.only else ("before", "after")):
-                out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "python"), str(data),
-                                      str(TOKENIZER), variant], capture_output=True, text=True,
+                lib, how = ROOT / "python", variant
+                if variant == "before" and a.baseline_lib:
+                    lib, how = Path(a.baseline_lib), "as-is"
+                out = subprocess.run([sys.executable, "-c", CHILD, str(lib), str(data),
+                                      str(TOKENIZER), how], capture_output=True, text=True,
                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 if out.returncode:
                     res[variant].append({"error": out.stderr.strip().splitlines()[-1:]})

@@ -16,6 +16,12 @@ library and asserts the contract: the input is accepted, or refused with the par
 - ``json_lines``: the streaming parser of long JSON lines (:mod:`loramix.data.jsonstream`, made
   to take every line, in blocks of a few bytes) against ``json.loads`` on the same lines read in
   text mode: the same lines accepted, the same records, the same text fields when kept as spans.
+- ``csv_records``: the CSV reader (:mod:`loramix.data.csvstream`, made to parse records itself
+  in blocks of a few bytes, or to hand back to the ``csv`` module after each long one) against
+  ``csv.reader`` / ``csv.DictReader`` on the file read as text (``newline=""``, utf-8-sig).
+- ``json_documents``: the streaming reader of ``.json`` documents (:mod:`loramix.data.jsondoc`,
+  made to take every document, in windows and blocks of a few bytes) against ``json.loads``'s
+  path on the same file: the same records, or both refused.
 
 Used by ``tests/test_fuzz.py`` (a short derandomized run) and ``tools/fuzz.py`` (a long run).
 """
@@ -386,6 +392,153 @@ def check_json_line(item, dirpath: Path) -> str:
         return "accepted"
     finally:
         js.LONG_LINE, js.BLOCK, js.SPAN = saved
+        f.unlink()
+
+
+# ------------------------------------------------------------------ CSV records
+
+_CSV_CELL = st.one_of(st.text(max_size=8),
+                      st.text(st.sampled_from(list(',"\r\n \tab\x00é日\U0001F600\ufeff')), max_size=12))
+# the characters that decide how CSV is read, often
+_CSV_RAW = st.text(st.sampled_from(list(',,""\r\n\r\n ab\x00é\U0001F600')), max_size=40)
+
+
+@st.composite
+def csv_document(draw):
+    """``(file bytes, long_record, block, span)``: CSV written by ``csv.writer`` (every quoting
+    style, CR/LF/CRLF line ends) or raw text heavy in quotes, commas and line ends (quotes
+    inside unquoted fields, unclosed quotes, text after a closing quote), a byte-order mark or
+    not, sometimes mutated bytes; then the reader's sizes for the run."""
+    import csv
+    import io
+
+    if draw(st.integers(0, 2)):
+        cols = draw(st.integers(1, 3))
+        rows = [["input", "output", "x"][:cols]] + draw(st.lists(st.lists(_CSV_CELL, min_size=0, max_size=4),
+                                                                  max_size=4))
+        buf = io.StringIO(newline="")
+        quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
+        csv.writer(buf, quoting=quoting, lineterminator=draw(st.sampled_from(["\r\n", "\n", "\r"]))).writerows(rows)
+        text = buf.getvalue()
+        if draw(st.booleans()):
+            text = text.rstrip("\r\n")
+    else:
+        text = draw(st.sampled_from(["input,output\n", "", "\r\n"])) + draw(_CSV_RAW)
+    data = (("\ufeff" if draw(st.integers(0, 3)) == 0 else "") + text).encode()
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(mutated(data))
+    long_record = draw(st.sampled_from([1, 2, 3, 5, 8, 13, 40, 1 << 22]))
+    return data, long_record, draw(st.integers(1, 13)), draw(st.integers(0, 8))
+
+
+def check_csv_document(item, dirpath: Path) -> str:
+    """:mod:`loramix.data.csvstream` (tiny sizes) vs ``csv.reader`` and ``csv.DictReader``: the
+    same rows and records, or a DatasetError naming the file and a line where csv raises."""
+    import csv
+
+    from loramix.data import csvstream as cs
+    from loramix.data import readers
+
+    data, long_record, block, span = item
+    f = fresh(dirpath, ".csv")
+    f.write_bytes(data)
+
+    def oracle(reader):
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            return list(reader(fh))
+
+    try:
+        want, want_dicts = oracle(csv.reader), oracle(csv.DictReader)
+    except (csv.Error, UnicodeDecodeError):
+        want = want_dicts = None
+    saved = cs.LONG_RECORD, cs.BLOCK, cs.SPAN
+    cs.LONG_RECORD, cs.BLOCK, cs.SPAN = long_record, block, span
+    try:
+        try:
+            got = [[v if isinstance(v, str) else "".join(v) for v in row] for row in cs.rows(f)]
+        except readers.DatasetError as e:
+            assert str(f) in str(e) and " line " in str(e), f"error does not name the file and line: {e}"
+            got = None
+        assert got == want, (data, got, want)
+        if got is None:
+            return "refused"
+        assert [r for b in readers.iter_records(f) for r in b] == want_dicts, data
+        # the lazy path: long fields left in the file, decoded again when iterated
+        lazy = [r for b in readers._iter_file(f, 3, ("input",), lazy=True) for r in b]
+        def joined(v):
+            return [joined(x) for x in v] if isinstance(v, list) else v if v is None or isinstance(v, str) \
+                else "".join(v)
+
+        for r, w in zip(lazy, want_dicts, strict=True):
+            assert list(r) == list(w) and {k: joined(v) for k, v in r.items()} == w
+        return "accepted"
+    finally:
+        cs.LONG_RECORD, cs.BLOCK, cs.SPAN = saved
+        f.unlink()
+
+
+# ------------------------------------------------------------------ .json documents
+
+@st.composite
+def json_document(draw):
+    """``(file bytes, window, block, span)``: a ``.json`` dataset (a list of records, the list
+    under ``Instances``/``data``/... with other keys and duplicates around it, or another value),
+    compact or indented, escaped or raw, CR/LF/CRLF between values, sometimes mutated; then the
+    streaming reader's sizes."""
+    record = st.dictionaries(st.sampled_from(["input", "output", "x", ""]), st.one_of(_STRING, _STRING, _LINE_VALUE),
+                             max_size=4)
+    rows = draw(st.lists(st.one_of(record, _LINE_VALUE) if draw(st.integers(0, 5)) == 0 else record, max_size=4))
+    keys = st.sampled_from(["Instances", "instances", "data", "examples", "rows", "Definition", "x"])
+    doc = draw(st.one_of(st.just(rows), st.just(rows), st.just(rows), _LINE_VALUE,
+                         st.lists(st.tuples(keys, st.one_of(st.just(rows), _LINE_VALUE)), max_size=4)))
+    if isinstance(doc, list) and doc and all(isinstance(kv, tuple) for kv in doc):   # an object, keys repeated
+        text = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in doc) + "}"
+    else:
+        text = json.dumps(doc, indent=draw(st.sampled_from([None, 1, "\t"])), ensure_ascii=draw(st.booleans()))
+    text = re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    text = text.replace("\n", draw(st.sampled_from(["\n", "\r\n", "\r"])))
+    text = draw(st.sampled_from(["", " ", "\r\n"])) + text + draw(st.sampled_from(["", "", "\n", "\r\n\t", " x", ",", "\ufeff"]))
+    data = text.encode()
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(mutated(data))
+    return data, draw(st.sampled_from([1, 2, 3, 7, 20, 70, 200, 1 << 20])), draw(st.integers(1, 13)), \
+        draw(st.integers(0, 8))
+
+
+def check_json_document(item, dirpath: Path) -> str:
+    """:mod:`loramix.data.jsondoc` (tiny sizes, every document) vs the ``json.loads`` path."""
+    from loramix.data import jsondoc as jd
+    from loramix.data import jsonstream as js
+    from loramix.data import readers
+
+    data, window, block, span = item
+    f = fresh(dirpath, ".json")
+    f.write_bytes(data)
+
+    def records():
+        try:
+            return [r for b in readers.iter_records(f) for r in b]
+        except readers.DatasetError as e:
+            assert str(f) in str(e), f"error does not name the file: {e}"
+            return None
+
+    saved = jd.LONG_DOC, jd.WINDOW, js.BLOCK, js.SPAN
+    try:
+        want = records()
+        jd.LONG_DOC, jd.WINDOW, js.BLOCK, js.SPAN = 0, window, block, span
+        got = records()
+        assert (got is None) == (want is None), (data, got, want)
+        if got is None:
+            return "refused"
+        assert len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want)), (data, got, want)
+        lazy = [r for b in readers._iter_file(f, 10, ("input", "output"), lazy=True) for r in b]
+        for r, w in zip(lazy, want, strict=True):
+            assert list(r) == list(w)
+            for k in set(r) & {"input", "output"}:
+                assert str(js.LongText([readers._text(r[k])])) == readers._text(w[k]), (data, k)
+        return "accepted"
+    finally:
+        jd.LONG_DOC, jd.WINDOW, js.BLOCK, js.SPAN = saved
         f.unlink()
 
 

@@ -127,3 +127,36 @@ def test_long_json_lines(scratch):
 
     run()
     assert seen["refused"] > 20 and seen["accepted"] > 100, seen
+
+
+def test_long_csv_records(scratch):
+    """The CSV reader, its long-record path forced, against the csv module (tests/_fuzz.py
+    ``csv_document``)."""
+    seen = Counter()
+
+    @settings(RUN, max_examples=400)
+    @given(_fuzz.csv_document())
+    @example((b'input,output\r\n"a,""b""\r\nc",d\n"e"f,g"h"\r', 1, 1, 0))
+    @example((b'input\n"\xff"\n', 1, 2, 1))
+    @example((b'\xef\xbb\xbfinput\r\n,,0,"""\xc2"\x80"\r\n', 1, 1, 0))   # no UTF-8 across a closing quote
+    @example((b'\xef\xbb', 1, 1, 0))        # utf-8-sig reads a part of a byte-order mark as nothing
+    def run(item):
+        seen[_fuzz.check_csv_document(item, scratch)] += 1
+
+    run()
+    assert seen["refused"] > 10 and seen["accepted"] > 200, seen
+
+
+def test_json_documents(scratch):
+    """The streaming reader of .json documents against json.loads (tests/_fuzz.py ``json_document``)."""
+    seen = Counter()
+
+    @settings(RUN, max_examples=300)
+    @given(_fuzz.json_document())
+    @example((b'{"data": [{"input": "a\\u00e9", "output": ["x"]}], "Instances": [1], "Instances": 2}', 1, 1, 0))
+    @example((b'\r\n[{"input": "a", "output": 1.5}\r\n,{"input": "b", "output": -Infinity}]', 7, 2, 1))
+    def run(item):
+        seen[_fuzz.check_json_document(item, scratch)] += 1
+
+    run()
+    assert seen["refused"] > 20 and seen["accepted"] > 50, seen

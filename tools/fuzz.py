@@ -3,7 +3,7 @@
     PYTHONPATH=python python3 tools/fuzz.py --minutes 10                 # every target, random seeds
     PYTHONPATH=python python3 tools/fuzz.py --target safetensors --examples 100000 --seed 7
 
-Targets: safetensors, bank_json, adapter_config, datasets, json_lines. Each runs hypothesis with a random
+Targets: safetensors, bank_json, adapter_config, datasets, json_lines, csv_records, json_documents. Each runs hypothesis with a random
 seed (or ``--seed``) for its share of ``--minutes`` (or ``--examples`` each), keeps hypothesis'
 example database under ``--db`` (default: the temp folder) so a failure found once is replayed
 first next time, and prints per target: examples run, accepted/refused counts, and the shrunk
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "python"))
 
 CHUNK = 500
-TARGETS = ("safetensors", "bank_json", "adapter_config", "datasets", "json_lines")
+TARGETS = ("safetensors", "bank_json", "adapter_config", "datasets", "json_lines", "csv_records", "json_documents")
 
 
 def _world(scratch: Path):
@@ -57,6 +57,10 @@ def run_target(name: str, scratch: Path, seconds: float, examples: int, seed, db
         strat, check = _fuzz.dataset_file(), (lambda x: _fuzz.check_dataset(x, scratch))
     elif name == "json_lines":
         strat, check = _fuzz.json_line(), (lambda x: _fuzz.check_json_line(x, scratch))
+    elif name == "json_documents":
+        strat, check = _fuzz.json_document(), (lambda x: _fuzz.check_json_document(x, scratch))
+    elif name == "csv_records":
+        strat, check = _fuzz.csv_document(), (lambda x: _fuzz.check_csv_document(x, scratch))
     else:
         w = _world(scratch / "world")
         if name == "bank_json":

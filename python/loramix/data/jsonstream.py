@@ -6,7 +6,8 @@ a string of more than :data:`SPAN` raw bytes is decoded piece by piece (so it is
 kept as a :class:`Span`: where it sits in the file and whether it is blank. A
 :class:`LongText` joins an example's text fields and decodes its spans again, piece by piece,
 each time it is iterated. The JSON-lines reader sends a line here when it is longer than
-:data:`LONG_LINE` bytes; shorter lines go to ``json.loads``.
+:data:`LONG_LINE` bytes; shorter lines go to ``json.loads``. :func:`parse_value` does the
+same for one value of a JSON document (:mod:`loramix.data.jsondoc`).
 
 What is accepted, and every value, is what ``json.loads`` gives on the same line read in text
 mode:
@@ -34,7 +35,7 @@ from typing import Iterator
 
 from loramix.data.errors import DatasetError
 
-__all__ = ["LONG_LINE", "BLOCK", "SPAN", "Span", "LongText", "parse_line", "materialized"]
+__all__ = ["LONG_LINE", "BLOCK", "SPAN", "Span", "LongText", "parse_line", "parse_value", "materialized"]
 
 #: a JSON line longer than this (bytes) is parsed here
 LONG_LINE = 1 << 22
@@ -44,6 +45,7 @@ BLOCK = 1 << 20
 SPAN = 1 << 16
 
 _WS = re.compile(rb"[ \t]*")
+_WS_DOCUMENT = re.compile(rb"[ \t\r\n]*")
 _EOL = re.compile(rb"[\r\n]")
 _STRING_STOP = re.compile(rb'["\r\n]')
 _NUMBER = re.compile(rb"(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?")
@@ -88,6 +90,8 @@ class _Line:
     """One line of a binary file from byte ``start`` on, read in blocks: ``buf[pos]`` is the
     next byte, ``base`` the file offset of ``buf[0]``. The line ends at CR or LF (or the end)."""
 
+    WS = _WS
+
     def __init__(self, fh, start: int):
         fh.seek(start)
         self.fh, self.buf, self.base, self.pos, self.eof = fh, b"", start, 0, False
@@ -110,7 +114,7 @@ class _Line:
 
     def ws(self) -> None:
         while True:
-            self.pos = _WS.match(self.buf, self.pos).end()
+            self.pos = self.WS.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or self.more(self.pos) < 0:
                 return
 
@@ -275,6 +279,32 @@ def parse_line(path, fh, start: int, line: int, only=None) -> tuple[object, bool
     return value, False, r.next_line()
 
 
+class _Document(_Line):
+    """A JSON document: line ends are whitespace between values."""
+
+    WS = _WS_DOCUMENT
+
+
+def parse_value(path, fh, start: int, keep: bool = True, only=None) -> tuple[object, int]:
+    """The JSON value at byte ``start`` of the JSON document ``path`` (open in binary as ``fh``),
+    read in blocks: ``(value, next)``, ``next`` the offset just after it. As :func:`parse_line`:
+    strings over :data:`SPAN` raw bytes come as :class:`Span` s (line 0), an object keeps only
+    the values of the keys in ``only`` when it is given, nothing is kept without ``keep``.
+    A ``json.JSONDecodeError``'s ``pos`` is the offset in the file where it was found."""
+    r = _Document(fh, start)
+    try:
+        value = r.value(path, 0, keep, only)
+    except json.JSONDecodeError as e:
+        raise _at(e.msg, r.base + r.pos) from None
+    return value, r.base + r.pos
+
+
+def _at(msg: str, pos: int) -> json.JSONDecodeError:
+    e = _error(msg)
+    e.pos = pos
+    return e
+
+
 class Span:
     """A JSON string left in its file: raw bytes ``start:end`` of line ``line`` (checked when
     the line was parsed). Iterating decodes it again, piece by piece."""
@@ -292,7 +322,8 @@ class Span:
             except ValueError:
                 ok = False
             if not ok:
-                raise DatasetError(f"dataset {self.path}: line {self.line} changed while it was read; "
+                where = f"line {self.line}" if self.line else f"bytes {self.start}:{self.end}"
+                raise DatasetError(f"dataset {self.path}: {where} changed while it was read; "
                                    "run again on a file that is not being written")
 
     def __repr__(self) -> str:

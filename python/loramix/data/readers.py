@@ -7,10 +7,13 @@ folders), or any folder of data files (e.g. a dataset repo from the Hub).
 
 Each example's text is its text fields concatenated in order (default ``input`` then ``output``,
 as the paper does: ``input + output[0]``); a field holding a list counts by its first element.
-JSON lines, CSV, parquet and arrow are streamed (a dataset larger than memory works); a single
-JSON document is parsed whole (that format cannot be streamed without a streaming parser). A JSON
+JSON lines, CSV, parquet and arrow are streamed (a dataset larger than memory works); a JSON
+document over :data:`loramix.data.jsondoc.LONG_DOC` bytes is read by
+:mod:`loramix.data.jsondoc`, one record at a time, its long strings left in the file. A JSON
 line longer than :data:`loramix.data.jsonstream.LONG_LINE` bytes is parsed in bounded memory by
-:mod:`loramix.data.jsonstream`; with ``iter_texts(long_texts=True)`` its long text comes as a
+:mod:`loramix.data.jsonstream`, a CSV record longer than
+:data:`loramix.data.csvstream.LONG_RECORD` bytes by :mod:`loramix.data.csvstream`; with
+``iter_texts(long_texts=True)`` their long texts come as a
 :class:`~loramix.data.jsonstream.LongText`, decoded piece by piece (the profiler's path).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from loramix.data import jsonstream
+from loramix.data import csvstream, jsondoc, jsonstream
 from loramix.data.errors import DatasetError
 
 DEFAULT_FIELDS = ("input", "output")
@@ -153,13 +156,13 @@ def _iter_file(f: Path, batch_size: int, columns: tuple | None = None,
         if suf in (".jsonl", ".ndjson"):
             yield from _batched(_jsonl(f, columns if lazy else None), batch_size)
         elif suf == ".json":
-            yield from _batched(_json(f), batch_size)
+            yield from _batched(_json(f, columns if lazy else None), batch_size)
         elif suf == ".csv":
-            # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first field's name
-            with open(f, newline="", encoding="utf-8-sig") as fh:
-                # a long example is a long field: lift the csv module's 128 KiB default cap
-                csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-                yield from _batched(csv.DictReader(fh), batch_size)
+            # a long example is a long field: lift the csv module's 128 KiB default cap
+            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+            # csv.DictReader on the file read as utf-8-sig (a byte-order mark, as Excel writes,
+            # is not part of the first field's name); a long record parsed in bounded memory
+            yield from _batched(csvstream.records(f, lazy), batch_size)
         elif suf == ".parquet":
             pq = require_pyarrow(f, "pyarrow.parquet")
             pf = pq.ParquetFile(f)
@@ -217,18 +220,28 @@ def _record(f: Path, n: int, rec):
     return rec
 
 
-def _json(f: Path):
+def _json(f: Path, only: tuple | None = None):
+    """The records of a JSON document, as ``json.loads`` gives them; one over
+    ``jsondoc.LONG_DOC`` bytes is read by :mod:`jsondoc` in bounded memory (``only``, the lazy
+    path: its long strings stay :class:`jsonstream.Span` s, as in :func:`_jsonl`)."""
+    if f.stat().st_size > jsondoc.LONG_DOC:
+        try:
+            at = jsondoc.locate(f)
+        except json.JSONDecodeError as e:
+            yield from _json_lines_instead(f, e)
+            return
+        for rec in jsondoc.elements(f, at, only):
+            if not isinstance(rec, dict):
+                raise DatasetError(f"dataset {f}: a record is not a JSON object")
+            yield rec if only else jsonstream.materialized(rec)
+        return
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        # maybe JSON lines saved with a .json suffix
-        try:
-            yield from _jsonl(f)
-            return
-        except DatasetError:
-            raise DatasetError(f"dataset {f}: not JSON ({e.msg})") from None
+        yield from _json_lines_instead(f, e)
+        return
     if isinstance(doc, dict):
-        for key in ("Instances", "instances", "data", "examples", "rows"):
+        for key in jsondoc.RECORD_KEYS:
             if isinstance(doc.get(key), list):
                 doc = doc[key]
                 break
@@ -241,6 +254,14 @@ def _json(f: Path):
         if not isinstance(rec, dict):
             raise DatasetError(f"dataset {f}: a record is not a JSON object")
         yield rec
+
+
+def _json_lines_instead(f: Path, e: json.JSONDecodeError):
+    """Maybe JSON lines saved with a .json suffix; else the document's error ``e``."""
+    try:
+        yield from _jsonl(f)
+    except DatasetError:
+        raise DatasetError(f"dataset {f}: line {e.lineno} is not JSON ({e.msg})") from None
 
 
 def require_pyarrow(f, module: str = "pyarrow"):
@@ -294,8 +315,9 @@ def iter_texts(path, fields: Iterable[str] = DEFAULT_FIELDS, *, split: str = "tr
                batch_size: int = 1024, long_texts: bool = False) -> Iterator[list[str]]:
     """Yield batches of example texts: the ``fields`` of each record concatenated, lists by
     their first element. A record lacking a field is an error naming the field and the file.
-    ``long_texts``: the text of a JSON line over ``jsonstream.LONG_LINE`` bytes may come as a
-    :class:`jsonstream.LongText` (iterating it decodes its pieces again, from the file)."""
+    ``long_texts``: the text of a JSON line over ``jsonstream.LONG_LINE`` bytes or of a CSV
+    record over ``csvstream.LONG_RECORD`` may come as a :class:`jsonstream.LongText` (iterating
+    it decodes its pieces again, from the file)."""
     fields = tuple(fields)
     if not fields:
         raise DatasetError("no text fields given")
