@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix.core import default_threads
+from loramix.core.divergence import METRICS as CORE_METRICS
 from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.data import readers as ds
 from loramix.profiles import tokens as prof
@@ -67,16 +69,11 @@ def _takes(fn, name: str) -> bool:
     return name in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
 
 
-_CORE_METRICS = ("js", "kl", "wd")   # computed by the compiled core (weights/metrics.py)
-
-
 def _query_profiles(items, bank, **kw) -> list:
     """The token profiles of the datasets, several at once in threads (the tokenizer releases
     the GIL; reading and counting one dataset overlaps another's encoding): as many threads as
     ``LORAMIX_NUM_THREADS`` or cores. Results and errors come in the datasets' order."""
-    import os
-
-    n = min(len(items), int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or os.cpu_count() or 1)
+    n = min(len(items), default_threads())
     if n < 2:
         return [prof.query_profile(d, bank, **kw) for d in items]
     from concurrent.futures import ThreadPoolExecutor
@@ -198,7 +195,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
             queries = _query_profiles(items, bank, fields=fields, split=split, cache=profile_cache,
                                       progress=progress)
             # the compiled metrics take the core's CSR: no scipy import on their path
-            qm, bm = prof.stack_against(queries, bank, core=all(x in _CORE_METRICS for x in metrics))
+            qm, bm = prof.stack_against(queries, bank, core=all(x in CORE_METRICS for x in metrics))
         Ds[m] = wts.distances(qm, bm, m)
     D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)

@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from loramix.core.divergence import CSR
 from loramix.core.files import StagedFiles, clean_stale_stages
 from loramix.data import readers as ds
 from loramix.data.readers import find_member_dataset
@@ -512,11 +513,7 @@ class Bank:
             if self._profiles is None and self._index is not None and not self.skipped:
                 return self._index.profiles(self.vocab_size, core=True)
             m = self.profiles()
-            if hasattr(m, "_replace"):
-                return m
-            from loramix.core.divergence import CSR
-
-            return CSR(m.indptr, m.indices, m.data, m.shape[1])
+            return m if isinstance(m, CSR) else CSR(m.indptr, m.indices, m.data, m.shape[1])
         if self._profiles is None and self._index is not None and not self.skipped:
             self._profiles = self._index.profiles(self.vocab_size)
         if self._profiles is None:

@@ -149,18 +149,11 @@ class BankIndex:
         """The stacked member profiles (N, V) of float64 counts, as indexed, ``V`` at least
         ``vocab_size``: a ``scipy.sparse.csr_array``, or with ``core`` or without scipy the
         core's own :class:`loramix.core.divergence.CSR` (what ``profiles.tokens.stack`` gives)."""
-        n = self.meta["n_members"]
+        from loramix.core.divergence import csr_matrix
+
         v = max(int(self.meta["vocab_size"]), int(vocab_size or 0))
         a = self.arrays
-        try:
-            if core:
-                raise ImportError
-            import scipy.sparse as sp
-        except ImportError:
-            from loramix.core.divergence import CSR
-
-            return CSR(a["prof_indptr"], a["prof_indices"], a["prof_data"], v)
-        return sp.csr_array((a["prof_data"], a["prof_indices"], a["prof_indptr"]), shape=(n, v))
+        return csr_matrix(a["prof_indptr"], a["prof_indices"], a["prof_data"], v, core=core)
 
 
 def read(path) -> BankIndex:

@@ -35,6 +35,20 @@ class CSR(NamedTuple):
         return len(self.indptr) - 1, int(self.n_cols)
 
 
+def csr_matrix(indptr, indices, data, n_cols: int, *, core: bool = False):
+    """Histograms in CSR parts as a ``scipy.sparse.csr_array``, or as a :class:`CSR` with
+    ``core`` or without scipy (the compiled metrics take both; :class:`CSR` needs no scipy
+    import, 0.2-0.4 s)."""
+    if not core:
+        try:
+            import scipy.sparse as sp
+        except ImportError:
+            pass
+        else:
+            return sp.csr_array((data, indices, indptr), shape=(len(indptr) - 1, n_cols))
+    return CSR(indptr, indices, data, n_cols)
+
+
 def _value_dtype(dtype: np.dtype, what: str) -> np.dtype:
     """float32/float64 stay as they are; integer counts become float64 (exact below 2**53)."""
     if dtype == np.float32 or dtype == np.float64:

@@ -283,11 +283,12 @@ def _mix_exact_parallel(bank, W, items, infos, writers, mode, threads):
     single-threaded BLAS (small LAPACK calls on a loaded machine are 10-30x slower with
     OpenBLAS's own threads), and are written in module order by this thread. At most two
     modules per worker are in flight, so memory stays a few modules' stacks."""
-    import os
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    n = threads or int(os.environ.get("LORAMIX_NUM_THREADS", "0") or 0) or os.cpu_count() or 1
+    from loramix.core import default_threads
+
+    n = threads or default_threads()
     with _blas_single_thread(), ThreadPoolExecutor(max_workers=n) as ex:
         pending = deque()
         for name, holders in items:

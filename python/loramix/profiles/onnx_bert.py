@@ -181,6 +181,16 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
         return g.op("MatMulNBits", [inp, g.const(role + "_q8", qw), g.const("Ws", scale.reshape(-1).astype(np.float32))],
                     domain="com.microsoft", K=Kd, N=Nd, bits=8, block_size=block, accuracy_level=4)
 
+    def skip_ln(inp, residual, prefix, names):
+        """LayerNorm(inp @ dense.W + dense.b + residual) as one fused SkipLayerNormalization;
+        ``names``: the constants' names (gamma, beta, dense bias)."""
+        mm = matmul(inp, get(prefix + "dense.weight").T, prefix + "dense.W")
+        return g.op("SkipLayerNormalization",
+                    [mm, residual, g.const(names[0], get(prefix + "LayerNorm.weight")),
+                     g.const(names[1], get(prefix + "LayerNorm.bias")),
+                     g.const(names[2], get(prefix + "dense.bias"))],
+                    domain="com.microsoft", epsilon=eps)
+
     def linear(inp, prefix):
         W = g.const(prefix + ".W", get(prefix + ".weight").T.copy())
         b = g.const(prefix + ".b", get(prefix + ".bias"))
@@ -200,20 +210,10 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
                 ctx = g.op("Attention", [x, g.const(p + "attention.self.qkv", np.concatenate([Wq, Wk, Wv], axis=1)),
                                          g.const("bqkv", np.concatenate([bq, bk, bv])), mask_i32],
                            domain="com.microsoft", num_heads=nh)
-            x = g.op("SkipLayerNormalization",
-                     [matmul(ctx, get(p + "attention.output.dense.weight").T, p + "attention.output.dense.W"), x,
-                      g.const("ln1_g", get(p + "attention.output.LayerNorm.weight")),
-                      g.const("ln1_b", get(p + "attention.output.LayerNorm.bias")),
-                      g.const("bo", get(p + "attention.output.dense.bias"))],
-                     domain="com.microsoft", epsilon=eps)
+            x = skip_ln(ctx, x, p + "attention.output.", ("ln1_g", "ln1_b", "bo"))
             h = g.op("BiasGelu", [matmul(x, get(p + "intermediate.dense.weight").T, p + "intermediate.dense.W"),
                                   g.const("b1", get(p + "intermediate.dense.bias"))], domain="com.microsoft")
-            x = g.op("SkipLayerNormalization",
-                     [matmul(h, get(p + "output.dense.weight").T, p + "output.dense.W"), x,
-                      g.const("ln2_g", get(p + "output.LayerNorm.weight")),
-                      g.const("ln2_b", get(p + "output.LayerNorm.bias")),
-                      g.const("b2", get(p + "output.dense.bias"))],
-                     domain="com.microsoft", epsilon=eps)
+            x = skip_ln(h, x, p + "output.", ("ln2_g", "ln2_b", "b2"))
             continue
         q = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.query"), split_shape])], perm=[0, 2, 1, 3])
         k = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.key"), split_shape])], perm=[0, 2, 3, 1])

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
+from loramix.core.divergence import csr_matrix
 from loramix.core.files import atomic_path
 from loramix.data import readers as ds
 from loramix.profiles import chunks
@@ -297,15 +298,7 @@ def stack(profiles, vocab_size: int | None = None, *, core: bool = False):
         indptr[i + 1] = indptr[i] + p.ids.size
     idx = np.concatenate([p.ids for p in profiles]).astype(np.int64) if profiles else np.zeros(0, np.int64)
     val = np.concatenate([p.counts for p in profiles]).astype(np.float64) if profiles else np.zeros(0)
-    try:
-        if core:
-            raise ImportError
-        import scipy.sparse as sp
-    except ImportError:
-        from loramix.core.divergence import CSR
-
-        return CSR(indptr, idx, val, v)
-    return sp.csr_array((val, idx, indptr), shape=(len(profiles), v))
+    return csr_matrix(indptr, idx, val, v, core=core)
 
 
 def _bar(progress, desc, unit):

@@ -454,9 +454,9 @@ def train_combiner(features: np.ndarray, gram: np.ndarray, *, hidden: int = 32, 
     gd = np.float32 if precision == "float32" else np.float64
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', not {optimizer!r}")
-    from loramix import _core
+    from loramix.core import default_threads
 
-    nthreads = int(threads or _core.default_threads())   # LORAMIX_NUM_THREADS or the core count
+    nthreads = int(threads or default_threads())
     obj_train = mlp.Objective(p, Xt, ext, G, train_rows, e_train, gd, nthreads)
     obj_val = mlp.Objective(p, Xv, exv, G, val_rows, e_val, gd, nthreads) if n_val else None
     state = {"best": p.copy(), "best_loss": np.inf, "mark": np.inf, "since": 0, "epoch": 0}
