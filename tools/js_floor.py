@@ -23,15 +23,12 @@ import time
 import numpy as np
 
 from loramix import _core, _core_testing
-from loramix.divergence import divergence, prepare
+from loramix.core.divergence import divergence, prepare
 
 
 def histograms(n: int, V: int = 32000, seed: int = 20250701):
-    try:
-        from loramix.bench.synth import make_histograms
-    except ImportError:  # the harness may have moved next to benches/
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benches"))
-        from synth import make_histograms  # type: ignore
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches"))
+    from loramix_bench.synth import make_histograms
     return make_histograms(n, V, seed=seed)
 
 
