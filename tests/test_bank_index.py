@@ -145,3 +145,108 @@ def test_index_file_layout(w):
             assert dtype == "F32" and tuple(shape) == t[key].shape
             np.testing.assert_array_equal(np.frombuffer(raw[start + b0: start + b1], np.float32).reshape(shape),
                                           t[key])
+
+
+# ---- the stored js index (issue 11, goal 7: 1 x N js as generate calls it) ---------------------
+def test_index_stores_the_prepared_js_index_and_generate_distances_use_it(w, tmp_path):
+    from loramix import _core
+    from loramix.core.divergence import EPS, divergence
+    from loramix.profiles import tokens as prof
+    from loramix.weights import metrics
+
+    idx = bank_index.read(w.bank / bank_index.INDEX_NAME)
+    assert idx.meta["js_index"] == {"eps": EPS, "isa": _core.active_isa(), "tiles": 4}   # min(8, N)
+    b = Bank.open(w.bank)
+    stored = b.prepared("js", EPS)
+    assert stored is not None and stored.shape == b.profiles(core=True).shape
+    assert b.prepared("kl", EPS) is None and b.prepared("js", 1e-9) is None
+    assert Bank.open(_without_index(w.bank, tmp_path / "plain")).prepared("js", EPS) is None
+    # the arrays are the mapped file's, not copies
+    assert not idx.arrays["js_x1"].flags.writeable and not idx.arrays["js_x1"].flags.owndata
+    queries = [prof.query_profile(d, b, fields=b.fields) for d in list(w.queries.values())[:3]]
+    qm, bm = prof.stack_against(queries, b, core=True)
+    seen = []
+    real = metrics.distances
+    try:
+        metrics.distances = lambda q, r, m, **kw: seen.append(r) or real(q, r, m, **kw)
+        got = metrics.bank_distances(qm, b, bm, "js")
+    finally:
+        metrics.distances = real
+    assert seen == [stored]
+    np.testing.assert_array_equal(got, divergence(qm, bm, "js"))     # bit for bit
+    np.testing.assert_array_equal(metrics.bank_distances(qm, b, bm, "kl"), divergence(qm, bm, "kl"))
+
+
+def test_stale_or_foreign_isa_index_falls_back_to_preparing_the_bank(w, bank_copy, monkeypatch):
+    from loramix import _core
+    from loramix.core.divergence import EPS
+
+    pp = bank_copy / "m1" / "profile.npz"
+    os.utime(pp, ns=(os.stat(pp).st_atime_ns, os.stat(pp).st_mtime_ns + 10**9))   # touched: stale
+    assert Bank.open(bank_copy).prepared("js", EPS) is None
+    fresh = Bank.open(w.bank)
+    others = [i for i in _core.available_isas() if i != _core.active_isa()]
+    for other in others:
+        monkeypatch.setattr(_core, "active_isa", lambda other=other: other)
+        assert Bank.open(w.bank).prepared("js", EPS) is None      # built with other kernels
+    monkeypatch.undo()
+    assert fresh.prepared("js", EPS) is not None
+
+
+def _rewrite_index(path, edit):
+    """Re-emit an index file with `edit(meta, arrays)` applied (arrays copied out of the map)."""
+    idx = bank_index.read(path)
+    meta, arrays = json.loads(json.dumps(idx.meta)), {k: np.array(v) for k, v in idx.arrays.items()}
+    del idx
+    edit(meta, arrays)
+    spec, off = {}, 0
+    for name, a in arrays.items():
+        spec[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": off}
+        off += -(-a.nbytes // 64) * 64
+    header = json.dumps({"meta": meta, "arrays": spec}).encode()
+    start = -(-(16 + len(header)) // 64) * 64
+    buf = bytearray(start + off)
+    buf[:16 + len(header)] = b"LMXIDX01" + len(header).to_bytes(8, "little") + header
+    for name, a in arrays.items():
+        o = start + spec[name]["offset"]
+        buf[o:o + a.nbytes] = a.tobytes()
+    path.write_bytes(bytes(buf))
+
+
+def test_index_without_a_js_index_still_opens_fast(w, bank_copy):
+    """An index written before the js index existed: used as before, the bank prepared per call."""
+    from loramix.core.divergence import EPS
+
+    def strip(meta, arrays):
+        del meta["js_index"]
+        for k in [k for k in arrays if k.startswith("js_")]:
+            del arrays[k]
+    _rewrite_index(bank_copy / bank_index.INDEX_NAME, strip)
+    b = Bank.open(bank_copy)
+    assert b._index is not None and b.prepared("js", EPS) is None
+    _same_bank(b, Bank.open(w.bank))
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("row", "row number lies outside"), ("dtype", "'js_row' is <i8, not <i4"),
+    ("missing", "'js_c1' is missing"),
+])
+def test_damaged_js_index_is_never_followed(w, bank_copy, damage, match, caplog):
+    from loramix.core.divergence import EPS
+
+    def edit(meta, arrays):
+        if damage == "row":
+            arrays["js_row"][3] = 10**6
+        elif damage == "dtype":
+            arrays["js_row"] = arrays["js_row"].astype(np.int64)
+        else:
+            del arrays["js_c1"]
+    _rewrite_index(bank_copy / bank_index.INDEX_NAME, edit)
+    with caplog.at_level(logging.INFO, logger="loramix.bank"):
+        b = Bank.open(bank_copy)
+        if damage == "row":      # well formed as a file: the bank uses the index, not its js part
+            assert b._index is not None and b.prepared("js", EPS) is None
+        else:                    # a malformed file: the whole index is ignored
+            assert b._index is None and b.prepared("js", EPS) is None
+    assert re.search(match, " ".join(r.getMessage() for r in caplog.records))
+    _same_bank(b, Bank.open(w.bank))

@@ -469,3 +469,94 @@ def test_prepared_rejects_bad_input(rng):
     with pytest.raises(ValueError, match="negative"):
         bank.divergence(bad)
     assert bank.divergence(np.zeros((0, 50))).shape == (0, 3)
+
+
+# ---- a stored js index (what `bank build` writes into bank.index) ------------------------------
+def _sparse_bank(rng, n, v, fill):
+    R = random_counts(rng, n, v, fill)
+    R[:, 0] += 1.0          # a bin every row holds: a dense run in every tile
+    return R
+
+
+@pytest.mark.parametrize("form", ["csr64", "dense32"])
+def test_stored_js_index_round_trip_is_bit_identical(isa, rng, form):
+    """export_js_index -> (any file-like trip: copies) -> from_js_index gives, for any query size,
+    thread count and tiling, exactly what divergence(P, R) gives."""
+    R = _sparse_bank(rng, 37, 400, 0.2)
+    Rf = sp.csr_matrix(R) if form == "csr64" else R.astype(np.float32)
+    for tiles in (1, 3, 8):
+        arrays = {k: np.array(v) for k, v in prepare(Rf).export_js_index(tiles).items()}
+        assert {k: v.dtype.str for k, v in arrays.items()} == prepare(Rf).JS_INDEX_ARRAYS
+        assert len(arrays["tile_rows"]) == tiles + 1 and arrays["voff"].shape == (tiles, 401)
+        for k in arrays:
+            arrays[k].setflags(write=False)           # as mapped from a read-only file
+        stored = type(prepare(Rf)).from_js_index(arrays, R.shape, 1e-10, isa)
+        for q in (1, 2, 5, 40):
+            P = random_counts(rng, q, 400, 0.3)
+            want = divergence(P, Rf, "js")
+            assert_close(want, oracle(P, R, "js", 1e-10), 1e-12)
+            for threads in (1, 2, 3):
+                np.testing.assert_array_equal(stored.divergence(P, "js", threads=threads), want)
+            np.testing.assert_array_equal(divergence(sp.csr_matrix(P), stored, "js"), want)
+
+
+def test_stored_js_index_answers_js_on_its_isa_only(rng):
+    R = _sparse_bank(rng, 9, 120, 0.3)
+    bank = prepare(R)
+    arrays = bank.export_js_index(4)
+    stored = type(bank).from_js_index(arrays, R.shape, 1e-10, _core.active_isa())
+    P = random_counts(rng, 2, 120, 0.3)
+    for m in ("kl", "wd"):
+        with pytest.raises(ValueError, match=f"stored js index; it cannot answer {m}"):
+            stored.divergence(P, m)
+    with pytest.raises(ValueError, match="eps"):
+        divergence(P, stored, "js", eps=1e-9)
+    others = [i for i in _core.available_isas() if i != _core.active_isa()]
+    before = _core.active_isa()
+    try:
+        for other in others:
+            _core.set_active_isa(other)
+            with pytest.raises(ValueError, match=f"built with the {before} kernels but {other} is active"):
+                stored.divergence(P, "js")
+    finally:
+        _core.set_active_isa(before)
+    np.testing.assert_array_equal(stored.divergence(P, "js"), divergence(P, R, "js"))
+
+
+def _damaged(arrays, what):
+    a = {k: np.array(v) for k, v in arrays.items()}
+    if what == "row":
+        a["row"][len(a["row"]) // 2] = 10_000
+    elif what == "row_negative":
+        a["row"][0] = -1
+    elif what == "voff_order":
+        a["voff"][1, 5], a["voff"][1, 6] = a["voff"][1, 6] + 1, a["voff"][1, 5]
+    elif what == "voff_end":
+        a["voff"][0, -1] -= 1
+    elif what == "tile_rows":
+        a["tile_rows"][1] = a["tile_rows"][2]
+    elif what == "sizes":
+        a["x1"] = a["x1"][:-1]
+    elif what == "missing":
+        del a["c1"]
+    elif what == "dtype":
+        a["row"] = a["row"].astype(np.int64)
+    return a
+
+
+@pytest.mark.parametrize("what,match", [
+    ("row", "row number lies outside"), ("row_negative", "row number lies outside"),
+    ("voff_order", "bin offsets decrease|do not span"), ("voff_end", "do not span"),
+    ("tile_rows", "has no rows"), ("sizes", "sizes disagree"), ("missing", "'c1' is missing"),
+    ("dtype", "expected dtype int32"),
+])
+def test_damaged_stored_js_index_is_refused_before_use(rng, what, match):
+    """Every offset and row number is checked: a damaged file can never make the kernel read or
+    write out of bounds."""
+    R = _sparse_bank(rng, 12, 90, 0.3)
+    bank = prepare(R)
+    arrays = bank.export_js_index(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        type(bank).from_js_index(_damaged(arrays, what), R.shape, 1e-10, _core.active_isa())
+    with pytest.raises(ValueError, match="rows 12, cols 91"):
+        type(bank).from_js_index(arrays, (12, 91), 1e-10, _core.active_isa())

@@ -4,8 +4,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 #include "loramix/divergence.h"
@@ -154,7 +156,69 @@ void register_divergence(py::module_& m) {
             return out;
           },
           py::arg("P"), py::arg("metric"), py::arg("threads"),
-          "P against the prepared bank; same result as divergence(P, R, metric, eps, threads).");
+          "P against the prepared bank; same result as divergence(P, R, metric, eps, threads).")
+      .def(
+          "export_js_index",
+          [](const PreparedHistograms& self, long long tiles, int threads) {
+            JsIndex x = run_interruptible([&](Cancel& cancel) { return self.export_js_index(tiles, threads, &cancel); });
+            auto arr = [](const auto& v) {
+              using T = typename std::decay_t<decltype(v)>::value_type;
+              py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+              if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+              return a;
+            };
+            py::dict d;
+            d["tile_rows"] = arr(x.tile_rows);
+            d["tile_offset"] = arr(x.tile_offset);
+            d["voff"] = arr(x.voff).attr("reshape")(x.tiles, x.cols + 1);
+            d["row"] = arr(x.row);
+            d["x1"] = arr(x.x1);
+            d["x2"] = arr(x.x2);
+            d["c1"] = arr(x.c1);
+            return d;
+          },
+          py::arg("tiles"), py::arg("threads"),
+          "The bank's js index in `tiles` tiles, built with the active ISA: a dict of arrays "
+          "tile_rows, tile_offset (int64, tiles + 1), voff (int64, tiles x (cols + 1)), row "
+          "(int32), x1, x2 (float64), c1 (float64, rows), for from_js_index.")
+      .def_static(
+          "from_js_index",
+          [](py::dict a, long long rows, long long cols, double eps, const std::string& isa) {
+            auto get = [&](const char* k) -> py::object {
+              if (!a.contains(k)) throw py::value_error(std::string("stored js index: array '") + k + "' is missing");
+              return a[k];
+            };
+            auto tr = require_array<int64_t>(get("tile_rows"), "tile_rows");
+            auto to = require_array<int64_t>(get("tile_offset"), "tile_offset");
+            auto vo = require_array<int64_t>(get("voff"), "voff");
+            auto rw = require_array<int32_t>(get("row"), "row");
+            auto x1 = require_array<double>(get("x1"), "x1");
+            auto x2 = require_array<double>(get("x2"), "x2");
+            auto c1 = require_array<double>(get("c1"), "c1");
+            JsIndexView x;
+            x.rows = rows;
+            x.cols = cols;
+            x.eps = eps;
+            x.tiles = static_cast<int64_t>(tr.size()) - 1;
+            const py::ssize_t n = rw.size();
+            if (x.tiles < 1 || to.size() != tr.size() || vo.size() != x.tiles * (cols + 1) || x1.size() != n ||
+                x2.size() != n || c1.size() != rows || to.data()[x.tiles] != n)
+              throw py::value_error("stored js index: array sizes disagree (tiles " + std::to_string(x.tiles) +
+                                    ", rows " + std::to_string(rows) + ", cols " + std::to_string(cols) +
+                                    ", entries " + std::to_string(n) + ")");
+            x.tile_rows = tr.data();
+            x.tile_offset = to.data();
+            x.voff = vo.data();
+            x.row = rw.data();
+            x.x1 = x1.data();
+            x.x2 = x2.data();
+            x.c1 = c1.data();
+            return std::unique_ptr<PreparedHistograms>(PreparedHistograms::from_js_index(x, isa));
+          },
+          py::arg("arrays"), py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("isa"),
+          py::keep_alive<0, 1>(),
+          "A prepared bank over a stored js index (export_js_index's arrays, borrowed: the dict "
+          "is kept alive with the result). Answers js only, on `isa` only.");
 }
 
 }  // namespace loramix::bind

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -47,8 +48,24 @@ struct PreparedHistograms::Impl {
   // (metric, isa, tile count) -> index in tiles of R rows
   std::map<std::tuple<int, int, int64_t>, std::unique_ptr<std::vector<Postings>>> index;
   double fill = -1.0;  // non-zero fraction of a dense R, once computed
+  // from_js_index: R has no values; js on `stored_isa` only, through `stored_index` (borrowed).
+  bool stored = false;
+  Isa stored_isa = Isa::scalar;
+  std::unique_ptr<std::vector<Postings>> stored_index;
+
+  void check_stored(Metric metric) const {
+    if (!stored) return;
+    if (metric != Metric::js)
+      throw std::invalid_argument("divergence: this prepared bank is a stored js index; it cannot answer " +
+                                  std::string(metric == Metric::kl ? "kl" : "wd"));
+    if (active_isa() != stored_isa)
+      throw std::invalid_argument(std::string("divergence: this stored js index was built with the ") +
+                                  isa_name(stored_isa) + " kernels but " + isa_name(active_isa()) +
+                                  " is active (its values would differ in the last bits)");
+  }
 
   const Sparse& sparse_for(Metric metric, const DivergenceKernels& K, int threads, Cancel* cancel) {
+    check_stored(metric);
     std::lock_guard<std::mutex> lk(mu);
     auto& slot = sparse[{static_cast<int>(metric), static_cast<int>(active_isa())}];
     if (!slot) slot = std::make_unique<Sparse>(build_sparse(R, "R", metric, eps, K, threads, cancel));
@@ -57,6 +74,8 @@ struct PreparedHistograms::Impl {
   const std::vector<Postings>& index_for(Metric metric, const Sparse& SR,
                                          const std::vector<std::pair<int64_t, int64_t>>& tiles,
                                          int threads, Cancel* cancel) {
+    check_stored(metric);
+    if (stored) return *stored_index;  // any tiling gives the same bits
     std::lock_guard<std::mutex> lk(mu);
     auto& slot = index[{static_cast<int>(metric), static_cast<int>(active_isa()),
                         static_cast<int64_t>(tiles.size())}];
@@ -85,6 +104,7 @@ void divergence_vs_bank(const HistMatrix& P, PreparedHistograms::Impl& B, Metric
   const int nt = resolve_threads(threads);
   const DivergenceKernels& K = divergence_kernels(active_isa());  // once per call
   const int64_t Q = P.rows, N = R.rows;
+  B.check_stored(metric);
   if (Q == 0 || N == 0) return;
   // Dense inputs that are mostly zeros (token histograms usually are) go through the sparse
   // algorithm too: its cost is the shared bins, the dense loop's is every bin of every pair.
@@ -187,6 +207,96 @@ PreparedHistograms::PreparedHistograms(const HistMatrix& R, double eps, int thre
     for (std::size_t r = b; r < e; ++r) scan_row(M, "R", static_cast<int64_t>(r), [](int64_t, double) {});
   });
   impl_ = impl.release();
+}
+
+PreparedHistograms* PreparedHistograms::from_js_index(const JsIndexView& x, const std::string& isa) {
+  check_eps(x.eps);
+  const Isa want = parse_isa(isa);
+  auto bad = [](const std::string& what) { throw std::invalid_argument("stored js index: " + what); };
+  if (x.rows < 1 || x.cols < 1 || x.tiles < 1 || x.tiles > x.rows)
+    bad("rows " + std::to_string(x.rows) + ", cols " + std::to_string(x.cols) + ", tiles " +
+        std::to_string(x.tiles) + " (need rows >= tiles >= 1, cols >= 1)");
+  if (x.cols > std::numeric_limits<int32_t>::max()) bad("more bins than int32 can number");
+  if (!x.tile_rows || !x.tile_offset || !x.voff || !x.row || !x.x1 || !x.x2 || !x.c1) bad("an array is missing");
+  if (x.tile_rows[0] != 0 || x.tile_rows[x.tiles] != x.rows || x.tile_offset[0] != 0)
+    bad("tile tables do not start at 0 or do not end at the row count");
+  for (int64_t t = 0; t < x.tiles; ++t) {
+    if (x.tile_rows[t + 1] <= x.tile_rows[t]) bad("tile " + std::to_string(t) + " has no rows");
+    if (x.tile_offset[t + 1] < x.tile_offset[t]) bad("tile offsets decrease at tile " + std::to_string(t));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->eps = x.eps;
+  impl->stored = true;
+  impl->stored_isa = want;
+  impl->R.sparse = true;
+  impl->R.rows = x.rows;
+  impl->R.cols = x.cols;
+  auto post = std::make_unique<std::vector<Postings>>(static_cast<std::size_t>(x.tiles));
+  for (int64_t t = 0; t < x.tiles; ++t) {
+    const int64_t j0 = x.tile_rows[t], j1 = x.tile_rows[t + 1];
+    const int64_t base = x.tile_offset[t], n = x.tile_offset[t + 1] - base;
+    const int64_t* vo = x.voff + t * (x.cols + 1);
+    if (vo[0] != 0 || vo[x.cols] != n) bad("tile " + std::to_string(t) + ": bin offsets do not span its entries");
+    for (int64_t v = 0; v < x.cols; ++v)
+      if (vo[v + 1] < vo[v]) bad("tile " + std::to_string(t) + ": bin offsets decrease at bin " + std::to_string(v));
+    const int32_t* rw = x.row + base;
+    int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+    for (int64_t k = 0; k < n; ++k) {
+      lo = std::min(lo, rw[k]);
+      hi = std::max(hi, rw[k]);
+    }
+    if (n && (lo < j0 || hi >= j1))
+      bad("tile " + std::to_string(t) + ": a row number lies outside its rows [" + std::to_string(j0) + ", " +
+          std::to_string(j1) + ")");
+    Postings& P = (*post)[t];
+    P.j0 = j0;
+    P.j1 = j1;
+    P.voff.borrow(vo, static_cast<std::size_t>(x.cols + 1));
+    P.row.borrow(rw, static_cast<std::size_t>(n));
+    P.x1.borrow(x.x1 + base, static_cast<std::size_t>(n));
+    P.x2.borrow(x.x2 + base, static_cast<std::size_t>(n));
+  }
+  auto sr = std::make_unique<Sparse>();
+  sr->rows = x.rows;
+  sr->cols = x.cols;
+  sr->c1.assign(x.c1, x.c1 + x.rows);
+  impl->sparse[{static_cast<int>(Metric::js), static_cast<int>(want)}] = std::move(sr);
+  impl->stored_index = std::move(post);
+  auto* out = new PreparedHistograms();
+  out->impl_ = impl.release();
+  return out;
+}
+
+JsIndex PreparedHistograms::export_js_index(int64_t tiles, int threads, Cancel* cancel) const {
+  impl_->check_stored(Metric::js);
+  const int64_t N = impl_->R.rows, V = impl_->R.cols;
+  if (tiles < 1 || tiles > N)
+    throw std::invalid_argument("export_js_index: tiles must be in [1, " + std::to_string(N) + "], not " +
+                                std::to_string(tiles));
+  const int nt = resolve_threads(threads);
+  const DivergenceKernels& K = divergence_kernels(active_isa());
+  const Sparse& SR = impl_->sparse_for(Metric::js, K, nt, cancel);
+  std::vector<std::pair<int64_t, int64_t>> cut;
+  for (int64_t k = 0; k < tiles; ++k) cut.emplace_back(N * k / tiles, N * (k + 1) / tiles);
+  const std::vector<Postings>& post = impl_->stored ? *impl_->stored_index
+                                                    : impl_->index_for(Metric::js, SR, cut, nt, cancel);
+  JsIndex x;
+  x.rows = N;
+  x.cols = V;
+  x.tiles = static_cast<int64_t>(post.size());
+  x.eps = impl_->eps;
+  x.tile_rows.push_back(0);
+  x.tile_offset.push_back(0);
+  for (const Postings& P : post) {
+    x.tile_rows.push_back(P.j1);
+    x.tile_offset.push_back(x.tile_offset.back() + static_cast<int64_t>(P.row.size()));
+    x.voff.insert(x.voff.end(), P.voff.begin(), P.voff.end());
+    x.row.insert(x.row.end(), P.row.begin(), P.row.end());
+    x.x1.insert(x.x1.end(), P.x1.begin(), P.x1.end());
+    x.x2.insert(x.x2.end(), P.x2.begin(), P.x2.end());
+  }
+  x.c1 = SR.c1;
+  return x;
 }
 
 PreparedHistograms::~PreparedHistograms() { delete impl_; }

@@ -20,7 +20,8 @@ Postings build_postings(const Sparse& R, int64_t j0, int64_t j1, const double* s
   Postings P;
   P.j0 = j0;
   P.j1 = j1;
-  P.voff.assign(R.cols + 1, 0);
+  P.voff.resize(R.cols + 1);
+  std::fill(P.voff.begin(), P.voff.end(), int64_t(0));
   for (int64_t k = R.ptr[j0]; k < R.ptr[j1]; ++k) ++P.voff[R.idx[k] + 1];
   std::vector<char> dense;
   if (dense_runs) {

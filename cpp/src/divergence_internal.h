@@ -189,16 +189,23 @@ class Buf {
   Buf() = default;
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_) { o.p_ = nullptr; o.n_ = 0; o.bytes_ = 0; }
+  Buf(Buf&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_), borrowed_(o.borrowed_) {
+    o.p_ = nullptr;
+    o.n_ = 0;
+    o.bytes_ = 0;
+    o.borrowed_ = false;
+  }
   Buf& operator=(Buf&& o) noexcept {
     if (this != &o) {
       release();
       p_ = o.p_;
       n_ = o.n_;
       bytes_ = o.bytes_;
+      borrowed_ = o.borrowed_;
       o.p_ = nullptr;
       o.n_ = 0;
       o.bytes_ = 0;
+      o.borrowed_ = false;
     }
     return *this;
   }
@@ -227,6 +234,14 @@ class Buf {
     }
     if (!p_) throw std::bad_alloc();
   }
+  // A read-only view of memory someone else owns and keeps alive for this Buf's lifetime (a
+  // stored index mapped from a file): never written through, never freed here.
+  void borrow(const T* p, std::size_t n) {
+    release();
+    p_ = const_cast<T*>(p);
+    n_ = n;
+    borrowed_ = true;
+  }
   T* data() { return p_; }
   const T* data() const { return p_; }
   std::size_t size() const { return n_; }
@@ -239,8 +254,13 @@ class Buf {
 
  private:
   void release() {
-    if (p_ && bytes_) BlockPool::get().give(p_, bytes_);
-    else std::free(p_);
+    if (borrowed_) {
+      borrowed_ = false;
+    } else if (p_ && bytes_) {
+      BlockPool::get().give(p_, bytes_);
+    } else {
+      std::free(p_);
+    }
     p_ = nullptr;
     n_ = 0;
     bytes_ = 0;
@@ -248,6 +268,7 @@ class Buf {
   T* p_ = nullptr;
   std::size_t n_ = 0;
   std::size_t bytes_ = 0;  // non-zero: a huge block, returned to the pool
+  bool borrowed_ = false;  // borrow(): not ours
 };
 
 // Normalized sparse rows plus the per-entry / per-row values each metric needs.
@@ -265,7 +286,7 @@ struct Sparse {
 // with their per-entry values, stored contiguously so a run is one vector loop.
 struct Postings {
   int64_t j0 = 0, j1 = 0;
-  std::vector<int64_t> voff;  // cols + 1
+  Buf<int64_t> voff;  // cols + 1
   Buf<int32_t> row;
   Buf<double> x1, x2;
 };

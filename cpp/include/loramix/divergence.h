@@ -56,6 +56,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "loramix/dtype.h"
 
@@ -93,9 +95,46 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
 // bank.divergence(P, m, ...) equals divergence(P, &R, m, bank.eps(), ...) bit for bit.
 // The constructor validates every row of R (std::invalid_argument). Queries may run
 // concurrently (lazy builds are serialized). Not copyable.
+// A prepared bank's js index in a flat, thread-count-independent form, to be kept outside the
+// process (loramix stores it in the bank's `bank.index` at `bank build`) and given back to
+// PreparedHistograms::from_js_index. R's rows are cut into `tiles` contiguous tiles
+// (tile_rows: tiles + 1 boundaries, 0 .. rows); tile t's entries are [tile_offset[t],
+// tile_offset[t + 1]) of row / x1 / x2, and voff + t * (cols + 1) holds, per bin, the offsets of
+// the bin's run within the tile. c1: the per-row one-sided sums (rows). The values depend on eps
+// and on the ISA whose kernels computed them (isa_name of active_isa() at export).
+struct JsIndexView {
+  int64_t rows = 0, cols = 0, tiles = 0;
+  double eps = 0.0;
+  const int64_t* tile_rows = nullptr;    // tiles + 1
+  const int64_t* tile_offset = nullptr;  // tiles + 1
+  const int64_t* voff = nullptr;         // tiles x (cols + 1)
+  const int32_t* row = nullptr;          // tile_offset[tiles]
+  const double* x1 = nullptr;            // tile_offset[tiles]
+  const double* x2 = nullptr;            // tile_offset[tiles]
+  const double* c1 = nullptr;            // rows
+};
+
+// The owning arrays behind a JsIndexView (what PreparedHistograms::export_js_index returns).
+struct JsIndex {
+  int64_t rows = 0, cols = 0, tiles = 0;
+  double eps = 0.0;
+  std::vector<int64_t> tile_rows, tile_offset, voff;
+  std::vector<int32_t> row;
+  std::vector<double> x1, x2, c1;
+};
+
 class PreparedHistograms {
  public:
   PreparedHistograms(const HistMatrix& R, double eps, int threads, Cancel* cancel);
+  // A bank that answers js only, on the ISA it was exported on, from an index kept elsewhere.
+  // The memory behind `index` is borrowed, not copied: the caller keeps it alive and unchanged
+  // for this object's lifetime. Every offset and row number is checked first (a damaged index
+  // throws std::invalid_argument, it is never followed out of bounds); values are not.
+  // Queries give bit for bit what the bank it was exported from gives. A query for another
+  // metric, or while another ISA is active, throws std::invalid_argument.
+  static PreparedHistograms* from_js_index(const JsIndexView& index, const std::string& isa);
+  // This bank's js index in `tiles` tiles (1 <= tiles <= rows), built with the active ISA.
+  JsIndex export_js_index(int64_t tiles, int threads, Cancel* cancel) const;
   ~PreparedHistograms();
   PreparedHistograms(const PreparedHistograms&) = delete;
   PreparedHistograms& operator=(const PreparedHistograms&) = delete;
@@ -108,6 +147,7 @@ class PreparedHistograms {
   struct Impl;
 
  private:
+  PreparedHistograms() : impl_(nullptr) {}
   Impl* impl_;
 };
 

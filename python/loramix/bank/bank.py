@@ -530,6 +530,16 @@ class Bank:
             self._profiles = prof.stack(ps, max(self.vocab_size, max(p.vocab_size for p in ps)))
         return self._profiles
 
+    def prepared(self, metric: str, eps: float):
+        """The bank's stored prepared index for ``metric`` at ``eps`` (a
+        :class:`loramix.core.divergence.PreparedHistograms` over the mapped ``bank.index``, as
+        wide as the indexed profiles), or None: only ``js`` is stored, and only an index that is
+        current, for the active ISA and this eps is used. Distances through it equal those
+        against :meth:`profiles` bit for bit."""
+        if metric != "js" or self._index is None or self.skipped:
+            return None
+        return self._index.prepared_js(eps)
+
     def contains(self, path) -> bool:
         """Whether ``path`` lies inside the bank folder."""
         try:

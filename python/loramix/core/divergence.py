@@ -14,9 +14,11 @@ import numpy as np
 
 from loramix import _core
 
-__all__ = ["CSR", "divergence", "prepare", "PreparedHistograms", "METRICS"]
+__all__ = ["CSR", "divergence", "prepare", "PreparedHistograms", "METRICS", "EPS"]
 
 METRICS = ("js", "kl", "wd")
+#: the smoothing every default uses (the paper's profile: normalize, then + 1e-10 per bin)
+EPS = 1e-10
 
 
 class CSR(NamedTuple):
@@ -145,7 +147,7 @@ class PreparedHistograms:
     same call. ``R`` is validated here (ValueError). Queries may run from several threads.
     """
 
-    def __init__(self, R, eps: float = 1e-10, *, threads: int | None = None):
+    def __init__(self, R, eps: float = EPS, *, threads: int | None = None):
         self.eps = _check_eps(eps)
         r = _as_core_input(R, "R")
         self._core = _core.PreparedHistograms(r, self.eps, _n_threads(threads))
@@ -156,6 +158,31 @@ class PreparedHistograms:
 
     def __repr__(self) -> str:
         return f"PreparedHistograms(shape={self.shape}, eps={self.eps!r})"
+
+    #: the arrays of a stored js index (:meth:`export_js_index`), with their dtypes
+    JS_INDEX_ARRAYS = {"tile_rows": "<i8", "tile_offset": "<i8", "voff": "<i8", "row": "<i4",
+                       "x1": "<f8", "x2": "<f8", "c1": "<f8"}
+
+    def export_js_index(self, tiles: int = 8, *, threads: int | None = None) -> dict:
+        """This bank's js index as plain arrays (:attr:`JS_INDEX_ARRAYS`), built with the active
+        ISA's kernels, its rows cut into ``tiles`` tiles (at most the row count): what
+        :meth:`from_js_index` takes back, e.g. after a trip through a file. Its layout does not
+        depend on the thread count, so one stored index serves any number of threads."""
+        return self._core.export_js_index(int(min(tiles, self.shape[0])), _n_threads(threads))
+
+    @classmethod
+    def from_js_index(cls, arrays: dict, shape: tuple[int, int], eps: float, isa: str) -> "PreparedHistograms":
+        """A bank over a stored js index (:meth:`export_js_index`'s arrays, e.g. mapped from a
+        file: borrowed, not copied, and kept alive with the result). It answers ``js`` only, with
+        the kernels of ``isa`` active, bit for bit as the bank it was exported from; any offset or
+        row number out of place raises ValueError before the first use. Raises ValueError too when
+        ``isa`` is not the active one (see :func:`stored_js_usable`)."""
+        self = cls.__new__(cls)
+        self.eps = _check_eps(eps)
+        rows, cols = int(shape[0]), int(shape[1])
+        self._core = _core.PreparedHistograms.from_js_index(dict(arrays), rows, cols, self.eps, str(isa))
+        self.shape = (rows, cols)
+        return self
 
     def divergence(self, P, metric: str = "js", *, threads: int | None = None) -> np.ndarray:
         """Divergences (Q, N) between the rows of ``P`` and the bank; see :func:`divergence`."""
@@ -169,12 +196,12 @@ class PreparedHistograms:
         return self._core.divergence(p, metric, nthreads)
 
 
-def prepare(R, eps: float = 1e-10, *, threads: int | None = None) -> PreparedHistograms:
+def prepare(R, eps: float = EPS, *, threads: int | None = None) -> PreparedHistograms:
     """``PreparedHistograms(R, eps)``: prepare a bank once, query it with ``.divergence(P, metric)``."""
     return PreparedHistograms(R, eps, threads=threads)
 
 
-def divergence(P, R=None, metric: str = "js", eps: float = 1e-10, *, threads: int | None = None):
+def divergence(P, R=None, metric: str = "js", eps: float = EPS, *, threads: int | None = None):
     """Divergences between the rows of ``P`` (Q x V) and the rows of ``R`` (N x V).
 
     Returns a float64 array of shape (Q, N); ``R=None`` compares ``P`` with itself (each

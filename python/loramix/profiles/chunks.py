@@ -219,18 +219,22 @@ def pieces(text, plan: CutPlan, stats: dict | None = None) -> Iterator[str]:
         start = c + 1 if (plan.drop_space and buf[c] == " " and not forced) else c
 
 
-def encoded_ids(tok, texts: Iterable, plan: CutPlan, stats: dict | None = None) -> Iterator[np.ndarray]:
+def encoded_ids(tok, texts: Iterable, plan, stats: dict | None = None) -> Iterator[np.ndarray]:
     """Token ids of ``texts`` (special tokens added once per text), as int64 arrays of bounded
     size: texts grouped into ``encode_batch`` calls of at most :data:`BATCH_CHARS` characters,
     long texts cut into :func:`pieces`. A text that is not a str is an iterable of its parts
     (a long example read piece by piece): it is never joined. The multiset of all ids equals that of encoding every text
-    whole wherever ``plan`` is exact and no cut was forced."""
+    whole wherever ``plan`` is exact and no cut was forced. ``plan``: a :class:`CutPlan`, or a
+    function giving it, called at the first long text only (most datasets have none, and
+    :func:`cut_plan` parses the whole tokenizer.json: ~20 ms for a 32k vocabulary)."""
     group, size = [], 0
+    # encode_batch_fast (tokenizers >= 0.21): the same ids without computing character offsets
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
 
     def flush(batch, special):
         if not batch:
             return None
-        encs = tok.encode_batch(batch, add_special_tokens=special)
+        encs = encode(batch, add_special_tokens=special)
         return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs])
 
     for t in texts:
@@ -241,6 +245,8 @@ def encoded_ids(tok, texts: Iterable, plan: CutPlan, stats: dict | None = None) 
                 yield flush(group, True)
                 group, size = [], 0
             continue
+        if callable(plan):
+            plan = plan()
         it = pieces(t, plan, stats)
         group.append(next(it))          # the first piece carries the special tokens
         rest, rsize = [], 0

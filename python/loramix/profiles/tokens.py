@@ -194,7 +194,12 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     """Tokenize ``dataset`` (a path) with ``tokenizer`` (a path) into a :class:`Profile`."""
     fields = tuple(fields)
     tok = load_tokenizer(tokenizer)
-    plan = _cached(tokenizer, "cut_plan", chunks.cut_plan)
+    plans = []   # the cut plan, made at the first long example only (see chunks.encoded_ids)
+
+    def plan():
+        if not plans:
+            plans.append(_cached(tokenizer, "cut_plan", chunks.cut_plan))
+        return plans[0]
     vocab = int(tok.get_vocab_size(with_added_tokens=True))
     acc = np.zeros(vocab, dtype=np.int64)
     n = 0
@@ -218,7 +223,7 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
 
         warnings.warn(f"dataset {dataset}: {stats['forced_cuts']} cut(s) of long examples fell where "
                       f"tokenizer {tokenizer_file(tokenizer)} may split differently "
-                      f"({plan.why or 'a run of over ' + str(chunks.PIECE_CHARS // 2) + ' characters without a space'}); "
+                      f"({plan().why or 'a run of over ' + str(chunks.PIECE_CHARS // 2) + ' characters without a space'}); "
                       "token counts there may differ by a few tokens per cut", stacklevel=2)
     if acc.sum() == 0:
         raise ds.DatasetError(f"dataset {dataset}: its examples hold no tokens")

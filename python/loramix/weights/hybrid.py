@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 
 from loramix.weights.cosine import cosine_distances
-from loramix.weights.metrics import distances
+from loramix.core.divergence import METRICS as CORE_METRICS
+from loramix.weights.metrics import bank_distances, distances
 from loramix.weights.pipelines import register_metric, standardize
 
 #: the two halves of ``hybrid``
@@ -50,7 +51,10 @@ def _token_distances(datasets, bank, *, fields, split, cache, metric="js") -> np
     from loramix.profiles import tokens as prof
 
     queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=cache) for d in datasets]
-    return distances(*prof.stack_against(queries, bank), metric)
+    if metric not in CORE_METRICS:
+        return distances(*prof.stack_against(queries, bank), metric)
+    qm, bm = prof.stack_against(queries, bank, core=True)
+    return bank_distances(qm, bank, bm, metric)
 
 
 def instruction_metric(datasets, bank, *, fields, split="train", cache=None, encoder=None, quantize=None,
