@@ -303,6 +303,7 @@ def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_into)
     members, skipped, problems, reps, changed = [], [], [], [], []
     stale = False
     root = os.fspath(path)
+    real_root = os.path.realpath(root)
     for i, info in enumerate(doc["members"]):
         # plain strings and tuples here: pathlib and numpy cost more than the stat calls
         ds = f"{root}/{info['path']}"
@@ -321,7 +322,8 @@ def open_members(path: Path, doc: dict, idx, check: bool, member_cls, open_into)
             problems.append(f"member {info['name']!r}: profile {info['profile']} is missing")
             continue
         # bank.json is the indexed one, but a folder or profile may have been swapped for a link
-        bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}")
+        bad = [w for w in (integrity.path_problem(path, info.get(k), f"member {info.get('name')!r}: {k}",
+                                                  real_root=real_root)
                            for k in ("path", "profile")) if w]
         if bad:
             problems += bad

@@ -41,10 +41,11 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
     return file_digest(path, "sha256", chunk)
 
 
-def path_problem(bank_path, value, what: str, *, links_out: bool = False) -> str | None:
+def path_problem(bank_path, value, what: str, *, links_out: bool = False, real_root: str | None = None) -> str | None:
     """Why ``value`` (a path read from bank.json, naming ``what``) may not be used; None if fine.
     ``links_out``: only the name is checked (relative, no ``..``), symbolic links may lead out
-    of the bank (datasets, which loramix only reads: a bank index links its members' data)."""
+    of the bank (datasets, which loramix only reads: a bank index links its members' data).
+    ``real_root``: ``os.path.realpath(bank_path)`` when the caller checks many paths of one bank."""
     if not isinstance(value, str) or not value:
         return f"{what} is {value!r}, not a path inside the bank"
     p = Path(value)
@@ -52,7 +53,7 @@ def path_problem(bank_path, value, what: str, *, links_out: bool = False) -> str
         return f"{what} {value!r} is not a relative path inside the bank (absolute paths and '..' are refused)"
     if links_out:
         return None
-    root = Path(os.path.realpath(bank_path))
+    root = Path(real_root or os.path.realpath(bank_path))
     real = Path(os.path.realpath(root / p))
     if real != root and root not in real.parents:
         return f"{what} {value!r} resolves to {real}, outside the bank (a symbolic link out of it)"
