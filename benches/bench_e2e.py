@@ -108,6 +108,9 @@ def main() -> None:
     nbytes = sum(os.path.getsize(f) for f in files)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "python"), env.get("PYTHONPATH", "")])
+    from loramix_bench._common import bytecode_env
+
+    env = bytecode_env(env)   # what a user runs: bytecode compiled, as pip install leaves it
     if a.threads:
         env["LORAMIX_NUM_THREADS"] = str(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="loramix-e2e-"))

@@ -92,3 +92,17 @@ def test_goals_ratios_are_measured_over_bound():
     assert rows["6. 16 datasets in one call vs 1"][3] == "0.80"
     assert rows["7. 1x64 distances as generate calls them"][4] == "met"
     assert rows["9. `loramix bench --scale laptop` wall time"][3] == f"{480 / 600:.2f}"
+
+
+def test_cases_run_with_bytecode_as_an_installed_package_has_it(tmp_path):
+    """A fresh case process must not compile loramix anew (PYTHONDONTWRITEBYTECODE on a source
+    tree): its bytecode goes to a folder of its own, primed once, never into the tree."""
+    import loramix
+    from loramix_bench._common import bytecode_env
+
+    pkg = Path(loramix.__file__).resolve().parent
+    env = bytecode_env({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(tmp_path / "pyc"),
+                        "PATH": "/usr/bin:/bin"})
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
+    mirrored = tmp_path / "pyc" / pkg.relative_to(pkg.anchor)
+    assert any(mirrored.rglob("cli.*.pyc")) and any(mirrored.rglob("index.*.pyc"))
