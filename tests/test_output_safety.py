@@ -506,3 +506,29 @@ def test_eval_results_folder_of_someone_else_is_not_written_into(tmp_path):
     loo._check_run(fresh, cfg)
     loo._check_run(fresh, cfg)                     # a resumed run
     assert (fresh / "run.json").is_file()
+
+
+def test_the_nonfinite_check_of_an_output_releases_each_tensor_it_read(w, tmp_path, monkeypatch):
+    """The staged output is scanned for NaN/inf before it is swapped in; an output as large as the
+    bank (concat of every member) must not stay mapped in the process (it held all of it: VmHWM
+    1.3 GB for a 1.2 GB output): every tensor's pages are released once scanned. And a NaN is
+    still found."""
+    from safetensors.numpy import load_file, save_file
+
+    from loramix.core import tensors
+    from loramix.mixing import guard
+
+    res = mix_adapters(w.bank, {"m0": 0.5, "m1": 0.5}, tmp_path / "o", mode="concat")[0]
+    path = res.out / "adapter_model.safetensors"
+    released = []
+    real = tensors.release_pages
+    monkeypatch.setattr(tensors, "release_pages", lambda refs: released.extend(refs) or real(refs))
+    assert guard.nonfinite_tensor(path) is None
+    keys = tensors.SafetensorsFile(str(path)).keys()
+    assert len(released) == len(keys) and all(isinstance(r, tensors.TensorRef) for r in released)
+    t = load_file(str(path))
+    k = sorted(t)[3]
+    t[k] = t[k].copy()
+    t[k].reshape(-1)[5] = np.nan
+    save_file(t, str(tmp_path / "bad.safetensors"))
+    assert guard.nonfinite_tensor(tmp_path / "bad.safetensors") == (k, 5)

@@ -114,6 +114,9 @@ def nonfinite_tensor(path) -> tuple[str, int] | None:
         for key in f.keys():
             if f.dtype(key) in ("F32", "F16", "BF16"):
                 i = first_nonfinite(f.numpy(key), f.dtype(key))
+                # read pages leave the process at once: an output as large as the bank (concat
+                # of every member) must not make the check hold all of it (VmHWM)
+                tensors.release_pages([f.tensor(key)])
                 if i is not None:
                     return key, i
     finally:
