@@ -4,16 +4,17 @@
 //
 // Rows are taken in blocks; a block walks the bins in order and, for each bin, hands the kernel
 // the block's stretch of the bin's run together with the rest of the run (the partners j > i),
-// so the run is read once per block and reused from L1 by every row of the block. Each pair
+// so the run is read once per block and reused from cache by every row of the block. Each pair
 // gets its shared bins in increasing bin order, one thread per output entry, with the
 // arithmetic of the posting kernels: blocking and threads never change a result, and the
 // result equals divergence(P, P) off the diagonal bit for bit (see js_sym_bin_f64 for the one
 // exception, values below 2^-1021).
 //
 // Why not build_index + sparse_js_kl (the general P-against-R path, which ran this case until
-// 2026-12): its binary searches per (bin, row block), its kernel call per (row, bin) and its
-// transposition (latency-bound reads, a cache miss per scattered write) cost ~10% of the
-// 502 x 502 call; see docs/perf-notes.md, "JS all pairs vs the log floor".
+// 2026-12): with its binary searches per (bin, row block), its kernel call per (row, bin), its
+// blocks of equal rows (unequal work) and its transposition (latency-bound reads, a cache miss
+// per scattered write) the 502 x 502 call took 15-17% more CPU, same bits; see
+// docs/perf-notes.md, "JS all pairs vs the log floor".
 #include "divergence_internal.h"
 
 namespace loramix {
