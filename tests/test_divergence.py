@@ -299,6 +299,49 @@ def test_r_none_vs_explicit(isa, rng, metric, form):
         np.testing.assert_array_equal(sym, sym.T)
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-10])
+def test_symmetric_js_equals_explicit(isa, rng, eps):
+    """js with R=None runs its own index and pair loop (work-balanced row blocks, runs padded
+    over every row for bins most rows hold, gather/scatter for the others); off the diagonal it
+    must equal P against P bit for bit, for any thread count, and the oracle."""
+    X = random_counts(rng, 45, 400, density=0.35)
+    X[:, :30] += rng.integers(0, 3, size=(45, 30)) * (rng.random((45, 30)) < 0.9)  # bins ~90% hold
+    X[:40, 30:40] += 1.0  # bins held by 40 of 45 rows
+    X[3, 40:] = 0.0  # a row with few bins
+    X[3, 41] = 2.0
+    csr = sp.csr_matrix(X)
+    full = divergence(csr, csr, "js", eps=eps)
+    np.fill_diagonal(full, 0.0)
+    want = oracle(X, None, "js", eps)
+    np.fill_diagonal(want, 0.0)
+    for threads in (1, 2, 3, 7):
+        sym = divergence(csr, None, "js", eps=eps, threads=threads)
+        np.testing.assert_array_equal(sym, full)
+        assert_close(sym, want, 1e-12)
+
+
+def test_symmetric_js_wide_vocabulary(isa, rng):
+    """With very many bins and blocks the all-pairs loop finds each block's stretch of a bin by
+    binary search instead of a (blocks x bins) table (more than 2^24 entries at 7 threads here,
+    under at 1 thread): same bits either way."""
+    V, rows = 1 << 20, 45
+    cols = np.concatenate([rng.choice(V, size=300, replace=False), np.arange(40)])  # 40 held by all
+    X = np.zeros((rows, cols.size))
+    for i in range(rows):
+        X[i] = rng.integers(1, 9, size=cols.size) * (rng.random(cols.size) < 0.5)
+        X[i, -40:] += 1.0
+    csr = sp.csr_matrix((X[:, np.argsort(cols)]), shape=(rows, cols.size))
+    csr = sp.csr_matrix((csr.data, np.sort(cols)[csr.indices], csr.indptr), shape=(rows, V))
+    want = oracle(X, None, "js", 1e-10)  # bins no row holds contribute exactly 0
+    np.fill_diagonal(want, 0.0)
+    full = divergence(csr, csr, "js")
+    np.fill_diagonal(full, 0.0)
+    for threads in (1, 7):
+        sym = divergence(csr, None, "js", threads=threads)
+        np.testing.assert_array_equal(sym, full)
+        assert_close(sym, want, 1e-12)
+
+
 @pytest.mark.parametrize("density", [0.3, 0.9])
 @pytest.mark.parametrize("form", ("dense64", "csr64", "csr32"))
 @pytest.mark.parametrize("metric", METRICS)

@@ -164,9 +164,7 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
       if (static_cast<double>(P.cols) <= 16.0 * mean_nnz) cdf_wd(SP, SP, true, K, nt, cancel, out);
       else sparse_wd(SP, SP, true, nt, cancel, out);
     } else if (metric == Metric::js) {
-      // each unordered pair once, through P's own index (one tile)
-      const auto post = build_index(SP, metric, {{0, N}}, nt, cancel);
-      sparse_js_kl(SP, SP, post, true, metric, eps, K, nt, cancel, out);
+      symmetric_js(SP, K, nt, cancel, out);  // each unordered pair once, through an index of P
     } else {
       // kl is not symmetric: P against P, both directions.
       const auto post = build_index(SP, metric, make_tiles(Q, N, nt), nt, cancel);

@@ -107,6 +107,41 @@ void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
   }
 }
 
+void js_sym_bin_f64_avx2(const double* h, const double* w, const int32_t* rows, std::size_t zs,
+                         std::size_t ze, std::size_t n, bool contiguous, int64_t i0, std::size_t N,
+                         double* acc) {
+  alignas(32) double val[4];
+  for (std::size_t z = zs; z < ze; ++z) {
+    if (!(h[z] > 0.0)) continue;  // padding of a contiguous run
+    double* a = acc + (rows[z] - i0) * static_cast<int64_t>(N);
+    const __m256d vh = _mm256_set1_pd(h[z]), vw = _mm256_set1_pd(w[z]);
+    for (std::size_t k = z + 1; k < n; k += 4) {
+      const std::size_t left = n - k;
+      __m256d vq, vwq;
+      __m256i m = _mm256_set1_epi64x(-1);
+      if (left >= 4) {
+        vq = _mm256_loadu_pd(h + k);
+        vwq = _mm256_loadu_pd(w + k);
+      } else {
+        m = tail_mask(left);
+        vq = _mm256_maskload_pd(h + k, m);  // 0 in the unused lanes: mid = h[z] > 0 there
+        vwq = _mm256_maskload_pd(w + k, m);
+      }
+      const __m256d mid = _mm256_add_pd(vh, vq);
+      const __m256d v = _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(vw, vwq));
+      if (contiguous) {  // may hold padding (h == 0): those lanes are left alone
+        const __m256i pres = _mm256_and_si256(
+            m, _mm256_castpd_si256(_mm256_cmp_pd(vq, _mm256_setzero_pd(), _CMP_GT_OQ)));
+        _mm256_maskstore_pd(a + k, pres, _mm256_add_pd(_mm256_maskload_pd(a + k, pres), v));
+      } else {
+        _mm256_store_pd(val, v);
+        const std::size_t e = left < 4 ? left : 4;
+        for (std::size_t l = 0; l < e; ++l) a[rows[k + l]] += val[l];
+      }
+    }
+  }
+}
+
 void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const double* wq,
                        std::size_t n, double* val) {
   const __m256d half = _mm256_set1_pd(0.5);
@@ -244,6 +279,7 @@ const DivergenceKernels kKernels{
     log_f64_avx2,  // log_f64
     log_f64_avx2,  // log_abs_f64
     js_posting_f64_avx2,  // js_posting_f64
+    js_sym_bin_f64_avx2,  // js_sym_bin_f64
     kl_posting_f64_avx2,  // kl_posting_f64
     js_terms_f64_avx2,  // js_terms_f64
     kl_terms_f64_avx2,  // kl_terms_f64

@@ -175,6 +175,72 @@ void js_posting_f64_avx512(double p, double wp, const double* q, const double* w
   }
 }
 
+// One vector of js terms of the row with (vh, vw) against entries [k, k + 8) & m of a run.
+inline __m512d js_sym_terms_f64x8(__m512d vh, __m512d vw, const double* h, const double* w,
+                                  std::size_t k, __mmask8 m, const LogTables& t) {
+  const __m512d mid = _mm512_add_pd(vh, _mm512_maskz_loadu_pd(m, h + k));  // > 0 in every lane
+  return _mm512_fnmadd_pd(mid, log_abs_f64x8(mid, t), _mm512_add_pd(vw, _mm512_maskz_loadu_pd(m, w + k)));
+}
+
+inline void scatter_add_f64x8(double* a, const int32_t* rows, std::size_t k, __mmask8 m, __m512d val) {
+  const __m256i idx = _mm256_maskz_loadu_epi32(m, rows + k);
+  const __m512d s = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, idx, a, 8);
+  _mm512_mask_i32scatter_pd(a, m, idx, _mm512_add_pd(s, val), 8);
+}
+
+void js_sym_bin_f64_avx512(const double* h, const double* w, const int32_t* rows, std::size_t zs,
+                           std::size_t ze, std::size_t n, bool contiguous, int64_t i0, std::size_t N,
+                           double* acc) {
+  const LogTables t = load_tables1();
+  if (contiguous) {
+    for (std::size_t z = zs; z < ze; ++z) {
+      if (!(h[z] > 0.0)) continue;  // padding
+      double* a = acc + (static_cast<int64_t>(z) - i0) * static_cast<int64_t>(N);  // row z
+      const __m512d vh = _mm512_set1_pd(h[z]), vw = _mm512_set1_pd(w[z]);
+      for (std::size_t k = z + 1; k < n; k += 8) {
+        const __mmask8 m = tail_mask(n - k);
+        // padding (h == 0) and the tail are left alone
+        const __mmask8 pres = _mm512_mask_cmp_pd_mask(m, _mm512_maskz_loadu_pd(m, h + k), _mm512_setzero_pd(), _CMP_GT_OQ);
+        const __m512d val = js_sym_terms_f64x8(vh, vw, h, w, k, m, t);
+        _mm512_mask_storeu_pd(a + k, pres, _mm512_add_pd(_mm512_maskz_loadu_pd(pres, a + k), val));
+      }
+    }
+    return;
+  }
+  // Two rows at a time (z and z + 1, whose tails differ by one entry), interleaved: the loop
+  // control is shared and each row's gather / scatter overlaps the other's log.
+  std::size_t z = zs;
+  for (; z + 1 < ze; z += 2) {
+    double* a1 = acc + (rows[z] - i0) * static_cast<int64_t>(N);
+    double* a2 = acc + (rows[z + 1] - i0) * static_cast<int64_t>(N);
+    const __m512d vh1 = _mm512_set1_pd(h[z]), vw1 = _mm512_set1_pd(w[z]);
+    const __m512d vh2 = _mm512_set1_pd(h[z + 1]), vw2 = _mm512_set1_pd(w[z + 1]);
+    std::size_t k = z + 1;
+    for (; k + 9 <= n; k += 8) {  // both full
+      const __m512d v1 = js_sym_terms_f64x8(vh1, vw1, h, w, k, 0xFF, t);
+      const __m512d v2 = js_sym_terms_f64x8(vh2, vw2, h, w, k + 1, 0xFF, t);
+      scatter_add_f64x8(a1, rows, k, 0xFF, v1);
+      scatter_add_f64x8(a2, rows, k + 1, 0xFF, v2);
+    }
+    if (k < n) {
+      const __mmask8 m1 = tail_mask(n - k);
+      scatter_add_f64x8(a1, rows, k, m1, js_sym_terms_f64x8(vh1, vw1, h, w, k, m1, t));
+      if (k + 1 < n) {
+        const __mmask8 m2 = tail_mask(n - k - 1);
+        scatter_add_f64x8(a2, rows, k + 1, m2, js_sym_terms_f64x8(vh2, vw2, h, w, k + 1, m2, t));
+      }
+    }
+  }
+  if (z < ze) {
+    double* a = acc + (rows[z] - i0) * static_cast<int64_t>(N);
+    const __m512d vh = _mm512_set1_pd(h[z]), vw = _mm512_set1_pd(w[z]);
+    for (std::size_t k = z + 1; k < n; k += 8) {
+      const __mmask8 m = tail_mask(n - k);
+      scatter_add_f64x8(a, rows, k, m, js_sym_terms_f64x8(vh, vw, h, w, k, m, t));
+    }
+  }
+}
+
 void js_terms_f64_avx512(const double* p, const double* wp, const double* q, const double* wq,
                          std::size_t n, double* val) {
   const LogTables t = load_tables1();
@@ -292,6 +358,7 @@ const DivergenceKernels kKernels{
     log_f64_avx512,  // log_f64
     log_abs_f64_avx512,  // log_abs_f64
     js_posting_f64_avx512,  // js_posting_f64
+    js_sym_bin_f64_avx512,  // js_sym_bin_f64
     kl_posting_f64_avx512,  // kl_posting_f64
     js_terms_f64_avx512,  // js_terms_f64
     kl_terms_f64_avx512,  // kl_terms_f64

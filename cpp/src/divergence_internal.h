@@ -3,6 +3,7 @@
 //   divergence.cpp        ISA table, PreparedHistograms, which path a call takes
 //   divergence_rows.cpp   input validation, normalization and per-row precomputation
 //   divergence_index.cpp  the inverted index and the sparse js / kl pair loops
+//   divergence_symjs.cpp  js of all pairs within one sparse matrix (its own index and loop)
 //   divergence_dense.cpp  the dense blocked js / kl loop
 //   divergence_wd.cpp     1-D Wasserstein (support merge, CDF chunks)
 // The per-ISA loops are in divergence_{scalar,avx2,avx512}.cpp (divergence_kernels.h); the
@@ -314,6 +315,9 @@ std::vector<Postings> build_index(const Sparse& R, Metric metric,
 void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post, bool symmetric,
                   Metric metric, double eps, const DivergenceKernels& K, int threads, Cancel* cancel,
                   double* out);
+// ---- divergence_symjs.cpp ----
+// js of all pairs within P (its own index, built here); out: P.rows x P.rows, diagonal untouched.
+void symmetric_js(const Sparse& P, const DivergenceKernels& K, int threads, Cancel* cancel, double* out);
 // js / kl of a few P rows (up to kDirectMaxRows) against an R without index (gather of the
 // shared bins); bit-identical to sparse_js_kl.
 constexpr int64_t kDirectMaxRows = 2;  // measured: the index wins from 3 rows on (502 x 32k bank)

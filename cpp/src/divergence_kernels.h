@@ -21,6 +21,15 @@ using LogF64Fn = void (*)(const double* x, double* y, std::size_t n);
 // (q[k] == 0 marks padding in runs that cover consecutive rows). Rows increase within a call.
 using JsPostingF64Fn = void (*)(double p, double wp, const double* q, const double* wq,
                                 const int32_t* rows, std::size_t n, double* acc);
+// Symmetric js (all pairs within one matrix), one bin: its run of n entries of the inverted
+// index (rows increasing, h = p / 2, w), of which [zs, ze) are the rows of the current block,
+// rows from i0 on. For each z in [zs, ze) with h[z] > 0 and each k in (z, n) with h[k] > 0:
+//   acc[(rows[z] - i0) * N + rows[k]] += (w[z] + w[k]) - m log m,  m = h[z] + h[k]
+// (= (p + q) / 2 exactly unless p or q < 2^-1021). contiguous: the run covers every row,
+// rows[k] = k, absent rows padded with h = w = 0.
+using JsSymBinF64Fn = void (*)(const double* h, const double* w, const int32_t* rows, std::size_t zs,
+                               std::size_t ze, std::size_t n, bool contiguous, int64_t i0,
+                               std::size_t N, double* acc);
 // The same per-term values, one (P bin, R bin) pair per k, with exactly the arithmetic of the
 // posting kernels above (so the few-rows path and the index agree bit for bit):
 //   js: val[k] = wp[k] + wq[k] - m log m, m = (p[k] + q[k]) / 2;   kl: val[k] = c[k] - a[k] y[k].
@@ -50,6 +59,7 @@ struct DivergenceKernels {
   LogF64Fn log_f64;
   LogF64Fn log_abs_f64;
   JsPostingF64Fn js_posting_f64;
+  JsSymBinF64Fn js_sym_bin_f64;
   KlPostingF64Fn kl_posting_f64;
   JsTermsF64Fn js_terms_f64;
   KlTermsF64Fn kl_terms_f64;

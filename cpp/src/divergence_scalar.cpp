@@ -21,6 +21,20 @@ void js_posting_f64_scalar(double p, double wp, const double* q, const double* w
   }
 }
 
+void js_sym_bin_f64_scalar(const double* h, const double* w, const int32_t* rows, std::size_t zs,
+                           std::size_t ze, std::size_t n, bool contiguous, int64_t i0, std::size_t N,
+                           double* acc) {
+  for (std::size_t z = zs; z < ze; ++z) {
+    if (!(h[z] > 0.0)) continue;  // padding of a contiguous run
+    double* a = acc + (rows[z] - i0) * static_cast<int64_t>(N);
+    for (std::size_t k = z + 1; k < n; ++k) {
+      if (!(h[k] > 0.0)) continue;
+      const double m = h[z] + h[k];
+      a[contiguous ? static_cast<int64_t>(k) : rows[k]] += (w[z] + w[k]) - m * ::log(m);
+    }
+  }
+}
+
 void js_terms_f64_scalar(const double* p, const double* wp, const double* q, const double* wq,
                          std::size_t n, double* val) {
   for (std::size_t k = 0; k < n; ++k) {
@@ -77,6 +91,7 @@ const DivergenceKernels kKernels{
     log_f64_scalar,  // log_f64
     log_f64_scalar,  // log_abs_f64
     js_posting_f64_scalar,  // js_posting_f64
+    js_sym_bin_f64_scalar,  // js_sym_bin_f64
     kl_posting_f64_scalar,  // kl_posting_f64
     js_terms_f64_scalar,  // js_terms_f64
     kl_terms_f64_scalar,  // kl_terms_f64

@@ -48,9 +48,15 @@
 //   wd, otherwise (very sparse rows)                              -> merge of the two index lists.
 //   js / kl, P of 1-2 rows against an unprepared R                -> gather of the shared bins
 //                                                                   per R row (no index built);
-//   js / kl against a PreparedHistograms bank                     -> its kept index, any Q.
+//   js / kl against a PreparedHistograms bank                     -> its kept index, any Q;
+//   js, R = none, sparse (as above)                               -> an index of P built for the
+//                                                                   all-pairs loop, each unordered
+//                                                                   pair once.
 // The gather path and the index compute every term with the same arithmetic and add a pair's
-// terms in the same (bin) order, so all paths of a sparse js / kl call agree bit for bit.
+// terms in the same (bin) order, so all paths of a sparse js / kl call agree bit for bit; the
+// R = none js loop does too, so off the diagonal divergence(P, none, js) equals
+// divergence(P, &P, js) bit for bit (it forms m = p/2 + q/2, which is (p + q)/2 exactly unless
+// p or q is below 2^-1021).
 // kl with R = none runs as P against P (both directions). A CSR side is never densified; a dense
 // side of a mixed call is read as sparse rows.
 #pragma once
