@@ -129,7 +129,7 @@ void divergence_vs_bank(const HistMatrix& P, PreparedHistograms::Impl& B, Metric
     direct_js_kl(SP, SR, metric, eps, K, nt, cancel, out);
   } else {  // a prepared bank keeps its index: from one row on, walking it beats the gather
     const auto& post = B.index_for(metric, SR, make_tiles(Q, N, nt), nt, cancel);
-    sparse_js_kl(SP, SR, post, false, metric, eps, K, nt, cancel, out);
+    sparse_js_kl(SP, SR, post, metric, eps, K, nt, cancel, out);
   }
 }
 
@@ -168,7 +168,7 @@ void divergence(const HistMatrix& P, const HistMatrix* R, Metric metric, double 
     } else {
       // kl is not symmetric: P against P, both directions.
       const auto post = build_index(SP, metric, make_tiles(Q, N, nt), nt, cancel);
-      sparse_js_kl(SP, SP, post, false, metric, eps, K, nt, cancel, out);
+      sparse_js_kl(SP, SP, post, metric, eps, K, nt, cancel, out);
     }
   }
   for (int64_t i = 0; i < Q; ++i) out[i * N + i] = 0.0;

@@ -90,7 +90,7 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t Q, int64_t N, int th
   return t;
 }
 
-// The inverted index of R for js / kl, in tiles of R rows (one tile when symmetric).
+// The inverted index of R for js / kl, in tiles of R rows.
 std::vector<Postings> build_index(const Sparse& R, Metric metric,
                                   const std::vector<std::pair<int64_t, int64_t>>& tiles, int threads,
                                   Cancel* cancel) {
@@ -102,20 +102,15 @@ std::vector<Postings> build_index(const Sparse& R, Metric metric,
   return post;
 }
 
-// post: build_index(R, metric, tiles) (symmetric: of P itself, one tile).
-void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post, bool symmetric,
+// post: build_index(R, metric, tiles). (js of P against itself has its own loop: divergence_symjs.cpp.)
+void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post,
                   Metric metric, double eps, const DivergenceKernels& K, int threads, Cancel* cancel,
                   double* out) {
   const int64_t Q = P.rows, N = R.rows;
   const bool js = metric == Metric::js;
-  // symmetric (js with R = none): P's own index serves both sides and a pair (i, j), i < j, is
-  // met once, at i's entry in the run of each bin they share, against the entries after it.
-  Postings pown;
   // P's side of each bin: js (p, w); kl (c, a).
-  if (!symmetric)
-    pown = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(),
-                          false, threads, cancel);
-  const Postings& PP = symmetric ? post[0] : pown;
+  const Postings PP = build_postings(P, 0, Q, js ? P.v1.data() : P.v2.data(), js ? P.v2.data() : P.a.data(),
+                                     false, threads, cancel);
   // Rows of P are taken in blocks and, within a block, bin by bin: the run of a bin in R's index
   // is loaded once and reused from L1 by every row of the block that holds the bin (those rows
   // are one contiguous stretch of the bin's run in P's index). Each pair still gets its shared
@@ -146,7 +141,7 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>&
       const int64_t i1 = std::min(Q, i0 + kBlockRows);
       const Postings& T = post[static_cast<int64_t>(it) % ntiles];
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j0 = symmetric ? i + 1 : T.j0;
+        const int64_t j0 = T.j0;
         if (j0 < T.j1) {
           std::fill(S.acc.begin() + (i - i0) * N + j0, S.acc.begin() + (i - i0) * N + T.j1, 0.0);
           if (count_shared)
@@ -163,8 +158,7 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>&
         if (zs == ze || prow[zs] >= i1) continue;
         if (prow[ze - 1] >= i1) ze = std::lower_bound(prow + zs, prow + ze, static_cast<int32_t>(i1)) - prow;
         for (int64_t z = zs; z < ze; ++z) {
-          if (symmetric && PP.x1[z] == 0.0) continue;  // padding of a dense run: row lacks v
-          const int64_t st = symmetric ? z + 1 : s;
+          const int64_t st = s;
           if (st >= f) break;
           const std::size_t len = static_cast<std::size_t>(f - st);
           const int64_t il = prow[z] - i0;
@@ -183,14 +177,13 @@ void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>&
       }
       if (cancel && cancel->requested()) return;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j0 = symmetric ? i + 1 : T.j0;
+        const int64_t j0 = T.j0;
         const double* A = S.acc.data() + (i - i0) * N;
         double* o = out + i * N;
         if (js) {
           for (int64_t j = j0; j < T.j1; ++j) {
             const double d = (P.c1[i] + R.c1[j]) + A[j];
             o[j] = d;
-            if (symmetric) out[j * N + i] = d;
           }
         } else if (eps > 0.0) {
           for (int64_t j = j0; j < T.j1; ++j) o[j] = (P.c1[i] + R.c2[j]) + A[j];

@@ -311,8 +311,8 @@ std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t Q, int64_t N, int th
 std::vector<Postings> build_index(const Sparse& R, Metric metric,
                                   const std::vector<std::pair<int64_t, int64_t>>& tiles, int threads,
                                   Cancel* cancel);
-// js / kl of P against R through R's index `post` (symmetric: P's own, one tile).
-void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post, bool symmetric,
+// js / kl of P against R through R's index `post` (kl of P against itself: R = P, both directions).
+void sparse_js_kl(const Sparse& P, const Sparse& R, const std::vector<Postings>& post,
                   Metric metric, double eps, const DivergenceKernels& K, int threads, Cancel* cancel,
                   double* out);
 // ---- divergence_symjs.cpp ----
