@@ -92,6 +92,15 @@ def test_goals_ratios_are_measured_over_bound():
     assert rows["6. 16 datasets in one call vs 1"][3] == "0.80"
     assert rows["7. 1x64 distances as generate calls them"][4] == "met"
     assert rows["9. `loramix bench --scale laptop` wall time"][3] == f"{480 / 600:.2f}"
+    # goal 7 at 502 x 502 whatever the scale, from tools/js_floor.py when the kernels suite ran it
+    doc["suites"]["kernels"] = {"js_floor": {"n": 502, "threads": 2, "rounds": 5, "log_floor_s": 0.06,
+                                             "log_floor_cpu_s": 0.12, "all_pairs_s": 0.15, "all_pairs_cpu_s": 0.3,
+                                             "one_vs_bank_s": 0.004, "load_avg_1min": [1.0, 1.5]}}
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
+            for r in report.goals(doc).splitlines() if r.startswith("| ") and "goal" not in r}
+    js = rows["7. JS 502x502 vs the log floor (tools/js_floor.py)"]
+    assert js[2].startswith("2.50x wall") and "2.50x CPU" in js[2] and js[3] == "1.25" and js[4] == "MISSED"
+    assert rows["7. 1x502 JS against the prepared bank (what generate maps from bank.index)"][3] == "0.40"
 
 
 def test_cases_run_with_bytecode_as_an_installed_package_has_it(tmp_path):

@@ -37,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=502)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the medians here (loramix bench reads them)")
     a = ap.parse_args(argv)
     H = histograms(a.n)
     df = np.bincount(H.indices, minlength=H.shape[1]).astype(np.float64)
@@ -95,6 +96,15 @@ def main(argv=None):
     print(f"js 1 x {a.n} prepared {med(t_one) * 1e3:7.2f} ms wall median, {a.threads} thr "
           f"(min {min(t_one) * 1e3:.2f});  1 thr {med(t_one1) * 1e3:.2f} ms (min {min(t_one1) * 1e3:.2f}, "
           f"CPU {med(c_one1) * 1e3:.2f})")
+    if a.json:
+        import json
+
+        doc = {"n": a.n, "threads": a.threads, "isa": isa, "rounds": a.rounds, "shared_terms": shared,
+               "log_floor_s": floor, "log_floor_cpu_s": floor_cpu, "all_pairs_s": med(t_all),
+               "all_pairs_cpu_s": med(c_all), "one_vs_bank_s": med(t_one), "one_vs_bank_1thr_s": med(t_one1),
+               "load_avg_1min": [min(load), max(load)]}
+        with open(a.json, "w") as fh:
+            json.dump(doc, fh, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -340,7 +340,16 @@ def goals(doc: dict) -> str:
         add("6. 16 datasets in one call vs 1", "<= 1.5x", f"{x:.2f}x", x / 1.5,
             f"{batch['median_s']:.2f} s / {warm['median_s']:.2f} s")
     dm = doc["suites"].get("kernels", {}).get("distance_matrix")
-    if dm and dm.get("log_floor_s"):
+    jf = doc["suites"].get("kernels", {}).get("js_floor")
+    if jf:
+        x = jf["all_pairs_s"] / jf["log_floor_s"]
+        xc = jf["all_pairs_cpu_s"] / jf["log_floor_cpu_s"]
+        add(f"7. JS {jf['n']}x{jf['n']} vs the log floor (tools/js_floor.py)", "<= 2x",
+            f"{x:.2f}x wall ({jf['all_pairs_s']:.3f} s / {jf['log_floor_s']:.3f} s), {xc:.2f}x CPU", x / 2.0,
+            f"interleaved, {jf['rounds']} rounds, load {jf['load_avg_1min'][0]:.1f}-{jf['load_avg_1min'][1]:.1f}")
+        add(f"7. 1x{jf['n']} JS against the prepared bank (what generate maps from bank.index)", "10 ms",
+            f"{1e3 * jf['one_vs_bank_s']:.1f} ms", jf["one_vs_bank_s"] / 0.01, f"{jf['threads']} threads")
+    elif dm and dm.get("log_floor_s"):
         x = dm["best_loramix_s"] / dm["log_floor_s"]
         add(f"7. JS {dm['n']}x{dm['n']} vs the log floor", "<= 2x", f"{x:.2f}x "
             f"({dm['best_loramix_s']:.3f} s / {dm['log_floor_s']:.3f} s)", x / 2.0)

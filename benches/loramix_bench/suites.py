@@ -219,6 +219,17 @@ def suite_kernels(run: Run) -> None:
             distance_matrix(run)
     else:
         distance_matrix(run)
+    # goal 7 is about 502 x 502 whatever the scale: the log floor and the call, interleaved
+    floor_tool = Path(__file__).resolve().parents[2] / "tools" / "js_floor.py"
+    if floor_tool.is_file():
+        run.log("  [kernels] tools/js_floor.py --n 502 ...")
+        jf = run.out / "js_floor.json"
+        p = subprocess.run([sys.executable, str(floor_tool), "--n", "502", "--rounds", "5", "--json", str(jf)],
+                           capture_output=True, text=True, env=C._env(), timeout=600)
+        if p.returncode == 0 and jf.is_file():
+            run.note("kernels", "js_floor", json.loads(jf.read_text()))
+        else:
+            run.log(f"    js_floor.py failed ({p.stderr.strip()[-300:]})")
     script = _bench_script("bench_wsum.py")
     if script is not None:
         run.log(f"  [kernels] {script.name} ...")
