@@ -74,43 +74,56 @@ void log_f64_avx2(const double* x, double* y, std::size_t n) {
   }
 }
 
+// Up to 4 lanes of x = q (0 past `left`) and of wx, from k on.
+inline void load_lanes(const double* x, const double* wx, std::size_t k, std::size_t left, __m256d* vx,
+                       __m256d* vwx, __m256i* m) {
+  if (left >= 4) {
+    *m = _mm256_set1_epi64x(-1);
+    *vx = _mm256_loadu_pd(x + k);
+    *vwx = _mm256_loadu_pd(wx + k);
+  } else {
+    *m = tail_mask(left);
+    *vx = _mm256_maskload_pd(x + k, *m);  // 0 in the unused lanes
+    *vwx = _mm256_maskload_pd(wx + k, *m);
+  }
+}
+
+// Adds the terms v of lanes [k, k + min(left, 4)) of a run into the accumulators: at
+// base + k for a contiguous run (lanes whose q is 0 are padding: left alone), else at rows[k + l].
+inline void add_lanes(__m256d v, __m256d vq, __m256i m, bool contiguous, double* base, double* acc,
+                      const int32_t* rows, std::size_t k, std::size_t left) {
+  if (contiguous) {
+    const __m256i pres = _mm256_and_si256(
+        m, _mm256_castpd_si256(_mm256_cmp_pd(vq, _mm256_setzero_pd(), _CMP_GT_OQ)));
+    _mm256_maskstore_pd(base + k, pres, _mm256_add_pd(_mm256_maskload_pd(base + k, pres), v));
+  } else {
+    alignas(32) double val[4];
+    _mm256_store_pd(val, v);
+    const std::size_t e = left < 4 ? left : 4;
+    for (std::size_t l = 0; l < e; ++l) acc[rows[k + l]] += val[l];
+  }
+}
+
 void js_posting_f64_avx2(double p, double wp, const double* q, const double* wq,
                          const int32_t* rows, std::size_t n, double* acc) {
   if (n == 0) return;
   const __m256d vp = _mm256_set1_pd(p), vwp = _mm256_set1_pd(wp), half = _mm256_set1_pd(0.5);
   const bool contiguous = rows[n - 1] - rows[0] == static_cast<int32_t>(n - 1);
   double* base = acc + rows[0];
-  alignas(32) double val[4];
   for (std::size_t k = 0; k < n; k += 4) {
     const std::size_t left = n - k;
     __m256d vq, vwq;
-    __m256i m = _mm256_set1_epi64x(-1);
-    if (left >= 4) {
-      vq = _mm256_loadu_pd(q + k);
-      vwq = _mm256_loadu_pd(wq + k);
-    } else {
-      m = tail_mask(left);
-      vq = _mm256_maskload_pd(q + k, m);  // 0 in the unused lanes: mid = p / 2 > 0 there
-      vwq = _mm256_maskload_pd(wq + k, m);
-    }
+    __m256i m;
+    load_lanes(q, wq, k, left, &vq, &vwq, &m);  // unused lanes: mid = p / 2 > 0
     const __m256d mid = _mm256_mul_pd(half, _mm256_add_pd(vp, vq));
     const __m256d v = _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(vwp, vwq));
-    if (contiguous) {  // may hold padding (q == 0): those lanes are left alone
-      const __m256i pres = _mm256_and_si256(
-          m, _mm256_castpd_si256(_mm256_cmp_pd(vq, _mm256_setzero_pd(), _CMP_GT_OQ)));
-      _mm256_maskstore_pd(base + k, pres, _mm256_add_pd(_mm256_maskload_pd(base + k, pres), v));
-    } else {
-      _mm256_store_pd(val, v);
-      const std::size_t e = left < 4 ? left : 4;
-      for (std::size_t l = 0; l < e; ++l) acc[rows[k + l]] += val[l];
-    }
+    add_lanes(v, vq, m, contiguous, base, acc, rows, k, left);
   }
 }
 
 void js_sym_bin_f64_avx2(const double* h, const double* w, const int32_t* rows, std::size_t zs,
                          std::size_t ze, std::size_t n, bool contiguous, int64_t i0, std::size_t N,
                          double* acc) {
-  alignas(32) double val[4];
   for (std::size_t z = zs; z < ze; ++z) {
     if (!(h[z] > 0.0)) continue;  // padding of a contiguous run
     double* a = acc + (rows[z] - i0) * static_cast<int64_t>(N);
@@ -118,26 +131,11 @@ void js_sym_bin_f64_avx2(const double* h, const double* w, const int32_t* rows, 
     for (std::size_t k = z + 1; k < n; k += 4) {
       const std::size_t left = n - k;
       __m256d vq, vwq;
-      __m256i m = _mm256_set1_epi64x(-1);
-      if (left >= 4) {
-        vq = _mm256_loadu_pd(h + k);
-        vwq = _mm256_loadu_pd(w + k);
-      } else {
-        m = tail_mask(left);
-        vq = _mm256_maskload_pd(h + k, m);  // 0 in the unused lanes: mid = h[z] > 0 there
-        vwq = _mm256_maskload_pd(w + k, m);
-      }
+      __m256i m;
+      load_lanes(h, w, k, left, &vq, &vwq, &m);  // unused lanes: mid = h[z] > 0
       const __m256d mid = _mm256_add_pd(vh, vq);
       const __m256d v = _mm256_fnmadd_pd(mid, log_f64x4(mid), _mm256_add_pd(vw, vwq));
-      if (contiguous) {  // may hold padding (h == 0): those lanes are left alone
-        const __m256i pres = _mm256_and_si256(
-            m, _mm256_castpd_si256(_mm256_cmp_pd(vq, _mm256_setzero_pd(), _CMP_GT_OQ)));
-        _mm256_maskstore_pd(a + k, pres, _mm256_add_pd(_mm256_maskload_pd(a + k, pres), v));
-      } else {
-        _mm256_store_pd(val, v);
-        const std::size_t e = left < 4 ? left : 4;
-        for (std::size_t l = 0; l < e; ++l) a[rows[k + l]] += val[l];
-      }
+      add_lanes(v, vq, m, contiguous, a, a, rows, k, left);
     }
   }
 }
