@@ -331,8 +331,9 @@ def _rows_int8(g: _G, x: str, wq: str, ws: str, wz: str, colsum: np.ndarray) -> 
     return g.op("Add", [g.op("Mul", [yn, rg]), g.op("Mul", [mn, g.const("colsum", colsum)])])
 
 
-#: Linear layers whose int8 dynamic quantization costs the most accuracy (measured on
-#: all-MiniLM-L6-v2: quantizing them too drops the worst-case cosine to fp32 from 0.99 to 0.95).
+#: Linear layers whose int8 dynamic quantization with one activation range per batch costs the
+#: most accuracy (measured on all-MiniLM-L6-v2: worst-case cosine to fp32 0.99 -> 0.95); the
+#: encoder's int8 gives the FFN ones per-row ranges instead (:func:`_rows_int8`).
 SENSITIVE_LINEARS = ("attention.self", "intermediate.dense")
 
 
