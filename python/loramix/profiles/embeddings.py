@@ -40,10 +40,8 @@ def encoder_key(encoder=None, quantize: str | None = None, *, cap: int | None = 
     folder = Path(encoder) if encoder is not None else embed.default_model_dir()
     cfg = onnx_bert.load_config(folder)
     h = embed.hash_files(embed.weight_files(folder), json.dumps(cfg, sort_keys=True))
-    if quantize not in embed.QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {embed.QUANTIZE_MODES}, not {quantize!r}")
     ml = max_length or embed.DEFAULT_MAX_LENGTH
-    return f"enc={h}|q={quantize or 'fp32'}|len={ml}|cap={cap}|seed={seed}|fields={','.join(fields)}"
+    return f"enc={h}|q={embed.quantize_tag(quantize)}|len={ml}|cap={cap}|seed={seed}|fields={','.join(fields)}"
 
 
 def _compute(data, fields, split, encoder, quantize, cap, seed, threads, max_length) -> np.ndarray:

