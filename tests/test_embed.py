@@ -351,3 +351,31 @@ def test_other_bert_folder_matches_transformers(tmp_path, cache):
         np.testing.assert_allclose(got, np.array(want), atol=2e-5)
     with pytest.raises(ValueError):
         embed.Encoder(tmp_path, threads=THREADS, cache=cache, max_length=400)
+
+
+def test_hash_files_is_remembered_across_processes_by_file_identity(tmp_path, monkeypatch):
+    """The digest keying the encoder's caches is kept in $LORAMIX_CACHE/hashes: a new process
+    does not read the weights again; any change of the file (bytes, even with the mtime put
+    back) makes it hash them again; a damaged memo is ignored."""
+    import hashlib
+
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"x" * 5000)
+    want = hashlib.sha256(b"cfg" + b"x" * 5000).hexdigest()[:32]
+    monkeypatch.setattr(embed, "_HASHES", {})
+    assert embed.hash_files([f], "cfg") == want
+    (memo,) = (tmp_path / "cache" / "hashes").iterdir()
+    assert memo.read_text().strip() == want
+    monkeypatch.setattr(embed, "_HASHES", {})         # a new process: the memo answers
+    memo.write_text("0" * 32 + "\n")
+    assert embed.hash_files([f], "cfg") == "0" * 32
+    memo.write_text("not a digest\n")                 # damaged: hashed again and rewritten
+    monkeypatch.setattr(embed, "_HASHES", {})
+    assert embed.hash_files([f], "cfg") == want and memo.read_text().strip() == want
+    st = os.stat(f)
+    f.write_bytes(b"y" * 5000)                        # same size, mtime put back
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    monkeypatch.setattr(embed, "_HASHES", {})
+    assert embed.hash_files([f], "cfg") == hashlib.sha256(b"cfg" + b"y" * 5000).hexdigest()[:32]
+    assert embed.hash_files([f], "other") != embed.hash_files([f], "cfg")

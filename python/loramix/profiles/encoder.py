@@ -121,17 +121,42 @@ def weight_files(folder: Path) -> list[Path]:
 _HASHES: dict[tuple, str] = {}
 
 
+def _file_identity(p: Path) -> tuple:
+    """What changes whenever a file's bytes may have: real path, device, inode, size, mtime and
+    ctime (ns). ctime cannot be set back by a user, so an edit in place that restores the
+    mtime still changes the identity."""
+    st = os.stat(p)
+    return (os.path.realpath(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def hash_files(paths: Sequence[Path], extra: str) -> str:
-    """sha256 of the files' bytes (+ ``extra``); memoized per process by (path, size, mtime)."""
-    key = (extra,) + tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
-    if key not in _HASHES:
+    """sha256 of the files' bytes (+ ``extra``), first 32 hex digits. Memoized per process and,
+    across processes, in ``$LORAMIX_CACHE/hashes`` keyed by each file's identity
+    (:func:`_file_identity`): a fresh ``generate`` does not read the 90 MB of encoder weights
+    again to key its caches (~70 ms). A memo that cannot be read or written is simply skipped."""
+    key = (extra,) + tuple(_file_identity(Path(p)) for p in paths)
+    if key in _HASHES:
+        return _HASHES[key]
+    memo = cache_dir() / "hashes" / (hashlib.sha256(repr(key).encode()).hexdigest()[:40] + ".txt")
+    try:
+        got = memo.read_text().strip()
+    except OSError:
+        got = ""
+    if len(got) != 32 or any(c not in "0123456789abcdef" for c in got):
         h = hashlib.sha256(extra.encode())
         for p in paths:
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     h.update(chunk)
-        _HASHES[key] = h.hexdigest()[:32]
-    return _HASHES[key]
+        got = h.hexdigest()[:32]
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(memo) as tmp:
+                Path(tmp).write_text(got + "\n")
+        except OSError:
+            pass
+    _HASHES[key] = got
+    return got
 
 
 def _load_weights(files: Sequence[Path]) -> dict[str, np.ndarray]:
