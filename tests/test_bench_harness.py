@@ -115,3 +115,19 @@ def test_cases_run_with_bytecode_as_an_installed_package_has_it(tmp_path):
     assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
     mirrored = tmp_path / "pyc" / pkg.relative_to(pkg.anchor)
     assert any(mirrored.rglob("cli.*.pyc")) and any(mirrored.rglob("index.*.pyc"))
+
+
+def test_run_command_reports_the_commands_own_peak_rss_not_the_harness():
+    """Linux gives an exec'd child the high-water RSS of the memory it replaced: spawned straight
+    from a large harness, a small command read as the harness's size. Held to it: a harness of
+    300+ MB, a command of ~100 MB."""
+    import sys
+
+    from loramix_bench import _common as C
+
+    big = np.ones(40 * 2 ** 20, dtype=np.float64)           # 320 MB resident in this process
+    small = C.run_command([sys.executable, "-c", "import numpy; a = numpy.ones(12 * 2 ** 20); print(int(a.sum()))"])
+    assert small["rc"] == 0 and small["stdout"].strip() == str(12 * 2 ** 20)
+    assert 96 * 2 ** 20 < small["peak_rss"] < 250 * 2 ** 20
+    assert C.run_command(["false"])["rc"] == 1
+    del big

@@ -209,29 +209,53 @@ def run_case(spec: dict, *, timeout: float = 3600, env: dict | None = None, unse
     return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
 
 
+# Spawns the command from a small process of its own and reports the command's rusage and wall
+# time. Linux hands a child the high-water RSS of the memory it replaced at exec (the forking
+# parent's): spawned straight from this harness (several hundred MB after the PEFT cases), every
+# command's ru_maxrss read as the harness's size (564 MB for a 0.25 s generate).
+_SPAWN = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as fh:
+    json.dump({"wall_s": wall, "status": status, "maxrss_kb": ru.ru_maxrss, "minflt": ru.ru_minflt,
+               "majflt": ru.ru_majflt, "utime": ru.ru_utime, "stime": ru.ru_stime}, fh)
+"""
+
+
 def run_command(cmd: list[str], *, env: dict | None = None, timeout: float = 3600) -> dict:
-    """Wall time and peak RSS (ru_maxrss of exactly this child) of a command."""
+    """Wall time, peak RSS and faults of a command, measured around it by a small spawning
+    process (``_SPAWN``: ``python -S``, ~10 MB, whose own size is what the command's
+    ``ru_maxrss`` may include at most)."""
+    import signal
     import tempfile
 
     fo, fe = tempfile.TemporaryFile(), tempfile.TemporaryFile()   # no pipe to fill up and block
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=_env(env))
-    deadline = t0 + timeout
-    while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            p.kill()
-            pid, status, ru = os.wait4(p.pid, 0)
-            break
-        time.sleep(0.002)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)   # reaped by wait4: tell Popen
-    fo.seek(0)
-    fe.seek(0)
-    out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
-    return {"wall_s": wall, "peak_rss": ru.ru_maxrss * 1024, "rc": os.waitstatus_to_exitcode(status),
-            "minor_faults": ru.ru_minflt, "major_faults": ru.ru_majflt, "cpu_s": ru.ru_utime + ru.ru_stime,
-            "sys_s": ru.ru_stime,
+    fd, stats = tempfile.mkstemp(prefix="loramix-bench-", suffix=".json")
+    os.close(fd)
+    try:
+        p = subprocess.Popen([sys.executable, "-S", "-c", _SPAWN, stats, *cmd], stdout=fo, stderr=fe,
+                             env=_env(env), start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        try:
+            with open(stats) as fh:
+                r = json.load(fh)
+        except (OSError, ValueError):
+            r = {"wall_s": float("nan"), "status": 9, "maxrss_kb": 0, "minflt": 0, "majflt": 0,
+                 "utime": 0.0, "stime": 0.0}
+    finally:
+        os.unlink(stats)
+    with fo, fe:
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
+    return {"wall_s": r["wall_s"], "peak_rss": r["maxrss_kb"] * 1024, "rc": os.waitstatus_to_exitcode(r["status"]),
+            "minor_faults": r["minflt"], "major_faults": r["majflt"], "cpu_s": r["utime"] + r["stime"],
+            "sys_s": r["stime"],
             "stdout": out[-2000:], "stderr": err[-2000:]}
