@@ -23,7 +23,8 @@
 //    read with one pread per chunk of the output (its span of that chunk, into the staging
 //    area, then converted or multiplied from L2): the file is never mapped, so its pages do not
 //    enter the process (bounded memory without MADV_DONTNEED), and each source's chunk is read
-//    once per call whatever Q. A short read (file truncated) throws OsError.
+//    once per call whatever Q. A short read (file truncated) throws OsError. A call that reads
+//    under 4 MB from files runs on one thread (two were slower there: the preads contend).
 //  - Paths: Q < 4 (or sources used by fewer than half the rows): per row, fused widen+FMA over
 //    groups of up to 4 sources. Q >= 4: sources used by at least half the rows (zero weights
 //    kept; a chunk of such a source holding NaN/inf leaves the panel and is added per row to the
