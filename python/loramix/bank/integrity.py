@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -53,11 +54,31 @@ def path_problem(bank_path, value, what: str, *, links_out: bool = False, real_r
         return f"{what} {value!r} is not a relative path inside the bank (absolute paths and '..' are refused)"
     if links_out:
         return None
-    root = Path(real_root or os.path.realpath(bank_path))
+    root_s = real_root or os.path.realpath(bank_path)
+    if _no_link_below(root_s, p.parts):   # the common case, without realpath's walk from /
+        return None
+    root = Path(root_s)
     real = Path(os.path.realpath(root / p))
     if real != root and root not in real.parents:
         return f"{what} {value!r} resolves to {real}, outside the bank (a symbolic link out of it)"
     return None
+
+
+def _no_link_below(real_root: str, parts) -> bool:
+    """Whether no component of ``real_root/parts...`` below the (already resolved) root is a
+    symbolic link, so that the path stays inside the root (``parts`` hold no ``..``). A missing
+    component counts as no link: realpath resolves it in place too."""
+    cur = real_root
+    for part in parts:
+        cur = os.path.join(cur, part)
+        try:
+            if stat.S_ISLNK(os.lstat(cur).st_mode):
+                return False
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+    return True
 
 
 def duplicate_names(members) -> list[str]:
