@@ -257,6 +257,8 @@ def exact_factors(bank, W, name, holders, infos, mode) -> dict[int, tuple[np.nda
         return cache[i]
 
     out = {}
+    read: set = set()   # members whose factors were read (their pages are released at the end)
+    last = max((q for q in range(W.shape[0]) if name in infos[q].ranks), default=-1)
     for q in range(W.shape[0]):
         if name not in infos[q].ranks:
             continue
@@ -266,15 +268,26 @@ def exact_factors(bank, W, name, holders, infos, mode) -> dict[int, tuple[np.nda
             b = np.concatenate([factors(i)[1] * np.float32(W[q, i] * bank.members[i].modules[name].scaling)
                                 for i in j], axis=1)
         else:
-            a64 = np.concatenate([factors(i)[0].astype(np.float64) for i in j], axis=0)
-            b64 = np.concatenate([factors(i)[1].astype(np.float64) * (W[q, i] * bank.members[i].modules[name].scaling)
-                                  for i in j], axis=1)
+            # stacked in place (no list of float64 copies next to the stack: half the peak)
+            ranks = [factors(i)[0].shape[0] for i in j]
+            a64 = np.empty((sum(ranks), factors(j[0])[0].shape[1]))
+            b64 = np.empty((factors(j[0])[1].shape[0], sum(ranks)))
+            o = 0
+            for i, r in zip(j, ranks):
+                a64[o:o + r] = factors(i)[0]
+                np.multiply(factors(i)[1], float(W[q, i] * bank.members[i].modules[name].scaling), out=b64[:, o:o + r],
+                            dtype=np.float64)   # in float64, as astype(float64) * s
+                o += r
+            if q == last:     # the members' float32 copies are not needed by any later target
+                read.update(cache.keys())
+                cache.clear()
             b, a = truncated_factors(b64, a64, infos[q].ranks[name])
         out[q] = (b, a)
     from loramix.core import tensors
 
-    tensors.release_pages([bank.members[i].file.tensor(bank.members[i].modules[name].a_key) for i in cache] +
-                          [bank.members[i].file.tensor(bank.members[i].modules[name].b_key) for i in cache])
+    read.update(cache.keys())
+    tensors.release_pages([bank.members[i].file.tensor(bank.members[i].modules[name].a_key) for i in read] +
+                          [bank.members[i].file.tensor(bank.members[i].modules[name].b_key) for i in read])
     return out
 
 
