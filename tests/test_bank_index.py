@@ -250,3 +250,23 @@ def test_damaged_js_index_is_never_followed(w, bank_copy, damage, match, caplog)
             assert b._index is None and b.prepared("js", EPS) is None
     assert re.search(match, " ".join(r.getMessage() for r in caplog.records))
     _same_bank(b, Bank.open(w.bank))
+
+
+def test_a_bank_too_large_for_a_stored_js_index_gets_none_and_still_works(w, tmp_path, monkeypatch, caplog):
+    from loramix.bank.bank import build_bank
+    from loramix.core.divergence import EPS
+
+    import shutil
+
+    bank = tmp_path / "b"
+    shutil.copytree(w.bank, bank)
+    (bank / bank_index.INDEX_NAME).unlink()
+    monkeypatch.setattr(bank_index, "JS_INDEX_MAX_ENTRIES", 10)
+    with caplog.at_level(logging.INFO, logger="loramix.bank"):
+        build_bank(bank, w.tokenizer)
+    assert "no stored js index" in caplog.text
+    idx = bank_index.read(bank / bank_index.INDEX_NAME)
+    assert "js_index" not in idx.meta and not any(k.startswith("js_") for k in idx.arrays)
+    b = Bank.open(bank)
+    assert b._index is not None and b.prepared("js", EPS) is None
+    _same_bank(b, Bank.open(w.bank))

@@ -129,9 +129,13 @@ def write(bank_dir, doc: dict, members: list[dict], profiles) -> Path:
         "prof_indices": np.asarray(profiles.indices, dtype=np.int64),
         "prof_data": np.asarray(profiles.data, dtype=np.float64),
     }
-    if members:
+    nnz = len(profiles.indices)
+    if members and nnz <= JS_INDEX_MAX_ENTRIES:
         js, meta["js_index"] = js_index(profiles)
         arrays.update({"js_" + k: v for k, v in js.items()})
+    elif members:
+        _log.info("bank %s: %d profile entries: no stored js index (over %d; generate prepares the "
+                  "bank per call)", bank_dir, nnz, JS_INDEX_MAX_ENTRIES)
     spec, off = {}, 0
     for name, a in arrays.items():
         spec[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": off}
@@ -152,6 +156,9 @@ def write(bank_dir, doc: dict, members: list[dict], profiles) -> Path:
 
 #: tiles of a stored js index: a fixed count, so that its layout does not depend on the threads
 JS_TILES = 8
+#: above this many profile entries (~20 bytes each in the file, twice that while exporting: a bank of
+#: ~20,000 members of 5,000 distinct tokens) the js index is not stored
+JS_INDEX_MAX_ENTRIES = 100_000_000
 
 
 def js_index(profiles) -> tuple[dict, dict]:
