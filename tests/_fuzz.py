@@ -345,14 +345,14 @@ def json_line(draw):
     return data, draw(st.integers(1, 13)), draw(st.integers(0, 8))
 
 
-def _same(a, b) -> bool:
+def same_json(a, b) -> bool:
     """Equal values of the same types (NaN equal to NaN, dict keys in the same order)."""
     if isinstance(a, float) and isinstance(b, float):
         return a == b or (math.isnan(a) and math.isnan(b))
     if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and list(a) == list(b) and all(same_json(a[k], b[k]) for k in a)
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_json, a, b))
     return type(a) is type(b) and a == b
 
 
@@ -381,7 +381,7 @@ def check_json_line(item, dirpath: Path) -> str:
         assert (got is not None) == want_ok, (data, got, want)
         if got is None:
             return "refused"
-        assert all(_same(g, w) for g, w in zip(got, want, strict=True)), (data, got, want)
+        assert all(same_json(g, w) for g, w in zip(got, want, strict=True)), (data, got, want)
         # the lazy path: the text fields alone, long strings left in the file and decoded again
         lazy = [r for b in readers._iter_file(f, 10, ("input", "output"), lazy=True) for r in b]
         for r, w in zip(lazy, want, strict=True):
@@ -530,7 +530,7 @@ def check_json_document(item, dirpath: Path) -> str:
         assert (got is None) == (want is None), (data, got, want)
         if got is None:
             return "refused"
-        assert len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want)), (data, got, want)
+        assert len(got) == len(want) and all(same_json(g, w) for g, w in zip(got, want)), (data, got, want)
         lazy = [r for b in readers._iter_file(f, 10, ("input", "output"), lazy=True) for r in b]
         for r, w in zip(lazy, want, strict=True):
             assert list(r) == list(w)

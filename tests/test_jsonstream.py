@@ -8,11 +8,11 @@ oracle is ``json.loads`` on the line as text mode reads it.
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import pytest
 
+from _fuzz import same_json
 from loramix.data import jsonstream as js
 from loramix.data import readers
 
@@ -41,17 +41,6 @@ def write(path, text: str):
     return path
 
 
-def same(a, b) -> bool:
-    """Equal, NaN equal to NaN."""
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
-    return type(a) is type(b) and a == b
-
-
 RECORDS = [
     {"input": ESCAPES * 3, "output": ["first " + ESCAPES, "second"], "id": 7},
     {"output": "é" * 40, "input": "\U0001F600" * 30, "nums": [0, -1, 2.5, 1e300, -0.0, 12345678901234567890],
@@ -72,7 +61,7 @@ def test_records_equal_json_loads(tmp_path, stream, block, ascii_only):
     got = [r for b in readers.iter_records(f) for r in b]
     want = lines_of(f)
     assert want[2]["dup"] == [2] and len(got) == len(RECORDS)
-    assert all(same(g, w) for g, w in zip(got, want, strict=True))
+    assert all(same_json(g, w) for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("block", [1, 4, 6, 12])

@@ -593,36 +593,37 @@ std::string serialize_header(const std::vector<WriterEntry>& entries, const Meta
   return out + j;
 }
 
-void pwrite_all(int fd, const void* buf, std::size_t len, uint64_t off, const std::string& path) {
-  const char* p = static_cast<const char*>(buf);
+namespace {
+
+// All `len` bytes at `off` through `io` (pread or pwrite), retrying on EINTR and on short
+// transfers; OsError naming the file otherwise.
+template <class Ptr, class Io>
+void full_io(Io io, Ptr p, std::size_t len, uint64_t off, const std::string& path, const char* verb,
+             const char* short_what) {
   while (len) {
-    const ssize_t w = ::pwrite(fd, p, std::min<std::size_t>(len, 1u << 30), static_cast<off_t>(off));
-    if (w < 0) {
+    const ssize_t n = io(p, std::min<std::size_t>(len, 1u << 30), static_cast<off_t>(off));
+    if (n < 0) {
       if (errno == EINTR) continue;
       const int e = errno;
-      throw OsError(e, path, "cannot write '" + path + "': " + std::strerror(e));
+      throw OsError(e, path, std::string("cannot ") + verb + " '" + path + "': " + std::strerror(e));
     }
-    if (w == 0) throw OsError(EIO, path, "cannot write '" + path + "': short write");
-    p += w;
-    len -= static_cast<std::size_t>(w);
-    off += static_cast<uint64_t>(w);
+    if (n == 0) throw OsError(EIO, path, std::string("cannot ") + verb + " '" + path + "': " + short_what);
+    p += n;
+    len -= static_cast<std::size_t>(n);
+    off += static_cast<uint64_t>(n);
   }
 }
 
+}  // namespace
+
+void pwrite_all(int fd, const void* buf, std::size_t len, uint64_t off, const std::string& path) {
+  full_io([fd](const char* p, std::size_t n, off_t o) { return ::pwrite(fd, p, n, o); },
+          static_cast<const char*>(buf), len, off, path, "write", "short write");
+}
+
 void pread_all(int fd, void* buf, std::size_t len, uint64_t off, const std::string& path) {
-  char* p = static_cast<char*>(buf);
-  while (len) {
-    const ssize_t r = ::pread(fd, p, std::min<std::size_t>(len, 1u << 30), static_cast<off_t>(off));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      const int e = errno;
-      throw OsError(e, path, "cannot read '" + path + "': " + std::strerror(e));
-    }
-    if (r == 0) throw OsError(EIO, path, "cannot read '" + path + "': short read (file truncated?)");
-    p += r;
-    len -= static_cast<std::size_t>(r);
-    off += static_cast<uint64_t>(r);
-  }
+  full_io([fd](char* p, std::size_t n, off_t o) { return ::pread(fd, p, n, o); }, static_cast<char*>(buf), len,
+          off, path, "read", "short read (file truncated?)");
 }
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<WriterEntry> entries,

@@ -196,7 +196,7 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
                                       progress=progress)
             # the compiled metrics take the core's CSR: no scipy import on their path
             qm, bm = prof.stack_against(queries, bank, core=all(x in CORE_METRICS for x in metrics))
-        Ds[m] = wts.bank_distances(qm, bank, bm, m) if m in CORE_METRICS else wts.distances(qm, bm, m)
+        Ds[m] = wts.bank_distances(qm, bank, bm, m)
     D = Ds[metrics[0]]
     per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
     if per_dataset and len(exclude) != len(items):

@@ -175,8 +175,8 @@ class PreparedHistograms:
         """A bank over a stored js index (:meth:`export_js_index`'s arrays, e.g. mapped from a
         file: borrowed, not copied, and kept alive with the result). It answers ``js`` only, with
         the kernels of ``isa`` active, bit for bit as the bank it was exported from; any offset or
-        row number out of place raises ValueError before the first use. Raises ValueError too when
-        ``isa`` is not the active one (see :func:`stored_js_usable`)."""
+        row number out of place raises ValueError before the first use. Queries raise ValueError
+        while another ISA is active (``loramix.bank.index`` checks that before using one)."""
         self = cls.__new__(cls)
         self.eps = _check_eps(eps)
         rows, cols = int(shape[0]), int(shape[1])

@@ -248,16 +248,17 @@ def exact_factors(bank, W, name, holders, infos, mode) -> dict[int, tuple[np.nda
     """``{q: (B, A)}`` of module ``name`` for the targets that hold it (``concat`` or ``svd``),
     computed without writing; each member's factors are read once for all targets."""
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    read: set[int] = set()   # members whose factors were read: their pages are released at the end
 
     def factors(i):
         if i not in cache:
+            read.add(i)
             m = bank.members[i]
             ms = m.modules[name]
             cache[i] = (m.file.to_f32(ms.a_key), m.file.to_f32(ms.b_key))
         return cache[i]
 
     out = {}
-    read: set = set()   # members whose factors were read (their pages are released at the end)
     last = max((q for q in range(W.shape[0]) if name in infos[q].ranks), default=-1)
     for q in range(W.shape[0]):
         if name not in infos[q].ranks:
@@ -279,13 +280,11 @@ def exact_factors(bank, W, name, holders, infos, mode) -> dict[int, tuple[np.nda
                             dtype=np.float64)   # in float64, as astype(float64) * s
                 o += r
             if q == last:     # the members' float32 copies are not needed by any later target
-                read.update(cache.keys())
                 cache.clear()
             b, a = truncated_factors(b64, a64, infos[q].ranks[name])
         out[q] = (b, a)
     from loramix.core import tensors
 
-    read.update(cache.keys())
     tensors.release_pages([bank.members[i].file.tensor(bank.members[i].modules[name].a_key) for i in read] +
                           [bank.members[i].file.tensor(bank.members[i].modules[name].b_key) for i in read])
     return out

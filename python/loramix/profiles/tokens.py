@@ -11,6 +11,7 @@ is not tokenized twice.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -194,12 +195,8 @@ def build_profile(dataset, tokenizer, *, fields: Iterable[str] = ds.DEFAULT_FIEL
     """Tokenize ``dataset`` (a path) with ``tokenizer`` (a path) into a :class:`Profile`."""
     fields = tuple(fields)
     tok = load_tokenizer(tokenizer)
-    plans = []   # the cut plan, made at the first long example only (see chunks.encoded_ids)
-
-    def plan():
-        if not plans:
-            plans.append(_cached(tokenizer, "cut_plan", chunks.cut_plan))
-        return plans[0]
+    # the cut plan, made at the first long example only (see chunks.encoded_ids), kept per file
+    plan = functools.partial(_cached, tokenizer, "cut_plan", chunks.cut_plan)
     vocab = int(tok.get_vocab_size(with_added_tokens=True))
     acc = np.zeros(vocab, dtype=np.int64)
     n = 0

@@ -19,7 +19,7 @@ import numpy as np
 
 from loramix.weights.cosine import cosine_distances
 from loramix.core.divergence import METRICS as CORE_METRICS
-from loramix.weights.metrics import bank_distances, distances
+from loramix.weights.metrics import bank_distances
 from loramix.weights.pipelines import register_metric, standardize
 
 #: the two halves of ``hybrid``
@@ -51,9 +51,8 @@ def _token_distances(datasets, bank, *, fields, split, cache, metric="js") -> np
     from loramix.profiles import tokens as prof
 
     queries = [prof.query_profile(d, bank, fields=fields, split=split, cache=cache) for d in datasets]
-    if metric not in CORE_METRICS:
-        return distances(*prof.stack_against(queries, bank), metric)
-    qm, bm = prof.stack_against(queries, bank, core=True)
+    # the compiled metrics take the core's CSR (no scipy import); others a scipy matrix
+    qm, bm = prof.stack_against(queries, bank, core=metric in CORE_METRICS)
     return bank_distances(qm, bank, bm, metric)
 
 

@@ -83,10 +83,10 @@ register_metric("mmd", mmd_distance)
 
 
 def bank_distances(query, bank, bank_profiles, metric: str = "js", **kw) -> np.ndarray:
-    """:func:`distances` of ``query`` against a bank: through the bank's stored prepared index
-    when it holds one for ``metric`` (``bank.prepared``, js at the default eps) as wide as
-    ``query`` -- the same values bit for bit, without preparing the bank on every call -- else
-    against ``bank_profiles``."""
+    """:func:`distances` of ``query`` against a bank, for any histogram metric: through the bank's
+    stored prepared index when it holds one for ``metric`` (``bank.prepared``, js at the default
+    eps) as wide as ``query`` -- the same values bit for bit, without preparing the bank on every
+    call -- else against ``bank_profiles``."""
     prep = getattr(bank, "prepared", None)
     if prep is not None and kw.get("eps", EPS) == EPS:
         stored = prep(metric, EPS)
