@@ -109,6 +109,39 @@ def test_weighted_sum_dense_large_q(isa, tmp_path, rng):
     _check_wsum(weighted_sum(bank.sources, W, "BF16"), W, bank.X, "BF16")
 
 
+@pytest.mark.parametrize("q", [4, 16, 37])
+def test_panel_rows_equal_single_row_calls(isa, tmp_path, rng, q):
+    """The contract's chain of terms: a row of the Q >= 4 GEMM panel path is bit for bit the
+    single-row (fused axpy) call with that row's weights, whatever the panel's blocking (sources
+    staged as read, Kc at a time, widened a slab of columns at a time). Covered here: several
+    chunks and slabs per chunk, several Kc blocks, sources read by pread (BF16/F16/F32 files) and
+    from memory, and NaN/inf sources with zero weights in some rows (they leave the panel and are
+    added in their place) near block boundaries; 1 and 2 threads."""
+    n, k = 70_003, 70
+    bank = Bank(tmp_path, rng, n, k, ["BF16", "F16", "F32"], offset=1)
+    srcs = list(bank.sources)
+    for j in (3, 31, 32, 33, 64):   # poisoned sources around the Kc blocks' edges
+        x = (rng.standard_normal(n) * 4).astype(np.float32)
+        x[rng.integers(0, n, 7)] = np.nan
+        x[rng.integers(0, n, 3)] = np.inf
+        srcs[j] = x
+    W = rng.standard_normal((q, k)).astype(np.float32)
+    W[rng.random((q, k)) < 0.2] = 0.0
+    W[0, [3, 31, 32, 33, 64]] = 0.0     # row 0 excludes every poisoned source: stays finite
+    # every source used by at least half the rows, so that all of them take the panel (a source
+    # used by fewer rows is added after the panel's, by the contract)
+    for j in range(k):
+        zeros = np.flatnonzero(W[1:, j] == 0) + 1
+        W[zeros[: max(0, len(zeros) - (q // 2 - 1))], j] = 1.0 + j
+    for threads in (1, 2):
+        for out_dtype in ("F32", "BF16"):
+            got = weighted_sum(srcs, W, out_dtype, threads=threads)
+            assert np.all(np.isfinite(got[0])) if out_dtype == "F32" else True
+            for r in range(q):
+                one = weighted_sum(srcs, W[r], out_dtype, threads=threads)
+                np.testing.assert_array_equal(got[r].view(np.uint8), one.view(np.uint8), err_msg=f"row {r}")
+
+
 def test_weighted_sum_threads_deterministic(isa, tmp_path, rng):
     bank = Bank(tmp_path, rng, 100_003, 9, ["BF16", "F32"])
     W = rng.standard_normal((5, 9))

@@ -16,9 +16,11 @@
 //    order. The chain does not depend on the chunk width, the thread count or how a source is
 //    read (memory or pread), so outputs are the same bytes for a given ISA and path. A panel
 //    source's chunk holding NaN/inf is added by axpy in its place in that chain.
-//  - Memory: besides the outputs, per thread Q x C accumulators + Kc x C panel floats + a
-//    staging area of 8 sources x C elements (C <= 32768 for Q = 1, else ~min(16384, 262144/Q),
-//    at least 4 tiles; Kc ~65536/C), whatever K and P: nothing of size K x P is ever allocated.
+//  - Memory: besides the outputs, per thread Q x C accumulators + a staging area of 8 sources
+//    x C elements + (Q >= 4) the panel's stage of Kc sources x C elements as read (~1 MB) and
+//    its widened slab of Kc x S floats (~24 KB) (C <= 32768 for Q = 1, else ~min(16384,
+//    262144/Q), at least 4 tiles; Kc = 8..64, ~1 MB / (C x the widest source dtype's size)),
+//    whatever K and P: nothing of size K x P is ever allocated.
 //  - Reading: a source in memory (fd < 0) is read in place. A source in a file (fd >= 0) is
 //    read with one pread per chunk of the output (its span of that chunk, into the staging
 //    area, then converted or multiplied from L2): the file is never mapped, so its pages do not
@@ -28,9 +30,12 @@
 //  - Paths: Q < 4 (or sources used by fewer than half the rows): per row, fused widen+FMA over
 //    groups of up to 4 sources. Q >= 4: sources used by at least half the rows (zero weights
 //    kept; a chunk of such a source holding NaN/inf leaves the panel and is added per row to the
-//    rows that use it, so a zero weight still adds nothing) are widened into an f32 panel of
-//    Kc sources x C elements (in L2) and a register-blocked micro-kernel (AVX-512: 8 rows x 48
-//    columns, AVX2: 4 x 24) runs W(Q x Kc) @ panel.
+//    rows that use it, so a zero weight still adds nothing) are staged as read, Kc sources x C
+//    elements (in L2), and widened a slab of S columns at a time into an f32 panel (in L1) on
+//    which a register-blocked micro-kernel (AVX-512: 8 rows x 48 columns, AVX2: 4 x 24) runs
+//    W(Q x Kc) @ panel; the accumulators are loaded and stored once per Kc sources. A row of
+//    this path is bit for bit the single-row call with its weights when every source is used
+//    by at least half the rows.
 //  - gram: G[i][j] = <T_i, T_j>; f32 products summed in f32 partial sums of at most 64
 //    products each (then at most a 4-level f32 reduction over SIMD lanes), partials added in
 //    f64 (per thread; threads' totals then summed in a fixed order: results are deterministic
