@@ -224,3 +224,12 @@ def test_svd_gram_path_refuses_rank_deficient_stacks_and_auto_falls_back(rng):
     np.testing.assert_allclose(bb @ aa, (u[:, :2] * s[:2]) @ vt[:2], rtol=0, atol=1e-12 * s[0])
     with pytest.raises(mix.MixError, match="unknown svd method"):
         mix.truncated_factors(b3, a3, 2, "eig")
+    # the taller side (B, tried first) ill-conditioned, A well-conditioned: the Gram path takes
+    # the A side, with B's Gram (scaled in place by the first try) computed again
+    b4 = rng.standard_normal((80, 10))
+    b4[:, 1] = b4[:, 0] + 1e-7 * rng.standard_normal(80)
+    a4 = rng.standard_normal((10, 60))
+    u, s, vt = np.linalg.svd(b4 @ a4)
+    got = mix._gram_factors(b4, a4, 3)
+    assert got is not None
+    np.testing.assert_allclose(got[0] @ got[1], (u[:, :3] * s[:3]) @ vt[:3], rtol=0, atol=1e-10 * s[0])

@@ -428,31 +428,48 @@ def _gram_factors(b_stack, a_stack, r):
         if rows < R:
             continue
         x = b_stack.T if side == "b" else a_stack          # R × rows
-        g = grams.get(side)
+        g = grams.pop(side, None)
         if g is None:
-            g = grams[side] = x @ x.T
+            g = x @ x.T
         # equilibrated first: members enter with very different weights, a column scaling the
         # Cholesky factor absorbs exactly; what is left measures the conditioning
         dg = np.sqrt(np.diag(g))
         if not np.all(dg > 0):
+            grams[side] = g                                 # may serve the other side
             continue
+        # R × R temporaries are scaled in place and dropped as soon as used (two workers' svd
+        # of all 64 laptop members held ~60 MB each above their stacks; now ~25 MB). A Gram
+        # scaled here is recomputed if the other side needs it (a stack that fails below).
+        g /= dg[:, None]
+        g /= dg[None, :]
         try:
-            c = np.linalg.cholesky(g / dg[:, None] / dg[None, :])
+            c = np.linalg.cholesky(g)
         except np.linalg.LinAlgError:
             continue
+        del g
         d = np.abs(np.diag(c))
         if d.min() <= 0 or (d.max() / d.min()) ** 2 * eps > _GRAM_MAX_ERR:
             continue
-        L = dg[:, None] * c
+        c *= dg[:, None]
+        L = c
         other = "a" if side == "b" else "b"
         y = a_stack if side == "b" else b_stack.T           # R × (other rows)
-        go = grams.get(other)
+        go = grams.pop(other, None)
         if go is None:
-            go = grams[other] = y @ y.T
-        m = L.T @ go @ L
-        m = (m + m.T) * 0.5
+            go = y @ y.T
+        t = L.T @ go
+        del go
+        m = t @ L
+        del t
+        mt = m + m.T
+        del m
+        mt *= 0.5
+        m = mt
+        del mt
         if r < R and eigh is not None:
-            _, u = eigh(m, subset_by_index=[R - r, R - 1], check_finite=False)
+            # m is exactly symmetric, so m.T (Fortran order) is the same matrix that LAPACK
+            # can overwrite without a copy
+            _, u = eigh(m.T, subset_by_index=[R - r, R - 1], check_finite=False, overwrite_a=True)
         else:
             _, u = np.linalg.eigh(m)
             u = u[:, R - r:]
