@@ -166,7 +166,14 @@ void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t
     const std::size_t per_thread = (n + static_cast<std::size_t>(threads) - 1) / static_cast<std::size_t>(threads);
     C = std::min<std::size_t>(32768, std::max(4 * tile, round_up(per_thread, tile)));
   } else {
-    C = std::min<std::size_t>(16384, std::max(4 * tile, 262144 / Q / tile * tile));
+    // Equal chunks, a multiple of the thread count while there are few of them, up to 1/8
+    // over the accumulator budget: 65,536 elements at Q = 16 were 4 chunks of 16,368 and one
+    // of 64 (its own 502 preads), 16,384 were one chunk and 16 elements (one thread busy).
+    const std::size_t cap = std::min<std::size_t>(16384, std::max(4 * tile, 262144 / Q / tile * tile));
+    const std::size_t nt = static_cast<std::size_t>(std::max(threads, 1));
+    std::size_t nc = std::max<std::size_t>(1, (n + cap + cap / 8 - 1) / (cap + cap / 8));
+    if (nc < 4 * nt) nc = round_up(nc, nt);
+    C = std::max(4 * tile, (n + nc - 1) / nc);
   }
   C = round_up(C, tile);
   // Panel sources are staged as read (bf16 stays 2 bytes), Kc of them per block, in a stage of

@@ -18,8 +18,9 @@
 //    source's chunk holding NaN/inf is added by axpy in its place in that chain.
 //  - Memory: besides the outputs, per thread Q x C accumulators + a staging area of 8 sources
 //    x C elements + (Q >= 4) the panel's stage of Kc sources x C elements as read (~1 MB) and
-//    its widened slab of Kc x S floats (~24 KB) (C <= 32768 for Q = 1, else ~min(16384,
-//    262144/Q), at least 4 tiles; Kc = 8..64, ~1 MB / (C x the widest source dtype's size)),
+//    its widened slab of Kc x S floats (~24 KB) (C <= 32768 for Q = 1, else equal chunks of
+//    at most ~1.125 x min(16384, 262144/Q), at least 4 tiles; Kc = 8..64, ~1 MB / (C x the
+//    widest source dtype's size)),
 //    whatever K and P: nothing of size K x P is ever allocated.
 //  - Reading: a source in memory (fd < 0) is read in place. A source in a file (fd >= 0) is
 //    read with one pread per chunk of the output (its span of that chunk, into the staging
