@@ -154,7 +154,11 @@ void gemm_tile(float* acc, std::size_t lda, const float* panel, std::size_t ldp,
   __m256 a[QB][3];
   for (int r = 0; r < QB; ++r)
     for (int v = 0; v < 3; ++v) a[r][v] = _mm256_loadu_ps(acc + r * lda + 8 * v);
-  for (std::size_t k = 0; k < kc; ++k) {
+  // kc >= 1 (gemm is never called without sources): a do-while keeps the accumulators in
+  // registers; a for loop made the compiler route them through the stack for kc = 0, and the
+  // tile ran at ~0.6 of its speed (129 vs 186 GFLOP per CPU-second, kc = 32, AVX-512)
+  std::size_t k = 0;
+  do {
     const float* p = panel + k * ldp;
     const __m256 p0 = _mm256_loadu_ps(p), p1 = _mm256_loadu_ps(p + 8), p2 = _mm256_loadu_ps(p + 16);
     const float* w = wp + k * Q;
@@ -164,7 +168,7 @@ void gemm_tile(float* acc, std::size_t lda, const float* panel, std::size_t ldp,
       a[r][1] = _mm256_fmadd_ps(wr, p1, a[r][1]);
       a[r][2] = _mm256_fmadd_ps(wr, p2, a[r][2]);
     }
-  }
+  } while (++k < kc);
   for (int r = 0; r < QB; ++r)
     for (int v = 0; v < 3; ++v) _mm256_storeu_ps(acc + r * lda + 8 * v, a[r][v]);
 }

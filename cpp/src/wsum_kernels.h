@@ -19,7 +19,7 @@ struct WsumKernels {
   void (*to_f32)(const void* src, DType dt, std::size_t n, float* out);
   void (*from_f32)(const float* in, std::size_t n, void* out, DType dt);
   // acc[q*lda + c] += sum_{k<kc} wp[k*Q + q] * panel[k*ldp + c], q < Q, c < ncols (a
-  // multiple of tile).
+  // multiple of tile), kc >= 1.
   void (*gemm)(float* acc, std::size_t lda, const float* panel, std::size_t ldp, const float* wp,
                std::size_t Q, std::size_t kc, std::size_t ncols);
   // G[i*ldg + j] += sum_{c<ncols} panel[i][c] * panel[j][c] for j <= i < K; K a multiple of
