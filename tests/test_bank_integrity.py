@@ -213,3 +213,19 @@ def test_provenance_records_the_hash_of_every_member_mixed(w, tmp_path):
     for name in used:
         f = bank.members[bank.index(name)].path / "adapter_model.safetensors"
         assert prov["members_sha256"][name] == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_a_nonfinite_output_in_a_batch_finished_in_threads_is_never_written(w, bank, tmp_path, monkeypatch):
+    """Outputs are finished side by side (threads): one output with a NaN fails the whole batch,
+    naming that output; nothing is written, not even the other, finite outputs."""
+    doc = _doc(bank)
+    for m in doc["members"]:
+        m.pop("weights_sig", None)
+    _write_doc(bank, doc)
+    _set_value(bank / "m0" / "adapter_model.safetensors", "lora_A", (0, 0), np.nan)
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", "2")
+    out = tmp_path / "out"
+    qs = [w.queries["animals_q"], w.queries["music_q"]]
+    with pytest.raises(OutputError, match="music_q: tensor .* non-finite value"):
+        generate(qs, bank, out, exclude=[["m0"], []])
+    _no_output(tmp_path, out)

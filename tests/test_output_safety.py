@@ -532,3 +532,62 @@ def test_the_nonfinite_check_of_an_output_releases_each_tensor_it_read(w, tmp_pa
     t[k].reshape(-1)[5] = np.nan
     save_file(t, str(tmp_path / "bad.safetensors"))
     assert guard.nonfinite_tensor(tmp_path / "bad.safetensors") == (k, 5)
+
+
+# ---------------------------------------------------------------- 5. outputs finished side by side
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_a_batch_finished_in_threads_is_sealed_as_seal_writes_it(w, tmp_path, monkeypatch, threads):
+    """The Q outputs are committed, hashed and finished in threads, the provenance sealed in its
+    first write: the same bytes as one thread, and as ``seal`` on the unsealed document; the
+    checksums are the files'."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.mixing.output import PROVENANCE_NAME, seal
+
+    qs = [w.queries["animals_q"], w.queries["music_q"], w.queries["animals_q"]]
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", "1")
+    ref = generate(qs, w.bank, tmp_path / "ref", top_k=3)
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", threads)
+    res = generate(qs, w.bank, tmp_path / "out", top_k=3)
+    assert len({r.out.name for r in res}) == 3
+    for a, b in zip(ref, res):
+        assert _tree(a.out) == _tree(b.out)
+        prov = json.loads((b.out / PROVENANCE_NAME).read_text())
+        assert prov["batch"]["weights_sha256"] == file_sha256(b.out / "adapter_model.safetensors")
+        assert prov["batch"]["config_sha256"] == file_sha256(b.out / "adapter_config.json")
+        stage = tmp_path / f"stage-{b.out.name}"
+        shutil.copytree(b.out, stage)
+        batch = prov.pop("batch")
+        (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
+        assert seal(stage, batch["target_key"], batch["split"]) == batch["weights_sha256"]
+        assert (stage / PROVENANCE_NAME).read_bytes() == (b.out / PROVENANCE_NAME).read_bytes()
+
+
+def test_commit_all_commits_every_writer_and_raises_the_first_error(tmp_path):
+    """Concurrent commits with checksums: each file's SHA-256 is its bytes'; a writer that cannot
+    commit (a tensor not written) raises once every commit has returned, the others committed."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.core import tensors
+    from loramix.mixing.modes import MixInfo, commit_all
+
+    def writer(i, complete=True):
+        wr = tensors.SafetensorsWriter(tmp_path / f"{i}.safetensors", [("a", "F32", (3, 5)), ("b", "F32", (4,))])
+        wr.write("a", np.full((3, 5), i, np.float32))
+        if complete:
+            wr.write("b", np.arange(4, dtype=np.float32) * i)
+        return wr
+
+    ws = [writer(i) for i in range(5)]
+    infos = [MixInfo() for _ in ws]
+    commit_all(ws, infos)
+    assert [inf.sha256 for inf in infos] == [file_sha256(tmp_path / f"{i}.safetensors") for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.safetensors" for i in range(5)]
+    ws = [writer(i) for i in range(10, 14)]
+    ws[1] = writer(11, complete=False)
+    ws[2] = writer(12, complete=False)
+    with pytest.raises(ValueError, match=r"cannot commit .*11\.safetensors.*not written"):
+        commit_all(ws, [MixInfo() for _ in ws])
+    assert (tmp_path / "10.safetensors").is_file() and (tmp_path / "13.safetensors").is_file()
+    for wr in ws:
+        wr.abort()
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]

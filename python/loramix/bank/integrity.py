@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest",
+__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest", "stream_digest",
            "changed_problem", "verify", "SIG_EDGE"]
 
 #: Bytes at each end of the data section that the quick signature covers.
@@ -30,10 +30,17 @@ SIG_EDGE = 1 << 12
 
 def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
     """Hex digest of a file's bytes with a ``hashlib`` algorithm, read in chunks."""
-    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(chunk), b""):
-            h.update(b)
+        return stream_digest(fh, algorithm, chunk)
+
+
+def stream_digest(fh, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of what is left to read in the binary file ``fh``, read into one reused buffer
+    of ``chunk`` bytes (hashlib releases the GIL on it: threads hash files side by side)."""
+    h = hashlib.new(algorithm)
+    buf = memoryview(bytearray(chunk))
+    while n := fh.readinto(buf):
+        h.update(buf[:n])
     return h.hexdigest()
 
 

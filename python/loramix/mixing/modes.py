@@ -67,6 +67,8 @@ class MixInfo:
 
     ranks: dict[str, int] = field(default_factory=dict)
     members: list[int] = field(default_factory=list)
+    #: SHA-256 of the written safetensors file (:func:`mix_to_files` with ``digest``), else "".
+    sha256: str = ""
 
 
 def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInfo]:
@@ -127,11 +129,12 @@ def check_rank(bank, W, mode: str, rank: int | None) -> None:
 
 def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = None,
                  dtype: str | None = None, metadata: dict | None = None,
-                 progress: bool = False, threads: int | None = None) -> list[MixInfo]:
+                 progress: bool = False, threads: int | None = None, digest: bool = False) -> list[MixInfo]:
     """Mix the bank with weights ``W`` (Q, N) into Q safetensors files at ``paths``.
 
     Each file is written by the core's :class:`SafetensorsWriter` (temp file, atomic rename);
-    on any error every writer is aborted and nothing is left at ``paths``.
+    on any error every writer is aborted and nothing is left at ``paths``. ``digest``: also
+    the SHA-256 of each file, into ``MixInfo.sha256`` (taken while the files are committed).
     """
     from loramix.core import tensors
 
@@ -157,8 +160,7 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
                 _mix_factors(bank, W, name, holders, infos, writers, threads)
             else:
                 mix_exact(bank, W, name, holders, infos, writers, mode)
-        for w in writers:
-            w.commit()
+        commit_all(writers, infos if digest else None)
     except BaseException:
         for w in writers:
             try:
@@ -167,6 +169,37 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
                 pass
         raise
     return infos
+
+
+def commit_all(writers, infos=None) -> None:
+    """Commit every writer (fsync, rename into place), the Q commits in concurrent threads (the
+    core releases the GIL): Q outputs wait about one fsync, not Q in a row. With ``infos``, each
+    file's SHA-256 goes into ``infos[q].sha256``, hashed while the commits run (hashlib releases
+    the GIL too) from a descriptor opened on the finished temporary file before its commit renames
+    it. The first error (in writer order) is raised once every commit has returned."""
+    if len(writers) == 1 and infos is None:
+        writers[0].commit()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loramix.bank.integrity import stream_digest
+    from loramix.core import default_threads
+
+    fhs = []
+    try:
+        if infos is not None:
+            fhs = [open(w.temp_path, "rb") for w in writers]
+        with ThreadPoolExecutor(max_workers=min(len(writers), 16)) as commits, \
+                ThreadPoolExecutor(max_workers=max(1, min(len(fhs), default_threads()))) as hashes:
+            done = [commits.submit(w.commit) for w in writers]
+            sums = [hashes.submit(stream_digest, fh, "sha256", 1 << 20) for fh in fhs]
+            for f in done:
+                f.result()
+            for info, f in zip(infos or (), sums):
+                info.sha256 = f.result()
+    finally:
+        for fh in fhs:
+            fh.close()
 
 
 def entries_for(bank, info: MixInfo, out_dtype: str, modules: dict) -> list[tuple]:

@@ -176,8 +176,10 @@ def weights_metadata(bank: Bank, mode: str) -> dict:
 
 
 def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
-                 extra: dict) -> GenerateResult:
-    """Write config, provenance and card of one output into its stage folder (weights are there)."""
+                 extra: dict, *, key: str | None = None, split: str | None = None) -> GenerateResult:
+    """Write config, provenance and card of one output into its stage folder (weights are there).
+    ``key``: the provenance is sealed in the same write (what :func:`seal` adds, the same bytes),
+    with the weights' SHA-256 from ``info.sha256`` when the mix took it."""
     bad = guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
     if bad:
         raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
@@ -196,8 +198,11 @@ def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dty
                          metric=extra.get("metric"), dataset=extra.get("dataset"),
                          distances=extra.get("distances"))
     prov = _provenance(res, bank, dtype_name, extra)
+    card = _card(prov)
+    if key is not None:
+        prov["batch"] = _batch(stage, key, split, getattr(info, "sha256", "") or None)
     (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
-    (stage / "README.md").write_text(_card(prov))
+    (stage / "README.md").write_text(card)
     return res
 
 
@@ -318,15 +323,20 @@ def is_complete(out, key: str) -> bool:
         return False
 
 
+def _batch(stage: Path, key: str, split: str, weights_sha256: str | None = None) -> dict:
+    """The provenance's ``batch`` entry: the key and the checksums of the staged weights and config."""
+    return {"target_key": key, "split": split,
+            "weights_sha256": weights_sha256 or file_sha256(stage / peft_io.WEIGHTS_NAME),
+            "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
+
+
 def seal(stage: Path, key: str, split: str) -> str:
     """Add the key and the checksums of weights and config to the staged provenance."""
     p = stage / PROVENANCE_NAME
     prov = json.loads(p.read_text())
-    sha = file_sha256(stage / peft_io.WEIGHTS_NAME)
-    prov["batch"] = {"target_key": key, "split": split, "weights_sha256": sha,
-                     "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
+    prov["batch"] = _batch(stage, key, split)
     p.write_text(json.dumps(prov, indent=1) + "\n")
-    return sha
+    return prov["batch"]["weights_sha256"]
 
 
 def resumable(out) -> bool:
