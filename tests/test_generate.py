@@ -324,3 +324,65 @@ def test_bank_pull_api_with_explicit_dataset(w, tmp_path, monkeypatch):
     assert recs[0]["dataset"] == "Lots-of-LoRAs/task001_food_generation"
     assert (tmp_path / "bank" / "Mistral-tiny-r4-task000" / "dataset" / "data" /
             "train-00000-of-00001.parquet").is_file()
+
+
+def test_member_files_opened_ahead_while_profiling(w, tmp_path):
+    """Without top_k the members' files are opened in a background thread while the datasets are
+    profiled: the same adapter as with the thread stopped at once, the thread gone when generate
+    returns; a file that fails there (changed after the bank was opened) fails in the mix, naming it."""
+    import threading
+
+    from loramix import pipeline
+
+    def ahead_alive():
+        return [t for t in threading.enumerate() if t.name == "loramix-open-ahead"]
+
+    ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
+    bank = Bank.open(w.bank)
+    res = generate(w.queries["animals_q"], bank, tmp_path / "out")
+    assert not ahead_alive()
+    assert all(m._file is not None for m in bank.members)
+    assert (res.out / "adapter_model.safetensors").read_bytes() == (ref.out / "adapter_model.safetensors").read_bytes()
+
+    copy = tmp_path / "bank"
+    shutil.copytree(w.bank, copy)
+    bank = Bank.open(copy)
+    (copy / "m2" / "adapter_model.safetensors").write_bytes(b"garbage" * 40)
+    out = tmp_path / "broken"
+    with pytest.raises(ValueError, match=r"m2/adapter_model\.safetensors"):
+        generate(w.queries["animals_q"], bank, out)
+    assert not ahead_alive()
+    _no_output(tmp_path, out)
+
+    class Member:   # the thread stops at the first file that fails, and at stop()
+        def __init__(self, i, seen):
+            self.i, self.seen = i, seen
+
+        @property
+        def file(self):
+            self.seen.append(self.i)
+            if self.i == 1:
+                raise ValueError("broken")
+            return self.i
+
+    seen = []
+    ahead = pipeline._OpenAhead([Member(i, seen) for i in range(4)])
+    ahead._thread.join(10)
+    assert seen == [0, 1] and not ahead_alive()
+    ahead.stop()
+    seen = []
+    entered, gate = threading.Event(), threading.Event()
+
+    class Slow(Member):
+        @property
+        def file(self):
+            self.seen.append(self.i)
+            entered.set()
+            gate.wait(10)
+            return self.i
+
+    ahead = pipeline._OpenAhead([Slow(i, seen) for i in range(4)])
+    assert entered.wait(10)
+    threading.Timer(0.05, gate.set).start()
+    ahead.stop()   # returns once the file being opened is done; no other is started
+    assert seen == [0] and not ahead_alive()
