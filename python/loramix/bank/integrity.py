@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest", "stream_digest",
+           "safetensors_sha256_finite",
            "changed_problem", "verify", "SIG_EDGE"]
 
 #: Bytes at each end of the data section that the quick signature covers.
@@ -110,6 +111,35 @@ def first_nonfinite(a: np.ndarray, dtype: str) -> int | None:
     if not bad.any():
         return None
     return int(np.flatnonzero(bad)[0])
+
+
+#: per safetensors dtype: the unsigned view of its bits and its exponent mask (all ones: inf or NaN)
+_EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
+
+
+def safetensors_sha256_finite(fh, dtype: str, chunk: int = 1 << 20) -> tuple[str, bool | None]:
+    """``(SHA-256, finite)`` of the safetensors file open in ``fh`` (at its start) whose tensors
+    are all of ``dtype``, in one read: ``finite`` is whether no value of its data is inf or NaN
+    (its exponent bits all ones), None where that was not decided (another dtype, a data size
+    that is not whole values): then check it tensor by tensor (:func:`first_nonfinite`)."""
+    h = hashlib.sha256()
+    head = fh.read(8)
+    h.update(head)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = fh.read(n) if 0 <= n <= 100_000_000 else b""
+    h.update(header)
+    view, mask = _EXPONENT.get(dtype, (None, 0))
+    finite: bool | None = True if view is not None and len(header) == n else None
+    size = np.dtype(view).itemsize if view is not None else 1
+    buf = memoryview(bytearray(chunk - chunk % size))
+    while k := fh.readinto(buf):
+        h.update(buf[:k])
+        if finite:
+            if k % size:
+                finite = None
+            elif (np.frombuffer(buf[:k], view) & view(mask)).max() == mask:
+                finite = False
+    return h.hexdigest(), finite
 
 
 def nonfinite_problem(spec, sf) -> str | None:

@@ -69,6 +69,8 @@ class MixInfo:
     members: list[int] = field(default_factory=list)
     #: SHA-256 of the written safetensors file (:func:`mix_to_files` with ``digest``), else "".
     sha256: str = ""
+    #: with ``digest``: whether every value written is finite (None: not known, check the file)
+    finite: bool | None = None
 
 
 def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInfo]:
@@ -160,7 +162,7 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
                 _mix_factors(bank, W, name, holders, infos, writers, threads)
             else:
                 mix_exact(bank, W, name, holders, infos, writers, mode)
-        commit_all(writers, infos if digest else None)
+        commit_all(writers, infos if digest else None, out_dtype)
     except BaseException:
         for w in writers:
             try:
@@ -171,18 +173,20 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     return infos
 
 
-def commit_all(writers, infos=None) -> None:
+def commit_all(writers, infos=None, dtype: str | None = None) -> None:
     """Commit every writer (fsync, rename into place), the Q commits in concurrent threads (the
     core releases the GIL): Q outputs wait about one fsync, not Q in a row. With ``infos``, each
-    file's SHA-256 goes into ``infos[q].sha256``, hashed while the commits run (hashlib releases
-    the GIL too) from a descriptor opened on the finished temporary file before its commit renames
-    it. The first error (in writer order) is raised once every commit has returned."""
+    file's SHA-256 goes into ``infos[q].sha256``, hashed while the commits run (hashlib and numpy
+    release the GIL too) from a descriptor opened on the finished temporary file before its commit
+    renames it, and with ``dtype`` (every tensor's) whether all its values are finite, from the same
+    read, into ``infos[q].finite``. The first error (in writer order) is raised once every commit
+    has returned."""
     if len(writers) == 1 and infos is None:
         writers[0].commit()
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    from loramix.bank.integrity import stream_digest
+    from loramix.bank.integrity import safetensors_sha256_finite
     from loramix.core import default_threads
 
     fhs = []
@@ -192,11 +196,11 @@ def commit_all(writers, infos=None) -> None:
         with ThreadPoolExecutor(max_workers=min(len(writers), 16)) as commits, \
                 ThreadPoolExecutor(max_workers=max(1, min(len(fhs), default_threads()))) as hashes:
             done = [commits.submit(w.commit) for w in writers]
-            sums = [hashes.submit(stream_digest, fh, "sha256", 1 << 20) for fh in fhs]
+            sums = [hashes.submit(safetensors_sha256_finite, fh, dtype) for fh in fhs]
             for f in done:
                 f.result()
             for info, f in zip(infos or (), sums):
-                info.sha256 = f.result()
+                info.sha256, info.finite = f.result()
     finally:
         for fh in fhs:
             fh.close()

@@ -179,8 +179,9 @@ def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dty
                  extra: dict, *, key: str | None = None, split: str | None = None) -> GenerateResult:
     """Write config, provenance and card of one output into its stage folder (weights are there).
     ``key``: the provenance is sealed in the same write (what :func:`seal` adds, the same bytes),
-    with the weights' SHA-256 from ``info.sha256`` when the mix took it."""
-    bad = guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
+    with the weights' SHA-256 from ``info.sha256`` when the mix took it. The weights are checked
+    for NaN/inf here unless the mix found them all finite (``info.finite``) as it hashed them."""
+    bad = None if getattr(info, "finite", None) is True else guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
     if bad:
         raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
                           "a member used holds NaN/inf (rebuild the bank to find it) or the sum overflows; "
