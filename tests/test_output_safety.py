@@ -591,3 +591,49 @@ def test_commit_all_commits_every_writer_and_raises_the_first_error(tmp_path):
     for wr in ws:
         wr.abort()
     assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
+
+
+def test_outputs_hashed_behind_the_writer_module_by_module(tmp_path):
+    """HashBehind follows writers that write module by module in file order: its checksums are
+    the finished files' and its NaN/inf verdicts the files' own; commit_all takes them (or hashes
+    afresh an output it could not follow), and close() stops it mid-way."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.core import tensors
+    from loramix.mixing.digests import HashBehind
+    from loramix.mixing.modes import MixInfo, commit_all
+
+    mods = ["m0", "m1", "m2"]
+    rng = np.random.default_rng(0)
+
+    def entries(q):   # output 1 lacks m1; output 2 is F32
+        dt = "F32" if q == 2 else "BF16"
+        return [(f"{m}.{ab}", dt, (3 + i, 40 + q)) for i, m in enumerate(mods) if not (q == 1 and m == "m1")
+                for ab in "AB"]
+
+    ents = [entries(q) for q in range(3)]
+    ws = [tensors.SafetensorsWriter(tmp_path / f"{q}.safetensors", ents[q], {"q": str(q)}) for q in range(3)]
+    behind = HashBehind([w.temp_path for w in ws], ents, lambda k: k.split(".")[0], chunk=64)
+    for m in mods:
+        for q, w in enumerate(ws):
+            for key, _, shape in ents[q]:
+                if key.startswith(m + "."):
+                    x = rng.standard_normal(shape).astype(np.float32)
+                    if q == 0 and key == "m2.B":
+                        x[-1, -1] = np.inf
+                    w.write(key, x)
+        behind.written(m)
+    known = behind.finish()
+    known[1] = None   # not followed: hashed afresh
+    infos = [MixInfo() for _ in ws]
+    commit_all(ws, infos, "BF16", known)
+    for q in range(3):
+        assert infos[q].sha256 == file_sha256(tmp_path / f"{q}.safetensors")
+    # output 0 holds an inf; 1 was hashed afresh as BF16; 2 is F32 (HashBehind knows its dtype)
+    assert [i.finite for i in infos] == [False, True, True]
+
+    w = tensors.SafetensorsWriter(tmp_path / "x.safetensors", ents[0])
+    behind = HashBehind([w.temp_path], [ents[0]], lambda k: k.split(".")[0])
+    behind.written("m0")
+    behind.close()
+    w.abort()
+    assert not (tmp_path / "x.safetensors").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest", "stream_digest",
-           "safetensors_sha256_finite",
+           "safetensors_sha256_finite", "SafetensorsDigest", "read_safetensors_header",
            "changed_problem", "verify", "SIG_EDGE"]
 
 #: Bytes at each end of the data section that the quick signature covers.
@@ -117,29 +117,49 @@ def first_nonfinite(a: np.ndarray, dtype: str) -> int | None:
 _EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
 
 
-def safetensors_sha256_finite(fh, dtype: str, chunk: int = 1 << 20) -> tuple[str, bool | None]:
-    """``(SHA-256, finite)`` of the safetensors file open in ``fh`` (at its start) whose tensors
-    are all of ``dtype``, in one read: ``finite`` is whether no value of its data is inf or NaN
-    (its exponent bits all ones), None where that was not decided (another dtype, a data size
-    that is not whole values): then check it tensor by tensor (:func:`first_nonfinite`)."""
-    h = hashlib.sha256()
+class SafetensorsDigest:
+    """SHA-256 of a safetensors file fed in order (its ``header``: the 8 length bytes and the JSON
+    header, then :meth:`update` with the data), and whether no value of its data is inf or NaN
+    (every tensor of ``dtype``; a value is inf or NaN iff its exponent bits are all ones).
+    ``finite`` is None where that is not decided (another dtype, data fed in pieces that split a
+    value): then check it tensor by tensor (:func:`first_nonfinite`)."""
+
+    def __init__(self, header: bytes, dtype: str | None) -> None:
+        self._h = hashlib.sha256(header)
+        self._view, self._mask = _EXPONENT.get(dtype, (None, 0))
+        self._size = np.dtype(self._view).itemsize if self._view is not None else 1
+        self.finite: bool | None = True if self._view is not None else None
+
+    def update(self, data) -> None:
+        self._h.update(data)
+        if self.finite:
+            if len(data) % self._size:
+                self.finite = None
+            elif (np.frombuffer(data, self._view) & self._view(self._mask)).max(initial=0) == self._mask:
+                self.finite = False
+
+    def result(self) -> tuple[str, bool | None]:
+        return self._h.hexdigest(), self.finite
+
+
+def read_safetensors_header(fh) -> tuple[bytes, bool]:
+    """The first bytes of the safetensors file ``fh``: its 8 length bytes and its JSON header,
+    and whether they were whole (a shorter file gives what there was)."""
     head = fh.read(8)
-    h.update(head)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
     header = fh.read(n) if 0 <= n <= 100_000_000 else b""
-    h.update(header)
-    view, mask = _EXPONENT.get(dtype, (None, 0))
-    finite: bool | None = True if view is not None and len(header) == n else None
-    size = np.dtype(view).itemsize if view is not None else 1
-    buf = memoryview(bytearray(chunk - chunk % size))
+    return head + header, len(header) == n
+
+
+def safetensors_sha256_finite(fh, dtype: str, chunk: int = 1 << 20) -> tuple[str, bool | None]:
+    """``(SHA-256, finite)`` of the safetensors file open in ``fh`` (at its start) whose tensors
+    are all of ``dtype``, in one read (:class:`SafetensorsDigest`)."""
+    header, whole = read_safetensors_header(fh)
+    d = SafetensorsDigest(header, dtype if whole else None)
+    buf = memoryview(bytearray(chunk - chunk % 4))
     while k := fh.readinto(buf):
-        h.update(buf[:k])
-        if finite:
-            if k % size:
-                finite = None
-            elif (np.frombuffer(buf[:k], view) & view(mask)).max() == mask:
-                finite = False
-    return h.hexdigest(), finite
+        d.update(buf[:k])
+    return d.result()
 
 
 def nonfinite_problem(spec, sf) -> str | None:

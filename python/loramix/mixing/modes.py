@@ -146,24 +146,35 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     out_dtype = normalize_dtype(dtype, bank.dtype)
     infos = plan(bank, W, mode, rank)
     modules = bank.module_index()
-    writers = []
+    writers, behind = [], None
     try:
+        entries = [entries_for(bank, infos[q], out_dtype, modules) for q in range(len(paths))]
         for q, path in enumerate(paths):
             md = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-            writers.append(tensors.SafetensorsWriter(str(path), entries_for(bank, infos[q], out_dtype, modules), md))
+            writers.append(tensors.SafetensorsWriter(str(path), entries[q], md))
         items = list(modules.items())
         if progress:
             from tqdm import tqdm
             items = tqdm(items, desc=f"mix ({mode})", unit="module", file=sys.stderr, leave=False)
         if mode == "svd":
             _mix_exact_parallel(bank, W, items, infos, writers, mode, threads)
+        elif digest:   # the outputs are hashed behind the mix, module by module
+            from loramix.mixing.digests import HashBehind
+
+            key_module = {peft_io.tensor_key(n, ab): n for n in modules for ab in "AB"}
+            behind = HashBehind([w.temp_path for w in writers], entries, key_module.get)
         for name, holders in (items if mode != "svd" else ()):
             if mode == "factors":
                 _mix_factors(bank, W, name, holders, infos, writers, threads)
             else:
                 mix_exact(bank, W, name, holders, infos, writers, mode)
-        commit_all(writers, infos if digest else None, out_dtype)
+            if behind is not None:
+                behind.written(name)
+        known, behind = (behind.finish() if behind is not None else None), None
+        commit_all(writers, infos if digest else None, out_dtype, known)
     except BaseException:
+        if behind is not None:
+            behind.close()
         for w in writers:
             try:
                 w.abort()
@@ -173,14 +184,15 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     return infos
 
 
-def commit_all(writers, infos=None, dtype: str | None = None) -> None:
+def commit_all(writers, infos=None, dtype: str | None = None, known=None) -> None:
     """Commit every writer (fsync, rename into place), the Q commits in concurrent threads (the
     core releases the GIL): Q outputs wait about one fsync, not Q in a row. With ``infos``, each
     file's SHA-256 goes into ``infos[q].sha256``, hashed while the commits run (hashlib and numpy
     release the GIL too) from a descriptor opened on the finished temporary file before its commit
     renames it, and with ``dtype`` (every tensor's) whether all its values are finite, from the same
-    read, into ``infos[q].finite``. The first error (in writer order) is raised once every commit
-    has returned."""
+    read, into ``infos[q].finite``; ``known[q]``: output q's ``(sha256, finite)`` already taken
+    (:class:`loramix.mixing.digests.HashBehind`), or None. The first error (in writer order) is
+    raised once every commit has returned."""
     if len(writers) == 1 and infos is None:
         writers[0].commit()
         return
@@ -191,19 +203,22 @@ def commit_all(writers, infos=None, dtype: str | None = None) -> None:
 
     fhs = []
     try:
+        known = list(known or [None] * len(writers))
         if infos is not None:
-            fhs = [open(w.temp_path, "rb") for w in writers]
+            fhs = [open(w.temp_path, "rb") if known[q] is None else None for q, w in enumerate(writers)]
+        todo = [fh for fh in fhs if fh is not None]
         with ThreadPoolExecutor(max_workers=min(len(writers), 16)) as commits, \
-                ThreadPoolExecutor(max_workers=max(1, min(len(fhs), default_threads()))) as hashes:
+                ThreadPoolExecutor(max_workers=max(1, min(len(todo), default_threads()))) as hashes:
             done = [commits.submit(w.commit) for w in writers]
-            sums = [hashes.submit(safetensors_sha256_finite, fh, dtype) for fh in fhs]
+            sums = [hashes.submit(safetensors_sha256_finite, fh, dtype) if fh is not None else None for fh in fhs]
             for f in done:
                 f.result()
-            for info, f in zip(infos or (), sums):
-                info.sha256, info.finite = f.result()
+            for q, (info, f) in enumerate(zip(infos or (), sums)):
+                info.sha256, info.finite = f.result() if f is not None else known[q]
     finally:
         for fh in fhs:
-            fh.close()
+            if fh is not None:
+                fh.close()
 
 
 def entries_for(bank, info: MixInfo, out_dtype: str, modules: dict) -> list[tuple]:
