@@ -631,7 +631,15 @@ def test_outputs_hashed_behind_the_writer_module_by_module(tmp_path):
     # output 0 holds an inf; 1 was hashed afresh as BF16; 2 is F32 (HashBehind knows its dtype)
     assert [i.finite for i in infos] == [False, True, True]
 
+    from loramix.mixing.digests import _start_writeback
+
+    start = _start_writeback()   # what is hashed is handed to the disk (Linux), without waiting
+    assert start is not None if sys.platform.startswith("linux") else start is None
     w = tensors.SafetensorsWriter(tmp_path / "x.safetensors", ents[0])
+    if start is not None:
+        fd = os.open(w.temp_path, os.O_RDONLY)
+        assert start(fd, 0, 64) == 0
+        os.close(fd)
     behind = HashBehind([w.temp_path], [ents[0]], lambda k: k.split(".")[0])
     behind.written("m0")
     behind.close()

@@ -6,16 +6,37 @@ written, every output's bytes up to that module's end are final, and the thread 
 them (SHA-256, and the NaN/inf test of :class:`loramix.bank.integrity.SafetensorsDigest`) while
 the mix goes on with the next module (reads, hashlib and numpy release the GIL). What is left
 after the last module is little, so the outputs' checksums no longer cost a pass of their own at
-the end of a call (16 outputs: 300 MB of SHA-256, ~0.2 s on 2 cores).
+the end of a call (16 outputs: 300 MB of SHA-256, ~0.2 s on 2 cores). Each range read is also
+handed to the disk (``sync_file_range(WRITE)`` where Linux has it: it starts the write-back and
+does not wait), so the writer's fsync before its rename finds little left to write (16 outputs:
+130-150 ms of fsyncs at the end, even side by side). Durability is unchanged: the writer still
+fsyncs, and a write-back error still reaches its fsync.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 from loramix.bank.integrity import SafetensorsDigest, read_safetensors_header
 
 _ITEM = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def _start_writeback():
+    """``f(fd, offset, nbytes)`` that starts writing a file range back to disk without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return lambda fd, off, n: fn(fd, off, n, 2)   # SYNC_FILE_RANGE_WRITE; a hint: errors ignored
 
 
 class HashBehind:
@@ -52,6 +73,7 @@ class HashBehind:
             self._close_fds()
             raise
         self._chunk = chunk
+        self._writeback = _start_writeback()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = self._final = False
@@ -102,12 +124,15 @@ class HashBehind:
                 return
 
     def _catch_up(self, q: int, fd: int, upto: int, buf) -> None:
+        start = self._pos[q]
         while self._pos[q] < upto and not self._stop:
             k = os.preadv(fd, [buf[:min(len(buf), upto - self._pos[q])]], self._pos[q])
             if k <= 0:
                 raise OSError(f"unexpected end of file at {self._pos[q]}")
             self._digests[q].update(buf[:k])
             self._pos[q] += k
+        if self._writeback is not None and self._pos[q] > start:
+            self._writeback(fd, start, self._pos[q] - start)
 
     def _close_fds(self) -> None:
         for fd in self._fds:
