@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -328,14 +329,15 @@ def test_bank_pull_api_with_explicit_dataset(w, tmp_path, monkeypatch):
 
 def test_member_files_opened_ahead_while_profiling(w, tmp_path):
     """Without top_k the members' files are opened in a background thread while the datasets are
-    profiled: the same adapter as with the thread stopped at once, the thread gone when generate
-    returns; a file that fails there (changed after the bank was opened) fails in the mix, naming it."""
+    profiled (after the version and the stored js index): the same adapter, the thread gone when
+    generate returns; a file that fails there (changed after the bank was opened) fails in the mix,
+    naming it."""
     import threading
 
     from loramix import pipeline
 
     def ahead_alive():
-        return [t for t in threading.enumerate() if t.name == "loramix-open-ahead"]
+        return [t for t in threading.enumerate() if t.name == "loramix-ahead"]
 
     ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
     bank = Bank.open(w.bank)
@@ -366,7 +368,7 @@ def test_member_files_opened_ahead_while_profiling(w, tmp_path):
             return self.i
 
     seen = []
-    ahead = pipeline._OpenAhead([Member(i, seen) for i in range(4)])
+    ahead = pipeline._Ahead([lambda m=Member(i, seen): m.file for i in range(4)])
     ahead._thread.join(10)
     assert seen == [0, 1] and not ahead_alive()
     ahead.stop()
@@ -381,8 +383,25 @@ def test_member_files_opened_ahead_while_profiling(w, tmp_path):
             gate.wait(10)
             return self.i
 
-    ahead = pipeline._OpenAhead([Slow(i, seen) for i in range(4)])
+    ahead = pipeline._Ahead([lambda m=Slow(i, seen): m.file for i in range(4)])
     assert entered.wait(10)
     threading.Timer(0.05, gate.set).start()
     ahead.stop()   # returns once the file being opened is done; no other is started
     assert seen == [0] and not ahead_alive()
+
+
+def test_the_version_is_looked_up_when_needed_and_ahead_of_the_mix(w, tmp_path):
+    """``import loramix`` does not load importlib.metadata (~15 ms); generate looks the version up
+    in its background thread, and the outputs record the same version as ``loramix.__version__``."""
+    import loramix
+    from loramix.version import version
+
+    env = dict(os.environ, PYTHONPATH=str(_tiny.PKG_PARENT))
+    r = subprocess.run([sys.executable, "-c", "import sys, loramix, loramix.cli, loramix.pipeline; "
+                        "print('importlib.metadata' in sys.modules)"], capture_output=True, text=True, env=env)
+    assert r.stdout.strip() == "False", r.stderr
+    version.cache_clear()
+    res = generate(w.queries["animals_q"], w.bank, tmp_path / "o", top_k=2)
+    assert version.cache_info().currsize == 1
+    prov = json.loads((res.out / "loramix.json").read_text())
+    assert prov["loramix_version"] == loramix.__version__ == version()

@@ -22,7 +22,7 @@ from loramix.bank.baseref import is_hub_id, resolve_base_model
 from loramix.core.files import make_stage_dir
 from loramix.mixing import guard
 from loramix.bank.bank import Bank, file_sha256
-from loramix.version import __version__
+from loramix.version import version
 from loramix import weights as wts
 
 PROVENANCE_NAME = "loramix.json"
@@ -172,7 +172,7 @@ def weight_matrix(bank: Bank, weights, outs):
 
 def weights_metadata(bank: Bank, mode: str) -> dict:
     """``__metadata__`` of a generated adapter_model.safetensors (after ``format``)."""
-    return {"loramix_version": __version__, "loramix_mode": mode, "loramix_bank_hash": bank.hash}
+    return {"loramix_version": version(), "loramix_mode": mode, "loramix_bank_hash": bank.hash}
 
 
 def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
@@ -211,7 +211,7 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
     d = res.to_dict()
     d.pop("out")
     d.update({
-        "loramix_version": __version__, "dtype": dtype, "bank": str(bank.path),
+        "loramix_version": version(), "dtype": dtype, "bank": str(bank.path),
         "bank_hash": bank.hash, "base_model": extra.get("base_model"), "bank_base_model": bank.base_model,
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
@@ -309,7 +309,7 @@ def content_key(header: list, weights) -> str:
 
 def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
     """What one output is a function of, hashed: the bank, its weight row and the settings."""
-    return content_key([bank_hash, mode, rank, dtype, __version__], w_row)
+    return content_key([bank_hash, mode, rank, dtype, version()], w_row)
 
 
 def is_complete(out, key: str) -> bool:
