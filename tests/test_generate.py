@@ -405,3 +405,32 @@ def test_the_version_is_looked_up_when_needed_and_ahead_of_the_mix(w, tmp_path):
     assert version.cache_info().currsize == 1
     prov = json.loads((res.out / "loramix.json").read_text())
     assert prov["loramix_version"] == loramix.__version__ == version()
+
+
+def test_factors_inputs_gathered_ahead_fail_at_their_module(w, tmp_path, monkeypatch):
+    """The next module's core inputs are gathered by a helper thread while the core mixes: an
+    error there is raised at that module's turn (the modules before it mixed, none after), and
+    nothing is written; with a progress bar the mix is the same."""
+    from loramix.mixing import modes as mix
+
+    ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
+    real, seen, mixed = mix.factors_inputs, [], []
+    real_run = mix._run_factors_jobs
+
+    def failing(bank, W, name, *a, **k):
+        seen.append(name)
+        if len(seen) == 3:
+            raise RuntimeError(f"disk error at {name}")
+        return real(bank, W, name, *a, **k)
+
+    monkeypatch.setattr(mix, "factors_inputs", failing)
+    monkeypatch.setattr(mix, "_run_factors_jobs", lambda name, *a: mixed.append(name) or real_run(name, *a))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError) as e:
+        generate(w.queries["animals_q"], w.bank, out)
+    assert str(e.value) == f"disk error at {seen[2]}" and len(seen) == 3
+    assert mixed == seen[:2]
+    _no_output(tmp_path, out)
+    monkeypatch.setattr(mix, "factors_inputs", real)
+    res = generate(w.queries["animals_q"], w.bank, tmp_path / "bar", progress=True)
+    assert (res.out / "adapter_model.safetensors").read_bytes() == (ref.out / "adapter_model.safetensors").read_bytes()

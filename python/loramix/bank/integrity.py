@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest", "stream_digest",
-           "safetensors_sha256_finite", "SafetensorsDigest", "read_safetensors_header",
+__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256",
+           "file_digest", "stream_digest", "safetensors_sha256_finite", "SafetensorsDigest", "read_safetensors_header",
            "changed_problem", "verify", "SIG_EDGE"]
 
 #: Bytes at each end of the data section that the quick signature covers.

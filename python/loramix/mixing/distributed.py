@@ -316,7 +316,8 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
 
 
 def _factors_rows(bank, W, name, holders, infos, writers, spec):
-    """``mix._mix_factors`` for all targets of the batch, in memory; owned rows are written."""
+    """``mix._factors_jobs`` + ``mix._run_factors_jobs`` for all targets of the batch, in memory;
+    owned rows are written."""
     from loramix.core import tensors
 
     groups: dict[int, list[int]] = {}
