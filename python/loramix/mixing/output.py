@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +137,8 @@ def swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     if out.exists():
+        import uuid   # only here (no atomic exchange): not on every start
+
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         try:
