@@ -645,3 +645,21 @@ def test_outputs_hashed_behind_the_writer_module_by_module(tmp_path):
     behind.close()
     w.abort()
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_outputs_are_hashed_after_the_mix_when_they_cannot_be_followed(w, tmp_path, monkeypatch):
+    """HashBehind cannot start (e.g. out of file descriptors): the mix goes on and the outputs are
+    hashed and checked after it; the same bytes and checksums."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.mixing import digests
+
+    ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
+
+    def no_fds(*a, **k):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(digests, "HashBehind", no_fds)
+    res = generate(w.queries["animals_q"], w.bank, tmp_path / "out")
+    assert _tree(res.out) == _tree(ref.out)
+    prov = json.loads((res.out / "loramix.json").read_text())
+    assert prov["batch"]["weights_sha256"] == file_sha256(res.out / "adapter_model.safetensors")
