@@ -213,3 +213,55 @@ def test_provenance_records_the_hash_of_every_member_mixed(w, tmp_path):
     for name in used:
         f = bank.members[bank.index(name)].path / "adapter_model.safetensors"
         assert prov["members_sha256"][name] == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_a_nonfinite_output_in_a_batch_finished_in_threads_is_never_written(w, bank, tmp_path, monkeypatch):
+    """Outputs are finished side by side (threads): one output with a NaN fails the whole batch,
+    naming that output; nothing is written, not even the other, finite outputs."""
+    doc = _doc(bank)
+    for m in doc["members"]:
+        m.pop("weights_sig", None)
+    _write_doc(bank, doc)
+    _set_value(bank / "m0" / "adapter_model.safetensors", "lora_A", (0, 0), np.nan)
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", "2")
+    out = tmp_path / "out"
+    qs = [w.queries["animals_q"], w.queries["music_q"]]
+    with pytest.raises(OutputError, match="music_q: tensor .* non-finite value"):
+        generate(qs, bank, out, exclude=[["m0"], []])
+    _no_output(tmp_path, out)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_hash_and_finite_check_in_one_read_agree_with_the_separate_ones(tmp_path, dtype):
+    """The output's SHA-256 and its NaN/inf check from one read: the same digest as
+    file_sha256, and not finite exactly when first_nonfinite finds a value in some tensor (every
+    position class: first, inside, last value of the file; chunks that split no value)."""
+    from loramix.core import tensors
+
+    rng = np.random.default_rng(3)
+    shapes = [(3, 5), (7,), (64, 33), (1,)]
+    for case in range(12):
+        vals = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        bad = case % 4   # 0: all finite; 1: first value; 2: inside; 3: the file's last value
+        if bad:
+            i = {1: 0, 2: 2, 3: 3}[bad]
+            vals[i].reshape(-1)[0 if bad == 1 else -1] = [np.nan, np.inf, -np.inf][case % 3]
+        name = "x" * (case % 7)   # header lengths of every parity
+        path = tmp_path / f"{case}.safetensors"
+        with tensors.SafetensorsWriter(path, [(f"t{j}{name}", dtype, s) for j, s in enumerate(shapes)],
+                                       {"k": "v" * case}) as wr:
+            for j, v in enumerate(vals):
+                wr.write(f"t{j}{name}", v)
+        f = tensors.SafetensorsFile(path)
+        expect = all(integrity.first_nonfinite(f.numpy(k), dtype) is None for k in f.keys())
+        for chunk in (8, 64, 1 << 20):
+            with open(path, "rb") as fh:
+                sha, finite = integrity.safetensors_sha256_finite(fh, dtype, chunk)
+            assert sha == integrity.file_sha256(path)
+            assert finite is expect and expect is (bad == 0)
+        with open(path, "rb") as fh:   # another dtype than the file's: not decided
+            assert integrity.safetensors_sha256_finite(fh, "I8")[1] is None
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x10\x00\x00")
+    with open(path, "rb") as fh:
+        assert integrity.safetensors_sha256_finite(fh, "BF16") == (integrity.file_sha256(path), None)

@@ -238,6 +238,7 @@ def test_failed_batch_then_rerun_skips_complete(w, queries, client, tmp_path, tm
     out.mkdir()
     foreign = make_stage_dir(out, "q3")   # another live process writing q3: not this batch's to remove
     (foreign / "theirs.bin").write_bytes(b"x")
+    client.wait_for_workers(2, timeout=WAIT)   # a worker killed by a previous case is back: it gets the hook too
     client.run(_install_fail, "q3")
     try:
         with pytest.raises(RuntimeError, match="injected failure for q3"):

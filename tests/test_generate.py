@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -324,3 +325,112 @@ def test_bank_pull_api_with_explicit_dataset(w, tmp_path, monkeypatch):
     assert recs[0]["dataset"] == "Lots-of-LoRAs/task001_food_generation"
     assert (tmp_path / "bank" / "Mistral-tiny-r4-task000" / "dataset" / "data" /
             "train-00000-of-00001.parquet").is_file()
+
+
+def test_member_files_opened_ahead_while_profiling(w, tmp_path):
+    """Without top_k the members' files are opened in a background thread while the datasets are
+    profiled (after the version and the stored js index): the same adapter, the thread gone when
+    generate returns; a file that fails there (changed after the bank was opened) fails in the mix,
+    naming it."""
+    import threading
+
+    from loramix import pipeline
+
+    def ahead_alive():
+        return [t for t in threading.enumerate() if t.name == "loramix-ahead"]
+
+    ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
+    bank = Bank.open(w.bank)
+    res = generate(w.queries["animals_q"], bank, tmp_path / "out")
+    assert not ahead_alive()
+    assert all(m._file is not None for m in bank.members)
+    assert (res.out / "adapter_model.safetensors").read_bytes() == (ref.out / "adapter_model.safetensors").read_bytes()
+
+    copy = tmp_path / "bank"
+    shutil.copytree(w.bank, copy)
+    bank = Bank.open(copy)
+    (copy / "m2" / "adapter_model.safetensors").write_bytes(b"garbage" * 40)
+    out = tmp_path / "broken"
+    with pytest.raises(ValueError, match=r"m2/adapter_model\.safetensors"):
+        generate(w.queries["animals_q"], bank, out)
+    assert not ahead_alive()
+    _no_output(tmp_path, out)
+
+    class Member:   # the thread stops at the first file that fails, and at stop()
+        def __init__(self, i, seen):
+            self.i, self.seen = i, seen
+
+        @property
+        def file(self):
+            self.seen.append(self.i)
+            if self.i == 1:
+                raise ValueError("broken")
+            return self.i
+
+    seen = []
+    ahead = pipeline._Ahead([lambda m=Member(i, seen): m.file for i in range(4)])
+    ahead._thread.join(10)
+    assert seen == [0, 1] and not ahead_alive()
+    ahead.stop()
+    seen = []
+    entered, gate = threading.Event(), threading.Event()
+
+    class Slow(Member):
+        @property
+        def file(self):
+            self.seen.append(self.i)
+            entered.set()
+            gate.wait(10)
+            return self.i
+
+    ahead = pipeline._Ahead([lambda m=Slow(i, seen): m.file for i in range(4)])
+    assert entered.wait(10)
+    threading.Timer(0.05, gate.set).start()
+    ahead.stop()   # returns once the file being opened is done; no other is started
+    assert seen == [0] and not ahead_alive()
+
+
+def test_the_version_is_looked_up_when_needed_and_ahead_of_the_mix(w, tmp_path):
+    """``import loramix`` does not load importlib.metadata (~15 ms); generate looks the version up
+    in its background thread, and the outputs record the same version as ``loramix.__version__``."""
+    import loramix
+    from loramix.version import version
+
+    env = dict(os.environ, PYTHONPATH=str(_tiny.PKG_PARENT))
+    r = subprocess.run([sys.executable, "-c", "import sys, loramix, loramix.cli, loramix.pipeline; "
+                        "print('importlib.metadata' in sys.modules)"], capture_output=True, text=True, env=env)
+    assert r.stdout.strip() == "False", r.stderr
+    version.cache_clear()
+    res = generate(w.queries["animals_q"], w.bank, tmp_path / "o", top_k=2)
+    assert version.cache_info().currsize == 1
+    prov = json.loads((res.out / "loramix.json").read_text())
+    assert prov["loramix_version"] == loramix.__version__ == version()
+
+
+def test_factors_inputs_gathered_ahead_fail_at_their_module(w, tmp_path, monkeypatch):
+    """The next module's core inputs are gathered by a helper thread while the core mixes: an
+    error there is raised at that module's turn (the modules before it mixed, none after), and
+    nothing is written; with a progress bar the mix is the same."""
+    from loramix.mixing import modes as mix
+
+    ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
+    real, seen, mixed = mix.factors_inputs, [], []
+    real_run = mix._run_factors_jobs
+
+    def failing(bank, W, name, *a, **k):
+        seen.append(name)
+        if len(seen) == 3:
+            raise RuntimeError(f"disk error at {name}")
+        return real(bank, W, name, *a, **k)
+
+    monkeypatch.setattr(mix, "factors_inputs", failing)
+    monkeypatch.setattr(mix, "_run_factors_jobs", lambda name, *a: mixed.append(name) or real_run(name, *a))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError) as e:
+        generate(w.queries["animals_q"], w.bank, out)
+    assert str(e.value) == f"disk error at {seen[2]}" and len(seen) == 3
+    assert mixed == seen[:2]
+    _no_output(tmp_path, out)
+    monkeypatch.setattr(mix, "factors_inputs", real)
+    res = generate(w.queries["animals_q"], w.bank, tmp_path / "bar", progress=True)
+    assert (res.out / "adapter_model.safetensors").read_bytes() == (ref.out / "adapter_model.safetensors").read_bytes()

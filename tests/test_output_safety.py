@@ -532,3 +532,134 @@ def test_the_nonfinite_check_of_an_output_releases_each_tensor_it_read(w, tmp_pa
     t[k].reshape(-1)[5] = np.nan
     save_file(t, str(tmp_path / "bad.safetensors"))
     assert guard.nonfinite_tensor(tmp_path / "bad.safetensors") == (k, 5)
+
+
+# ---------------------------------------------------------------- 5. outputs finished side by side
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_a_batch_finished_in_threads_is_sealed_as_seal_writes_it(w, tmp_path, monkeypatch, threads):
+    """The Q outputs are committed, hashed and finished in threads, the provenance sealed in its
+    first write: the same bytes as one thread, and as ``seal`` on the unsealed document; the
+    checksums are the files'."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.mixing.output import PROVENANCE_NAME, seal
+
+    qs = [w.queries["animals_q"], w.queries["music_q"], w.queries["animals_q"]]
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", "1")
+    ref = generate(qs, w.bank, tmp_path / "ref", top_k=3)
+    monkeypatch.setenv("LORAMIX_NUM_THREADS", threads)
+    res = generate(qs, w.bank, tmp_path / "out", top_k=3)
+    assert len({r.out.name for r in res}) == 3
+    for a, b in zip(ref, res):
+        assert _tree(a.out) == _tree(b.out)
+        prov = json.loads((b.out / PROVENANCE_NAME).read_text())
+        assert prov["batch"]["weights_sha256"] == file_sha256(b.out / "adapter_model.safetensors")
+        assert prov["batch"]["config_sha256"] == file_sha256(b.out / "adapter_config.json")
+        stage = tmp_path / f"stage-{b.out.name}"
+        shutil.copytree(b.out, stage)
+        batch = prov.pop("batch")
+        (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
+        assert seal(stage, batch["target_key"], batch["split"]) == batch["weights_sha256"]
+        assert (stage / PROVENANCE_NAME).read_bytes() == (b.out / PROVENANCE_NAME).read_bytes()
+
+
+def test_commit_all_commits_every_writer_and_raises_the_first_error(tmp_path):
+    """Concurrent commits with checksums: each file's SHA-256 is its bytes'; a writer that cannot
+    commit (a tensor not written) raises once every commit has returned, the others committed."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.core import tensors
+    from loramix.mixing.modes import MixInfo, commit_all
+
+    def writer(i, complete=True):
+        wr = tensors.SafetensorsWriter(tmp_path / f"{i}.safetensors", [("a", "F32", (3, 5)), ("b", "F32", (4,))])
+        wr.write("a", np.full((3, 5), i, np.float32))
+        if complete:
+            wr.write("b", np.arange(4, dtype=np.float32) * i)
+        return wr
+
+    ws = [writer(i) for i in range(5)]
+    infos = [MixInfo() for _ in ws]
+    commit_all(ws, infos)
+    assert [inf.sha256 for inf in infos] == [file_sha256(tmp_path / f"{i}.safetensors") for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.safetensors" for i in range(5)]
+    ws = [writer(i) for i in range(10, 14)]
+    ws[1] = writer(11, complete=False)
+    ws[2] = writer(12, complete=False)
+    with pytest.raises(ValueError, match=r"cannot commit .*11\.safetensors.*not written"):
+        commit_all(ws, [MixInfo() for _ in ws])
+    assert (tmp_path / "10.safetensors").is_file() and (tmp_path / "13.safetensors").is_file()
+    for wr in ws:
+        wr.abort()
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
+
+
+def test_outputs_hashed_behind_the_writer_module_by_module(tmp_path):
+    """HashBehind follows writers that write module by module in file order: its checksums are
+    the finished files' and its NaN/inf verdicts the files' own; commit_all takes them (or hashes
+    afresh an output it could not follow), and close() stops it mid-way."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.core import tensors
+    from loramix.mixing.digests import HashBehind
+    from loramix.mixing.modes import MixInfo, commit_all
+
+    mods = ["m0", "m1", "m2"]
+    rng = np.random.default_rng(0)
+
+    def entries(q):   # output 1 lacks m1; output 2 is F32
+        dt = "F32" if q == 2 else "BF16"
+        return [(f"{m}.{ab}", dt, (3 + i, 40 + q)) for i, m in enumerate(mods) if not (q == 1 and m == "m1")
+                for ab in "AB"]
+
+    ents = [entries(q) for q in range(3)]
+    ws = [tensors.SafetensorsWriter(tmp_path / f"{q}.safetensors", ents[q], {"q": str(q)}) for q in range(3)]
+    behind = HashBehind([w.temp_path for w in ws], ents, lambda k: k.split(".")[0], chunk=64)
+    for m in mods:
+        for q, w in enumerate(ws):
+            for key, _, shape in ents[q]:
+                if key.startswith(m + "."):
+                    x = rng.standard_normal(shape).astype(np.float32)
+                    if q == 0 and key == "m2.B":
+                        x[-1, -1] = np.inf
+                    w.write(key, x)
+        behind.written(m)
+    known = behind.finish()
+    known[1] = None   # not followed: hashed afresh
+    infos = [MixInfo() for _ in ws]
+    commit_all(ws, infos, "BF16", known)
+    for q in range(3):
+        assert infos[q].sha256 == file_sha256(tmp_path / f"{q}.safetensors")
+    # output 0 holds an inf; 1 was hashed afresh as BF16; 2 is F32 (HashBehind knows its dtype)
+    assert [i.finite for i in infos] == [False, True, True]
+
+    from loramix.mixing.digests import _start_writeback
+
+    start = _start_writeback()   # what is hashed is handed to the disk (Linux), without waiting
+    assert start is not None if sys.platform.startswith("linux") else start is None
+    w = tensors.SafetensorsWriter(tmp_path / "x.safetensors", ents[0])
+    if start is not None:
+        fd = os.open(w.temp_path, os.O_RDONLY)
+        assert start(fd, 0, 64) == 0
+        os.close(fd)
+    behind = HashBehind([w.temp_path], [ents[0]], lambda k: k.split(".")[0])
+    behind.written("m0")
+    behind.close()
+    w.abort()
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_outputs_are_hashed_after_the_mix_when_they_cannot_be_followed(w, tmp_path, monkeypatch):
+    """HashBehind cannot start (e.g. out of file descriptors): the mix goes on and the outputs are
+    hashed and checked after it; the same bytes and checksums."""
+    from loramix.bank.integrity import file_sha256
+    from loramix.mixing import digests
+
+    ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
+
+    def no_fds(*a, **k):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(digests, "HashBehind", no_fds)
+    res = generate(w.queries["animals_q"], w.bank, tmp_path / "out")
+    assert _tree(res.out) == _tree(ref.out)
+    prov = json.loads((res.out / "loramix.json").read_text())
+    assert prov["batch"]["weights_sha256"] == file_sha256(res.out / "adapter_model.safetensors")

@@ -9,7 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from loramix import _core
-from loramix.version import __version__
+from loramix.version import version as _version
+
+
+def __getattr__(name: str):
+    if name == "__version__":   # looked up on first use (loramix.version)
+        return _version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def info() -> dict:
@@ -21,7 +27,7 @@ def info() -> dict:
     (detected features) and ``version``.
     """
     return {
-        "version": __version__,
+        "version": _version(),
         "compiled": list(_core.compiled_isas()),
         "available": list(_core.available_isas()),
         "active": _core.active_isa(),

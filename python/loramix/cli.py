@@ -32,6 +32,20 @@ def _fields(s: str) -> tuple:
     return tuple(f.strip() for f in s.split(",") if f.strip())
 
 
+class _Version(argparse.Action):
+    """argparse's ``version`` action, the version looked up only when asked (loramix.version)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from loramix.version import version
+
+        print(f"loramix {version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     def flags(default):
         c = argparse.ArgumentParser(add_help=False)
@@ -43,10 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     # the flags work before or after the subcommand: below it they do not reset what was given above
     top, common = flags(False), flags(argparse.SUPPRESS)
     from loramix.cliutil import Parser
-    from loramix.version import __version__
 
     p = Parser(prog="loramix", parents=[top], description="LoRA adapters for a new dataset from a bank, on a CPU.")
-    p.add_argument("--version", action="version", version=f"loramix {__version__}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     bank = sub.add_parser("bank", help="build, pull or inspect a bank", parents=[common])

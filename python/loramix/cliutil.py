@@ -10,7 +10,6 @@ one-line message on stderr, and exits non-zero::
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 import sys
@@ -20,6 +19,8 @@ USAGE_EXIT = 2
 
 def suggest(word: str, choices) -> str | None:
     """The closest of ``choices`` to ``word`` (difflib, cutoff 0.6), or None."""
+    import difflib   # only on a usage error: not on every start
+
     hits = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
     return hits[0] if hits else None
 

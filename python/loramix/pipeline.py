@@ -82,6 +82,50 @@ def _query_profiles(items, bank, **kw) -> list:
         return list(ex.map(lambda d: prof.query_profile(d, bank, **kw), items))
 
 
+class _Ahead:
+    """Work the call needs later, done in a background thread while the datasets are profiled and
+    the weights computed (the tokenizer and the core release the GIL): ``tasks``, callables run in
+    order (see :func:`_ahead_tasks`). The first that fails ends the thread: whoever needs its result
+    does it again and reports the error. :meth:`stop`: no task starts after it returns (a task done
+    twice is harmless: the same result, one kept)."""
+
+    def __init__(self, tasks):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tasks,), name="loramix-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, tasks) -> None:
+        for task in tasks:
+            if self._stop.is_set():
+                return
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - done again, and reported, where it is needed
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _ahead_tasks(bank, metrics, top_k):
+    """What :class:`_Ahead` does for ``generate``: the loramix version (written into the outputs;
+    ``importlib.metadata``, ~15 ms), the bank's stored js index (~8 ms), and, without ``top_k``
+    (every member is mixed), each member's weight file opened (``Member.file``: mapped, header
+    validated; ~0.3-0.5 ms a member, paid in the mix's first module otherwise)."""
+    from loramix.core.divergence import EPS
+    from loramix.version import version
+
+    tasks = [version]
+    if "js" in metrics:
+        tasks.append(lambda: bank.prepared("js", EPS))
+    if top_k is None:
+        tasks += [lambda m=m: m.file for m in bank.members]
+    return tasks
+
+
 def _dataset_hash(item, query, fields, split) -> str:
     if query is not None:
         return query.dataset_hash
@@ -90,6 +134,49 @@ def _dataset_hash(item, query, fields, split) -> str:
     if Path(item).suffix == ".npz":
         return prof.Profile.load(item).dataset_hash
     return ds.content_hash(item, split, fields)
+
+
+def _weights(items, bank, metrics, mopts, popts, pipeline, temperature, top_k, exclude, leave_one_out, fields,
+             split, profile_cache, progress, protocol):
+    """Profiles (or other features), distances and mixing weights of the datasets: ``(W, D,
+    names_q)``, ``D`` the first metric's distances, ``names_q`` the final exclusions per dataset."""
+    queries = None
+    Ds = {}
+    for m in metrics:
+        if m not in wts.METRICS:
+            raise wts.WeightsError(f"unknown metric {m!r}; known: {', '.join(sorted(wts.METRICS))}")
+        if wts.METRICS[m][1] != "histogram":
+            # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
+            fn = wts.METRICS[m][0]
+            prog = {"progress": progress} if _takes(fn, "progress") else {}
+            Ds[m] = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split, cache=profile_cache,
+                                                **prog, **mopts), dtype=np.float64))
+            continue
+        if queries is None:
+            queries = _query_profiles(items, bank, fields=fields, split=split, cache=profile_cache,
+                                      progress=progress)
+            # the compiled metrics take the core's CSR: no scipy import on their path
+            qm, bm = prof.stack_against(queries, bank, core=all(x in CORE_METRICS for x in metrics))
+        Ds[m] = wts.bank_distances(qm, bank, bm, m)
+    D = Ds[metrics[0]]
+    per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
+    if per_dataset and len(exclude) != len(items):
+        raise ValueError(f"{len(exclude)} exclude lists for {len(items)} datasets")
+    names_q = [list(exclude[q]) if per_dataset else list(exclude or ()) for q in range(len(items))]
+    excl = np.zeros((len(items), len(bank.members)), bool)
+    for q, names in enumerate(names_q):
+        for name in names:
+            excl[q, bank.index(name)] = True
+    if leave_one_out:
+        member_hashes = np.array([m.info.get("dataset_hash", "") for m in bank.members])
+        for q, item in enumerate(items):
+            h = _dataset_hash(item, queries[q] if queries else None, fields, split)
+            hit = np.flatnonzero(member_hashes == h) if h else []
+            excl[q, hit] = True
+            names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
+    W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
+                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, protocol=protocol, **popts)
+    return W, D, names_q
 
 
 def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: str = wts.DEFAULT_METRIC,
@@ -179,42 +266,13 @@ def generate(dataset, bank, out, pipeline: str = wts.DEFAULT_PIPELINE, metric: s
                                    "generate with the same options or retrain it")
         mopts = {**{k: v for k, v in extra.items() if v is not None}, **mopts}
         metric = ",".join(metrics)
-    queries = None
-    Ds = {}
-    for m in metrics:
-        if m not in wts.METRICS:
-            raise wts.WeightsError(f"unknown metric {m!r}; known: {', '.join(sorted(wts.METRICS))}")
-        if wts.METRICS[m][1] != "histogram":
-            # a metric on other features (e.g. sentence embeddings): it gets the datasets and the bank
-            fn = wts.METRICS[m][0]
-            prog = {"progress": progress} if _takes(fn, "progress") else {}
-            Ds[m] = np.atleast_2d(np.asarray(fn(items, bank, fields=fields, split=split, cache=profile_cache,
-                                                **prog, **mopts), dtype=np.float64))
-            continue
-        if queries is None:
-            queries = _query_profiles(items, bank, fields=fields, split=split, cache=profile_cache,
-                                      progress=progress)
-            # the compiled metrics take the core's CSR: no scipy import on their path
-            qm, bm = prof.stack_against(queries, bank, core=all(x in CORE_METRICS for x in metrics))
-        Ds[m] = wts.bank_distances(qm, bank, bm, m)
-    D = Ds[metrics[0]]
-    per_dataset = bool(exclude) and all(isinstance(e, (list, tuple)) for e in exclude)
-    if per_dataset and len(exclude) != len(items):
-        raise ValueError(f"{len(exclude)} exclude lists for {len(items)} datasets")
-    names_q = [list(exclude[q]) if per_dataset else list(exclude or ()) for q in range(len(items))]
-    excl = np.zeros((len(items), len(bank.members)), bool)
-    for q, names in enumerate(names_q):
-        for name in names:
-            excl[q, bank.index(name)] = True
-    if leave_one_out:
-        member_hashes = np.array([m.info.get("dataset_hash", "") for m in bank.members])
-        for q, item in enumerate(items):
-            h = _dataset_hash(item, queries[q] if queries else None, fields, split)
-            hit = np.flatnonzero(member_hashes == h) if h else []
-            excl[q, hit] = True
-            names_q[q] += [bank.names[i] for i in hit if bank.names[i] not in names_q[q]]
-    W = wts.mixing_weights(Ds if len(Ds) > 1 or wts.PIPELINE_INPUT.get(pipeline) == "matrices" else D,
-                           pipeline, temperature=temperature, top_k=top_k, exclude=excl, protocol=protocol, **popts)
+    ahead = None if dist else _Ahead(_ahead_tasks(bank, metrics, top_k))
+    try:
+        W, D, names_q = _weights(items, bank, metrics, mopts, popts, pipeline, temperature, top_k,
+                                 exclude, leave_one_out, fields, split, profile_cache, progress, protocol)
+    finally:
+        if ahead is not None:
+            ahead.stop()
     check_rank(bank, W, mode, rank)      # svd: say so when the rank asked is more than the mix holds
     if many:
         out.mkdir(parents=True, exist_ok=True)

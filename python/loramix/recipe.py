@@ -21,7 +21,7 @@ from loramix.bank.bank import Bank, file_sha256
 from loramix.core.files import make_stage_dir
 from loramix.mixing.output import PROVENANCE_NAME, GenerateResult, check_output, swap_in
 from loramix.pipeline import generate
-from loramix.version import __version__
+from loramix.version import version
 
 
 class RecipeError(ValueError):
@@ -64,8 +64,8 @@ def replay(source, out, *, overwrite: bool = False, progress: bool = False) -> t
     if rec.get("bank_hash") and bank.hash != rec["bank_hash"]:
         raise RecipeError(f"{path}: the bank {rec['bank']} changed since (hash {bank.hash[:12]}, the recipe "
                           f"expects {rec['bank_hash'][:12]}); the adapter cannot be made again bit for bit")
-    if prov.get("loramix_version") not in (None, __version__):
-        warnings.warn(f"{path}: made by loramix {prov['loramix_version']}, replayed by {__version__}; "
+    if prov.get("loramix_version") not in (None, version()):
+        warnings.warn(f"{path}: made by loramix {prov['loramix_version']}, replayed by {version()}; "
                       "the bits may differ", stacklevel=2)
     kw = dict(pipeline=rec["pipeline"], metric=rec.get("metric", "js"), mode=rec["mode"],
               top_k=rec.get("top_k"), temperature=rec.get("temperature", 1.0), dtype=rec.get("dtype"),

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256", "file_digest",
+__all__ = ["path_problem", "duplicate_names", "nonfinite_problem", "first_nonfinite", "weights_signature", "file_sha256",
+           "file_digest", "stream_digest", "safetensors_sha256_finite", "SafetensorsDigest", "read_safetensors_header",
            "changed_problem", "verify", "SIG_EDGE"]
 
 #: Bytes at each end of the data section that the quick signature covers.
@@ -30,10 +31,17 @@ SIG_EDGE = 1 << 12
 
 def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
     """Hex digest of a file's bytes with a ``hashlib`` algorithm, read in chunks."""
-    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(chunk), b""):
-            h.update(b)
+        return stream_digest(fh, algorithm, chunk)
+
+
+def stream_digest(fh, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of what is left to read in the binary file ``fh``, read into one reused buffer
+    of ``chunk`` bytes (hashlib releases the GIL on it: threads hash files side by side)."""
+    h = hashlib.new(algorithm)
+    buf = memoryview(bytearray(chunk))
+    while n := fh.readinto(buf):
+        h.update(buf[:n])
     return h.hexdigest()
 
 
@@ -103,6 +111,55 @@ def first_nonfinite(a: np.ndarray, dtype: str) -> int | None:
     if not bad.any():
         return None
     return int(np.flatnonzero(bad)[0])
+
+
+#: per safetensors dtype: the unsigned view of its bits and its exponent mask (all ones: inf or NaN)
+_EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
+
+
+class SafetensorsDigest:
+    """SHA-256 of a safetensors file fed in order (its ``header``: the 8 length bytes and the JSON
+    header, then :meth:`update` with the data), and whether no value of its data is inf or NaN
+    (every tensor of ``dtype``; a value is inf or NaN iff its exponent bits are all ones).
+    ``finite`` is None where that is not decided (another dtype, data fed in pieces that split a
+    value): then check it tensor by tensor (:func:`first_nonfinite`)."""
+
+    def __init__(self, header: bytes, dtype: str | None) -> None:
+        self._h = hashlib.sha256(header)
+        self._view, self._mask = _EXPONENT.get(dtype, (None, 0))
+        self._size = np.dtype(self._view).itemsize if self._view is not None else 1
+        self.finite: bool | None = True if self._view is not None else None
+
+    def update(self, data) -> None:
+        self._h.update(data)
+        if self.finite:
+            if len(data) % self._size:
+                self.finite = None
+            elif (np.frombuffer(data, self._view) & self._view(self._mask)).max(initial=0) == self._mask:
+                self.finite = False
+
+    def result(self) -> tuple[str, bool | None]:
+        return self._h.hexdigest(), self.finite
+
+
+def read_safetensors_header(fh) -> tuple[bytes, bool]:
+    """The first bytes of the safetensors file ``fh``: its 8 length bytes and its JSON header,
+    and whether they were whole (a shorter file gives what there was)."""
+    head = fh.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = fh.read(n) if 0 <= n <= 100_000_000 else b""
+    return head + header, len(header) == n
+
+
+def safetensors_sha256_finite(fh, dtype: str, chunk: int = 1 << 20) -> tuple[str, bool | None]:
+    """``(SHA-256, finite)`` of the safetensors file open in ``fh`` (at its start) whose tensors
+    are all of ``dtype``, in one read (:class:`SafetensorsDigest`)."""
+    header, whole = read_safetensors_header(fh)
+    d = SafetensorsDigest(header, dtype if whole else None)
+    buf = memoryview(bytearray(chunk - chunk % 4))
+    while k := fh.readinto(buf):
+        d.update(buf[:k])
+    return d.result()
 
 
 def nonfinite_problem(spec, sf) -> str | None:

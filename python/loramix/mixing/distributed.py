@@ -112,7 +112,7 @@ from loramix.mixing.output import (GenerateResult, OutputError, check_output, fi
                                    content_key, is_complete, seal, stage_folder, swap_in, target_key, weight_matrix,
                                    weights_metadata)
 from loramix.mixing.scheduler import connect as connect_scheduler
-from loramix.version import __version__
+from loramix.version import version
 
 SPLITS = ("auto", "modules", "targets")
 SCRATCH_PREFIX = ".loramix-batch-"
@@ -132,7 +132,7 @@ class BatchResult(GenerateResult):
 
 def batch_key(bank_hash: str, W, mode: str, rank, dtype: str, split: str, n_parts: int) -> str:
     """What a batch's scratch files are a function of (the bank, all weights, the split)."""
-    return content_key([bank_hash, mode, rank, dtype, __version__, split, n_parts, list(W.shape)], W)
+    return content_key([bank_hash, mode, rank, dtype, version(), split, n_parts, list(W.shape)], W)
 
 
 # ------------------------------------------------------------------ worker side
@@ -316,7 +316,8 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
 
 
 def _factors_rows(bank, W, name, holders, infos, writers, spec):
-    """``mix._mix_factors`` for all targets of the batch, in memory; owned rows are written."""
+    """``mix._factors_jobs`` + ``mix._run_factors_jobs`` for all targets of the batch, in memory;
+    owned rows are written."""
     from loramix.core import tensors
 
     groups: dict[int, list[int]] = {}

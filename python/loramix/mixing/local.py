@@ -8,7 +8,7 @@ from loramix.bank import peft_io
 from loramix.bank.bank import Bank
 from loramix.core.files import missing_dirs, remove_empty_dirs
 from loramix.mixing import modes as mixmod
-from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage, is_complete, seal,
+from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage, is_complete,
                                    stage_folder, swap_in, target_key, weight_matrix, weights_metadata)
 
 SPLIT = "local"
@@ -47,11 +47,11 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
             stages = [stage_folder(o) for o in outs]
             infos = mixmod.mix_to_files(bank, W, [s / peft_io.WEIGHTS_NAME for s in stages], mode,
                                         rank=rank, dtype=dtype_name, metadata=weights_metadata(bank, mode),
-                                        progress=progress)
-            for q, (stage, out, info) in enumerate(zip(stages, outs, infos)):
-                if not done[q]:
-                    results[q] = finish_stage(bank, W[q], info, stage, out, mode, dtype_name, extras[q])
-                    seal(stage, keys[q], SPLIT)
+                                        progress=progress, digest=True)
+            todo = [q for q in range(len(outs)) if not done[q]]
+            for q, res in zip(todo, _each(todo, lambda q: finish_stage(
+                    bank, W[q], infos[q], stages[q], outs[q], mode, dtype_name, extras[q], key=keys[q], split=SPLIT))):
+                results[q] = res
             for q, (stage, out) in enumerate(zip(stages, outs)):
                 if not done[q]:
                     swap_in(stage, out)
@@ -70,3 +70,19 @@ def mix_adapters(bank, weights, outs: Sequence, *, mode: str = "factors", rank: 
             shutil.rmtree(s, ignore_errors=True)
         if not ok:   # folders this call created for its outputs go again (when still empty)
             remove_empty_dirs(created)
+
+
+def _each(items: list, fn) -> list:
+    """``[fn(x) for x in items]`` in threads (outputs are finished side by side: the non-finite
+    check and the file writes release the GIL); the first error in ``items`` order is raised,
+    after every call has returned."""
+    from loramix.core import default_threads
+
+    n = min(len(items), default_threads())
+    if n < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n) as ex:
+        futs = [ex.submit(fn, x) for x in items]
+    return [f.result() for f in futs]

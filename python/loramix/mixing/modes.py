@@ -67,6 +67,10 @@ class MixInfo:
 
     ranks: dict[str, int] = field(default_factory=dict)
     members: list[int] = field(default_factory=list)
+    #: SHA-256 of the written safetensors file (:func:`mix_to_files` with ``digest``), else "".
+    sha256: str = ""
+    #: with ``digest``: whether every value written is finite (None: not known, check the file)
+    finite: bool | None = None
 
 
 def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInfo]:
@@ -127,11 +131,12 @@ def check_rank(bank, W, mode: str, rank: int | None) -> None:
 
 def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = None,
                  dtype: str | None = None, metadata: dict | None = None,
-                 progress: bool = False, threads: int | None = None) -> list[MixInfo]:
+                 progress: bool = False, threads: int | None = None, digest: bool = False) -> list[MixInfo]:
     """Mix the bank with weights ``W`` (Q, N) into Q safetensors files at ``paths``.
 
     Each file is written by the core's :class:`SafetensorsWriter` (temp file, atomic rename);
-    on any error every writer is aborted and nothing is left at ``paths``.
+    on any error every writer is aborted and nothing is left at ``paths``. ``digest``: also
+    the SHA-256 of each file, into ``MixInfo.sha256`` (taken while the files are committed).
     """
     from loramix.core import tensors
 
@@ -141,25 +146,37 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     out_dtype = normalize_dtype(dtype, bank.dtype)
     infos = plan(bank, W, mode, rank)
     modules = bank.module_index()
-    writers = []
+    writers, behind = [], None
     try:
+        entries = [entries_for(bank, infos[q], out_dtype, modules) for q in range(len(paths))]
         for q, path in enumerate(paths):
             md = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-            writers.append(tensors.SafetensorsWriter(str(path), entries_for(bank, infos[q], out_dtype, modules), md))
+            writers.append(tensors.SafetensorsWriter(str(path), entries[q], md))
         items = list(modules.items())
         if progress:
             from tqdm import tqdm
             items = tqdm(items, desc=f"mix ({mode})", unit="module", file=sys.stderr, leave=False)
         if mode == "svd":
             _mix_exact_parallel(bank, W, items, infos, writers, mode, threads)
-        for name, holders in (items if mode != "svd" else ()):
-            if mode == "factors":
-                _mix_factors(bank, W, name, holders, infos, writers, threads)
-            else:
-                mix_exact(bank, W, name, holders, infos, writers, mode)
-        for w in writers:
-            w.commit()
+        elif digest:   # the outputs are hashed behind the mix, module by module
+            from loramix.mixing.digests import HashBehind
+
+            key_module = {peft_io.tensor_key(n, ab): n for n in modules for ab in "AB"}
+            try:
+                behind = HashBehind([w.temp_path for w in writers], entries, key_module.get)
+            except OSError:   # e.g. out of descriptors: the outputs are hashed after the mix instead
+                behind = None
+        written = behind.written if behind is not None else (lambda name: None)
+        if mode == "factors":
+            _mix_all_factors(bank, W, list(modules.items()), items, infos, writers, threads, written)
+        for name, holders in (items if mode == "concat" else ()):
+            mix_exact(bank, W, name, holders, infos, writers, mode)
+            written(name)
+        known, behind = (behind.finish() if behind is not None else None), None
+        commit_all(writers, infos if digest else None, out_dtype, known)
     except BaseException:
+        if behind is not None:
+            behind.close()
         for w in writers:
             try:
                 w.abort()
@@ -167,6 +184,43 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
                 pass
         raise
     return infos
+
+
+def commit_all(writers, infos=None, dtype: str | None = None, known=None) -> None:
+    """Commit every writer (fsync, rename into place), the Q commits in concurrent threads (the
+    core releases the GIL): Q outputs wait about one fsync, not Q in a row. With ``infos``, each
+    file's SHA-256 goes into ``infos[q].sha256``, hashed while the commits run (hashlib and numpy
+    release the GIL too) from a descriptor opened on the finished temporary file before its commit
+    renames it, and with ``dtype`` (every tensor's) whether all its values are finite, from the same
+    read, into ``infos[q].finite``; ``known[q]``: output q's ``(sha256, finite)`` already taken
+    (:class:`loramix.mixing.digests.HashBehind`), or None. The first error (in writer order) is
+    raised once every commit has returned."""
+    if len(writers) == 1 and infos is None:
+        writers[0].commit()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loramix.bank.integrity import safetensors_sha256_finite
+    from loramix.core import default_threads
+
+    fhs = []
+    try:
+        known = list(known or [None] * len(writers))
+        if infos is not None:
+            fhs = [open(w.temp_path, "rb") if known[q] is None else None for q, w in enumerate(writers)]
+        todo = [fh for fh in fhs if fh is not None]
+        with ThreadPoolExecutor(max_workers=min(len(writers), 16)) as commits, \
+                ThreadPoolExecutor(max_workers=max(1, min(len(todo), default_threads()))) as hashes:
+            done = [commits.submit(w.commit) for w in writers]
+            sums = [hashes.submit(safetensors_sha256_finite, fh, dtype) if fh is not None else None for fh in fhs]
+            for f in done:
+                f.result()
+            for q, (info, f) in enumerate(zip(infos or (), sums)):
+                info.sha256, info.finite = f.result() if f is not None else known[q]
+    finally:
+        for fh in fhs:
+            if fh is not None:
+                fh.close()
 
 
 def entries_for(bank, info: MixInfo, out_dtype: str, modules: dict) -> list[tuple]:
@@ -181,24 +235,42 @@ def entries_for(bank, info: MixInfo, out_dtype: str, modules: dict) -> list[tupl
     return entries
 
 
-def _mix_factors(bank, W, name, holders, infos, writers, threads):
-    groups: dict[int, list[int]] = {}   # targets grouped by their output rank (usually one group)
+def _mix_all_factors(bank, W, modules: list, items, infos, writers, threads, written) -> None:
+    """``factors`` over every module (``items``: ``modules``, maybe behind a progress bar), with
+    ``written(name)`` after each. The next module's core inputs (a TensorRef per member and
+    factor: ~0.25 s at N = 502 in all) are gathered by a helper thread while the core mixes this
+    module (it releases the GIL); an error there is raised when its module's turn comes, as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        nxt = helper.submit(_factors_jobs, bank, W, *modules[0], infos) if modules else None
+        for i, (name, _) in enumerate(items):
+            jobs = nxt.result()
+            if i + 1 < len(modules):
+                nxt = helper.submit(_factors_jobs, bank, W, *modules[i + 1], infos)
+            _run_factors_jobs(name, jobs, writers, threads)
+            written(name)
+
+
+def _factors_jobs(bank, W, name, holders, infos) -> list:
+    """Module ``name``'s ``factors`` core calls: ``[(targets, a_src, b_src, wa, wb)]``, the targets
+    grouped by their output rank (usually one group)."""
+    groups: dict[int, list[int]] = {}
     for q in range(W.shape[0]):
         if name in infos[q].ranks:
             groups.setdefault(infos[q].ranks[name], []).append(q)
-    for r_out, targets in groups.items():
-        _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads)
+    return [(targets, *factors_inputs(bank, W, name, holders, targets, r_out)) for r_out, targets in groups.items()]
 
 
-def _mix_factors_group(bank, W, name, holders, targets, r_out, writers, threads):
+def _run_factors_jobs(name, jobs, writers, threads) -> None:
     from loramix.core import tensors
 
-    a_src, b_src, wa, wb = factors_inputs(bank, W, name, holders, targets, r_out)
-    ws = [writers[q] for q in targets]
-    tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
-    tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
-    # sources read through the mapping (beyond the descriptor budget) leave the process once read
-    tensors.release_pages([r for r in a_src + b_src if not getattr(r, "pread", False)])
+    for targets, a_src, b_src, wa, wb in jobs:
+        ws = [writers[q] for q in targets]
+        tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
+        tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
+        # sources read through the mapping (beyond the descriptor budget) leave the process once read
+        tensors.release_pages([r for r in a_src + b_src if not getattr(r, "pread", False)])
 
 
 def factors_inputs(bank, W, name, holders, targets, r_out):

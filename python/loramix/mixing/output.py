@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from loramix.bank.baseref import is_hub_id, resolve_base_model
 from loramix.core.files import make_stage_dir
 from loramix.mixing import guard
 from loramix.bank.bank import Bank, file_sha256
-from loramix.version import __version__
+from loramix.version import version
 from loramix import weights as wts
 
 PROVENANCE_NAME = "loramix.json"
@@ -138,6 +137,8 @@ def swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     if out.exists():
+        import uuid   # only here (no atomic exchange): not on every start
+
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         try:
@@ -172,13 +173,16 @@ def weight_matrix(bank: Bank, weights, outs):
 
 def weights_metadata(bank: Bank, mode: str) -> dict:
     """``__metadata__`` of a generated adapter_model.safetensors (after ``format``)."""
-    return {"loramix_version": __version__, "loramix_mode": mode, "loramix_bank_hash": bank.hash}
+    return {"loramix_version": version(), "loramix_mode": mode, "loramix_bank_hash": bank.hash}
 
 
 def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dtype_name: str,
-                 extra: dict) -> GenerateResult:
-    """Write config, provenance and card of one output into its stage folder (weights are there)."""
-    bad = guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
+                 extra: dict, *, key: str | None = None, split: str | None = None) -> GenerateResult:
+    """Write config, provenance and card of one output into its stage folder (weights are there).
+    ``key``: the provenance is sealed in the same write (what :func:`seal` adds, the same bytes),
+    with the weights' SHA-256 from ``info.sha256`` when the mix took it. The weights are checked
+    for NaN/inf here unless the mix found them all finite (``info.finite``) as it hashed them."""
+    bad = None if getattr(info, "finite", None) is True else guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
     if bad:
         raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
                           "a member used holds NaN/inf (rebuild the bank to find it) or the sum overflows; "
@@ -196,8 +200,11 @@ def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dty
                          metric=extra.get("metric"), dataset=extra.get("dataset"),
                          distances=extra.get("distances"))
     prov = _provenance(res, bank, dtype_name, extra)
+    card = _card(prov)
+    if key is not None:
+        prov["batch"] = _batch(stage, key, split, getattr(info, "sha256", "") or None)
     (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
-    (stage / "README.md").write_text(_card(prov))
+    (stage / "README.md").write_text(card)
     return res
 
 
@@ -205,7 +212,7 @@ def _provenance(res: GenerateResult, bank: Bank, dtype: str, extra: dict) -> dic
     d = res.to_dict()
     d.pop("out")
     d.update({
-        "loramix_version": __version__, "dtype": dtype, "bank": str(bank.path),
+        "loramix_version": version(), "dtype": dtype, "bank": str(bank.path),
         "bank_hash": bank.hash, "base_model": extra.get("base_model"), "bank_base_model": bank.base_model,
         "temperature": extra.get("temperature"), "top_k": extra.get("top_k"),
         "exclude": extra.get("exclude"), "ranks": sorted(set(res.ranks.values())),
@@ -303,7 +310,7 @@ def content_key(header: list, weights) -> str:
 
 def target_key(bank_hash: str, w_row, mode: str, rank, dtype: str) -> str:
     """What one output is a function of, hashed: the bank, its weight row and the settings."""
-    return content_key([bank_hash, mode, rank, dtype, __version__], w_row)
+    return content_key([bank_hash, mode, rank, dtype, version()], w_row)
 
 
 def is_complete(out, key: str) -> bool:
@@ -318,15 +325,20 @@ def is_complete(out, key: str) -> bool:
         return False
 
 
+def _batch(stage: Path, key: str, split: str, weights_sha256: str | None = None) -> dict:
+    """The provenance's ``batch`` entry: the key and the checksums of the staged weights and config."""
+    return {"target_key": key, "split": split,
+            "weights_sha256": weights_sha256 or file_sha256(stage / peft_io.WEIGHTS_NAME),
+            "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
+
+
 def seal(stage: Path, key: str, split: str) -> str:
     """Add the key and the checksums of weights and config to the staged provenance."""
     p = stage / PROVENANCE_NAME
     prov = json.loads(p.read_text())
-    sha = file_sha256(stage / peft_io.WEIGHTS_NAME)
-    prov["batch"] = {"target_key": key, "split": split, "weights_sha256": sha,
-                     "config_sha256": file_sha256(stage / peft_io.CONFIG_NAME)}
+    prov["batch"] = _batch(stage, key, split)
     p.write_text(json.dumps(prov, indent=1) + "\n")
-    return sha
+    return prov["batch"]["weights_sha256"]
 
 
 def resumable(out) -> bool:
