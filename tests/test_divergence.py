@@ -444,6 +444,28 @@ def test_log_abs_kernel_accuracy(isa, rng):
     assert np.all(err <= np.maximum(2.0 * ulp, 2.5e-16)), float(np.max(err / ulp))
 
 
+@pytest.mark.parametrize("eps", [1e-10, 0.0, 1e-3, 1e-300])
+def test_js_row_kernel_bits(isa, rng, eps):
+    """build_sparse's js values of a row (one kernel: divisions and logs vectorized) are, bit for
+    bit, the formula it replaced: each step rounded as written, the logs by the ISA's log_f64."""
+    from loramix import _core_testing  # test hooks: built with LORAMIX_TESTING (pip builds)
+    for n in (0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 1000):
+        for x in (np.round(rng.uniform(1, 300, n)), rng.uniform(1e-300, 1e-290, n)):
+            x = x.copy()
+            s = float(np.sum(x)) * rng.uniform(1.0, 1.5)
+            p, w, u = _core_testing.divergence_js_row(x, s, eps, isa)
+            a = x / s
+            want_p, d = a + eps, a + 2.0 * eps
+            lg = lambda v: _core_testing.divergence_log(np.ascontiguousarray(v), isa)  # noqa: E731
+            want_u = 0.5 * (want_p * lg(2.0 * want_p / d)
+                            + eps * lg(2.0 * eps / d if eps > 0 else np.ones(n)))
+            want_w = 0.5 * want_p * lg(want_p) - want_u
+            for got, want in ((p, want_p), (u, want_u), (w, want_w)):
+                assert got.tobytes() == want.tobytes(), (n, eps)
+            xo = np.concatenate([[0.0], x])[1:]  # offset by one element: unaligned loads
+            assert _core_testing.divergence_js_row(xo, s, eps, isa)[1].tobytes() == want_w.tobytes()
+
+
 def test_core_refuses_silent_copies():
     X = np.ones((3, 4))
     with pytest.raises(ValueError, match="C-contiguous"):

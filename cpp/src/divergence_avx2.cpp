@@ -162,6 +162,27 @@ void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const
   }
 }
 
+void js_row_f64_avx2(const double* x, std::size_t n, double sum, double eps, double* p, double* w,
+                     double* u) {
+  const __m256d vs = _mm256_set1_pd(sum), ve = _mm256_set1_pd(eps), ve2 = _mm256_set1_pd(2.0 * eps);
+  const __m256d two = _mm256_set1_pd(2.0), half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+  const bool pos = eps > 0.0;
+  for (std::size_t k = 0; k < n; k += 4) {
+    const __m256i m = n - k >= 4 ? _mm256_set1_epi64x(-1) : tail_mask(n - k);
+    // unused lanes: x = sum, a = 1
+    const __m256d xv = _mm256_blendv_pd(vs, _mm256_maskload_pd(x + k, m), _mm256_castsi256_pd(m));
+    const __m256d a = _mm256_div_pd(xv, vs);
+    const __m256d pk = _mm256_add_pd(a, ve), d = _mm256_add_pd(a, ve2);
+    const __m256d l1 = log_f64x4(_mm256_div_pd(_mm256_mul_pd(two, pk), d));
+    const __m256d l2 = log_f64x4(pos ? _mm256_div_pd(ve2, d) : one);
+    const __m256d uk = _mm256_mul_pd(half, _mm256_add_pd(_mm256_mul_pd(pk, l1), _mm256_mul_pd(ve, l2)));
+    const __m256d wk = _mm256_sub_pd(_mm256_mul_pd(_mm256_mul_pd(half, pk), log_f64x4(pk)), uk);
+    _mm256_maskstore_pd(p + k, m, pk);
+    _mm256_maskstore_pd(u + k, m, uk);
+    _mm256_maskstore_pd(w + k, m, wk);
+  }
+}
+
 void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   // fused, as kl_posting_f64_avx2
   for (std::size_t k = 0; k < n; ++k) val[k] = __builtin_fma(-a[k], y[k], c[k]);
@@ -280,6 +301,7 @@ const DivergenceKernels kKernels{
     js_sym_bin_f64_avx2,  // js_sym_bin_f64
     kl_posting_f64_avx2,  // kl_posting_f64
     js_terms_f64_avx2,  // js_terms_f64
+    js_row_f64_avx2,  // js_row_f64
     kl_terms_f64_avx2,  // kl_terms_f64
     js_dense_f64_avx2,  // js_dense_f64
     kl_dense_f64_avx2,  // kl_dense_f64

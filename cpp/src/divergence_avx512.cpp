@@ -255,6 +255,26 @@ void js_terms_f64_avx512(const double* p, const double* wp, const double* q, con
   }
 }
 
+void js_row_f64_avx512(const double* x, std::size_t n, double sum, double eps, double* p, double* w,
+                       double* u) {
+  const LogTables t = load_tables();
+  const __m512d vs = _mm512_set1_pd(sum), ve = _mm512_set1_pd(eps), ve2 = _mm512_set1_pd(2.0 * eps);
+  const __m512d two = _mm512_set1_pd(2.0), half = _mm512_set1_pd(0.5), one = _mm512_set1_pd(1.0);
+  const bool pos = eps > 0.0;
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m512d a = _mm512_div_pd(_mm512_mask_loadu_pd(vs, m, x + k), vs);  // unused lanes: a = 1
+    const __m512d pk = _mm512_add_pd(a, ve), d = _mm512_add_pd(a, ve2);
+    const __m512d l1 = log_f64x8(_mm512_div_pd(_mm512_mul_pd(two, pk), d), t);
+    const __m512d l2 = log_f64x8(pos ? _mm512_div_pd(ve2, d) : one, t);
+    const __m512d uk = _mm512_mul_pd(half, _mm512_add_pd(_mm512_mul_pd(pk, l1), _mm512_mul_pd(ve, l2)));
+    const __m512d wk = _mm512_sub_pd(_mm512_mul_pd(_mm512_mul_pd(half, pk), log_f64x8(pk, t)), uk);
+    _mm512_mask_storeu_pd(p + k, m, pk);
+    _mm512_mask_storeu_pd(u + k, m, uk);
+    _mm512_mask_storeu_pd(w + k, m, wk);
+  }
+}
+
 void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   for (std::size_t k = 0; k < n; k += 8) {
     const __mmask8 m = tail_mask(n - k);
@@ -361,6 +381,7 @@ const DivergenceKernels kKernels{
     js_sym_bin_f64_avx512,  // js_sym_bin_f64
     kl_posting_f64_avx512,  // kl_posting_f64
     js_terms_f64_avx512,  // js_terms_f64
+    js_row_f64_avx512,  // js_row_f64
     kl_terms_f64_avx512,  // kl_terms_f64
     js_dense_f64_avx512,  // js_dense_f64
     kl_dense_f64_avx512,  // kl_dense_f64

@@ -60,7 +60,7 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
   int64_t max_row = 0;
   for (int64_t r = 0; r < M.rows; ++r) max_row = std::max(max_row, count[r]);
   const int nt = std::max(1, threads);
-  std::vector<std::vector<double>> scratch(nt, std::vector<double>(metric == Metric::wd ? 0 : 5 * max_row));
+  std::vector<std::vector<double>> scratch(nt, std::vector<double>(metric == Metric::wd ? 0 : 2 * max_row));
 
   parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
     double* t0 = scratch[w].data();
@@ -68,12 +68,14 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       const int64_t r = static_cast<int64_t>(rr);
       const int64_t o = S.ptr[r], n = count[r];
       const double sum = sums[r];
-      double* an = keep_a ? S.a.data() + o : t0 + 4 * n;
+      double* an = keep_a ? S.a.data() + o : t0 + n;
       int32_t* ix = S.idx.data() + o;
       int64_t k = 0;
+      // js: the raw values (its kernel normalizes them, vectorized)
+      const bool raw = metric == Metric::js;
       auto put = [&](int64_t col, double x) {
         ix[k] = static_cast<int32_t>(col);
-        an[k] = x / sum;
+        an[k] = raw ? x : x / sum;
         ++k;
       };
       if (M.dtype == DType::F32) each_nonzero<float>(M, r, put);
@@ -83,28 +85,12 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       double* v1 = S.v1.data() + o;
       double* v2 = S.v2.data() + o;
       double* x0 = t0;
-      double* x1 = t0 + n;
-      double* x2 = t0 + 2 * n;
-      double* x3 = t0 + 3 * n;
       if (metric == Metric::js) {
-        // u(a) = 1/2 [p log(2p/(a + 2eps)) + eps log(2eps/(a + 2eps))], p = a + eps.
-        for (int64_t k2 = 0; k2 < n; ++k2) {
-          const double p = a[k2] + eps, d = a[k2] + 2.0 * eps;
-          x0[k2] = p;
-          x1[k2] = 2.0 * p / d;
-          x2[k2] = eps > 0.0 ? 2.0 * eps / d : 1.0;
-        }
-        K.log_f64(x0, x3, n);   // log p
-        K.log_f64(x1, x1, n);   // log(2p/d)
-        K.log_f64(x2, x2, n);   // log(2eps/d)
+        // u(a) = 1/2 [p log(2p/(a + 2eps)) + eps log(2eps/(a + 2eps))], p = a + eps, a = x / sum:
+        // v1 = p, v2 = w, u into x0 (the divisions and logs vectorized in the kernel)
+        K.js_row_f64(an, static_cast<std::size_t>(n), sum, eps, v1, v2, x0);
         CompSum U;
-        for (int64_t k2 = 0; k2 < n; ++k2) {
-          const double p = x0[k2];
-          const double u = 0.5 * (p * x1[k2] + eps * x2[k2]);
-          v1[k2] = p;
-          v2[k2] = 0.5 * p * x3[k2] - u;
-          U.add(u);
-        }
+        for (int64_t k2 = 0; k2 < n; ++k2) U.add(x0[k2]);
         S.c1[r] = U.value();
       } else {  // kl
         for (int64_t k2 = 0; k2 < n; ++k2) x0[k2] = eps > 0.0 ? (a[k2] + eps) / eps : a[k2];

@@ -43,6 +43,19 @@ void js_terms_f64_scalar(const double* p, const double* wp, const double* q, con
   }
 }
 
+void js_row_f64_scalar(const double* x, std::size_t n, double sum, double eps, double* p, double* w,
+                       double* u) {
+  for (std::size_t k = 0; k < n; ++k) {
+    const double a = x[k] / sum;
+    const double pk = a + eps, d = a + 2.0 * eps;
+    const double l1 = ::log(2.0 * pk / d), l2 = ::log(eps > 0.0 ? 2.0 * eps / d : 1.0);
+    const double uk = 0.5 * (pk * l1 + eps * l2);
+    p[k] = pk;
+    u[k] = uk;
+    w[k] = 0.5 * pk * ::log(pk) - uk;
+  }
+}
+
 void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   for (std::size_t k = 0; k < n; ++k) val[k] = c[k] - a[k] * y[k];
 }
@@ -94,6 +107,7 @@ const DivergenceKernels kKernels{
     js_sym_bin_f64_scalar,  // js_sym_bin_f64
     kl_posting_f64_scalar,  // kl_posting_f64
     js_terms_f64_scalar,  // js_terms_f64
+    js_row_f64_scalar,  // js_row_f64
     kl_terms_f64_scalar,  // kl_terms_f64
     js_dense_f64_scalar,  // js_dense_f64
     kl_dense_f64_scalar,  // kl_dense_f64

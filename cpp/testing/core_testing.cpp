@@ -53,6 +53,17 @@ PYBIND11_MODULE(_core_testing, m) {
   }, py::arg("x").noconvert(), py::arg("isa"),
      "The log of `isa`'s sparse js loop (0 < x <= 1; absolute error bound).");
 
+  // build_sparse's per-entry js values of one row: (p, w, u) from its raw values x and their sum.
+  m.def("divergence_js_row", [](const F64Array& x, double sum, double eps, const std::string& isa) {
+    if (x.ndim() != 1) throw py::value_error("x: expected a 1-D float64 array");
+    const std::size_t n = static_cast<std::size_t>(x.size());
+    py::array_t<double> p(n), w(n), u(n);
+    divergence_kernels(available(isa)).js_row_f64(x.data(), n, sum, eps, p.mutable_data(), w.mutable_data(),
+                                                  u.mutable_data());
+    return py::make_tuple(p, w, u);
+  }, py::arg("x").noconvert(), py::arg("sum"), py::arg("eps"), py::arg("isa"),
+     "js_row_f64 of `isa`: p = x/sum + eps, w and u of each entry (build_sparse, metric js).");
+
   // Validates a whole file image held in memory (fuzz tests); returns the keys in file order.
   m.def("parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
     std::string buf = data;
