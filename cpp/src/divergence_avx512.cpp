@@ -275,6 +275,30 @@ void js_row_f64_avx512(const double* x, std::size_t n, double sum, double eps, d
   }
 }
 
+bool check_row_f64_avx512(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                          int64_t* npos) {
+  // columns: signed > the previous one (the lane before, or the last of the previous vector;
+  // -1 before the first), unsigned < cols (negative ones fail too)
+  const __m256i vcols = _mm256_set1_epi32(static_cast<int32_t>(cols));
+  const __m512d zero = _mm512_setzero_pd(), inf = _mm512_set1_pd(__builtin_inf());
+  __m256i prev = _mm256_set1_epi32(-1);
+  __mmask8 bad = 0;
+  int64_t c = 0;
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m256i col = _mm256_maskz_loadu_epi32(m, idx + k);
+    const __m256i before = _mm256_alignr_epi32(col, prev, 7);  // [prev[7], col[0..6]]
+    const __m512d v = _mm512_maskz_loadu_pd(m, x + k);
+    const __mmask8 ok = _mm256_cmpgt_epi32_mask(col, before) & _mm256_cmplt_epu32_mask(col, vcols) &
+                        _mm512_cmp_pd_mask(v, zero, _CMP_GE_OQ) & _mm512_cmp_pd_mask(v, inf, _CMP_LT_OQ);
+    bad |= static_cast<__mmask8>(m & ~ok);
+    c += __builtin_popcount(_mm512_mask_cmp_pd_mask(m, v, zero, _CMP_GT_OQ));
+    prev = col;
+  }
+  *npos = c;
+  return bad == 0;
+}
+
 void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   for (std::size_t k = 0; k < n; k += 8) {
     const __mmask8 m = tail_mask(n - k);
@@ -382,6 +406,7 @@ const DivergenceKernels kKernels{
     kl_posting_f64_avx512,  // kl_posting_f64
     js_terms_f64_avx512,  // js_terms_f64
     js_row_f64_avx512,  // js_row_f64
+    check_row_f64_avx512,  // check_row_f64
     kl_terms_f64_avx512,  // kl_terms_f64
     js_dense_f64_avx512,  // js_dense_f64
     kl_dense_f64_avx512,  // kl_dense_f64

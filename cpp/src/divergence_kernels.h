@@ -62,6 +62,12 @@ using KlDenseF64Fn = void (*)(const double* const* p, const double* const* lp, i
 using WdDenseF64Fn = void (*)(const double* const* phi, const double* const* plo, int nb,
                               const double* qhi, const double* qlo, std::size_t n, double* sums);
 
+// One CSR row of float64 values (build_sparse's first pass): true when every column index is in
+// [0, cols) and above the one before it and every value is >= 0 and finite (NaN fails);
+// *npos = the number of values > 0. (false: the caller's scalar reader names the fault.)
+using CheckRowF64Fn = bool (*)(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                               int64_t* npos);
+
 struct DivergenceKernels {
   LogF64Fn log_f64;
   LogF64Fn log_abs_f64;
@@ -70,6 +76,7 @@ struct DivergenceKernels {
   KlPostingF64Fn kl_posting_f64;
   JsTermsF64Fn js_terms_f64;
   JsRowF64Fn js_row_f64;
+  CheckRowF64Fn check_row_f64;
   KlTermsF64Fn kl_terms_f64;
   JsDenseF64Fn js_dense_f64;
   KlDenseF64Fn kl_dense_f64;

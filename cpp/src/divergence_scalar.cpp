@@ -56,6 +56,20 @@ void js_row_f64_scalar(const double* x, std::size_t n, double sum, double eps, d
   }
 }
 
+bool check_row_f64_scalar(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                          int64_t* npos) {
+  bool ok = true;
+  int64_t prev = -1, c = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    const int64_t col = idx[k];
+    ok &= (col > prev) & (col < cols) & (x[k] >= 0.0) & (x[k] < HUGE_VAL);
+    prev = col;
+    c += x[k] > 0.0;
+  }
+  *npos = c;
+  return ok;
+}
+
 void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   for (std::size_t k = 0; k < n; ++k) val[k] = c[k] - a[k] * y[k];
 }
@@ -108,6 +122,7 @@ const DivergenceKernels kKernels{
     kl_posting_f64_scalar,  // kl_posting_f64
     js_terms_f64_scalar,  // js_terms_f64
     js_row_f64_scalar,  // js_row_f64
+    check_row_f64_scalar,  // check_row_f64
     kl_terms_f64_scalar,  // kl_terms_f64
     js_dense_f64_scalar,  // js_dense_f64
     kl_dense_f64_scalar,  // kl_dense_f64
