@@ -58,16 +58,15 @@ void js_row_f64_scalar(const double* x, std::size_t n, double sum, double eps, d
 
 bool check_row_f64_scalar(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
                           int64_t* npos) {
-  bool ok = true;
   int64_t prev = -1, c = 0;
   for (std::size_t k = 0; k < n; ++k) {
     const int64_t col = idx[k];
-    ok &= (col > prev) & (col < cols) & (x[k] >= 0.0) & (x[k] < HUGE_VAL);
+    if (col <= prev || col >= cols || !(x[k] >= 0.0) || !(x[k] < HUGE_VAL)) return false;
     prev = col;
     c += x[k] > 0.0;
   }
   *npos = c;
-  return ok;
+  return true;
 }
 
 void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val) {
