@@ -244,7 +244,9 @@ void js_sym_bin_f64_avx512(const double* h, const double* w, const int32_t* rows
   if (z < ze) {
     double* a = acc + (rows[z] - i0) * static_cast<int64_t>(N);
     const __m512d vh = _mm512_set1_pd(h[z]), vw = _mm512_set1_pd(w[z]);
-    for (std::size_t k = z + 1; k < n; k += 8) {
+    std::size_t k = z + 1;
+    for (; k + 8 <= n; k += 8) scatter_add_f64x8(a, rows, k, 0xFF, js_sym_terms_f64x8(vh, vw, h, w, k, 0xFF, t));
+    if (k < n) {
       const __mmask8 m = tail_mask(n - k);
       scatter_add_f64x8(a, rows, k, m, js_sym_terms_f64x8(vh, vw, h, w, k, m, t));
     }
