@@ -13,6 +13,6 @@ def test_core_has_no_private_hooks():
 def test_testing_module_is_built():
     from loramix import _core_testing  # missing means the build lacked -DLORAMIX_TESTING=ON
 
-    assert {"divergence_log", "divergence_log_abs", "parse_safetensors_bytes",
+    assert {"divergence_log", "divergence_log_abs", "divergence_js_row", "divergence_check_row", "parse_safetensors_bytes",
             "scalar_f32_to_bf16", "scalar_f32_to_f16"} <= set(dir(_core_testing))
     assert _core_testing.__name__ == "loramix._core_testing"

@@ -444,6 +444,95 @@ def test_log_abs_kernel_accuracy(isa, rng):
     assert np.all(err <= np.maximum(2.0 * ulp, 2.5e-16)), float(np.max(err / ulp))
 
 
+@pytest.mark.parametrize("eps", [1e-10, 0.0, 1e-3, 1e-300])
+def test_js_row_kernel_bits(isa, rng, eps):
+    """build_sparse's js values of a row (one kernel: divisions and logs vectorized) are, bit for
+    bit, the formula it replaced: each step rounded as written, the logs by the ISA's log_f64."""
+    from loramix import _core_testing  # test hooks: built with LORAMIX_TESTING (pip builds)
+    for n in (0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 1000):
+        for x in (np.round(rng.uniform(1, 300, n)), rng.uniform(1e-300, 1e-290, n)):
+            x = x.copy()
+            s = float(np.sum(x)) * rng.uniform(1.0, 1.5)
+            p, w, u = _core_testing.divergence_js_row(x, s, eps, isa)
+            a = x / s
+            want_p, d = a + eps, a + 2.0 * eps
+            lg = lambda v: _core_testing.divergence_log(np.ascontiguousarray(v), isa)  # noqa: E731
+            want_u = 0.5 * (want_p * lg(2.0 * want_p / d)
+                            + eps * lg(2.0 * eps / d if eps > 0 else np.ones(n)))
+            want_w = 0.5 * want_p * lg(want_p) - want_u
+            for got, want in ((p, want_p), (u, want_u), (w, want_w)):
+                assert got.tobytes() == want.tobytes(), (n, eps)
+            xo = np.concatenate([[0.0], x])[1:]  # offset by one element: unaligned loads
+            assert _core_testing.divergence_js_row(xo, s, eps, isa)[1].tobytes() == want_w.tobytes()
+
+
+def test_check_row_kernel(isa, rng):
+    """build_sparse's vector check of a CSR row against the rule it stands for, with one fault
+    (or two) at every position of rows around the vector widths; valid rows count their
+    non-zeros."""
+    from loramix import _core_testing  # test hooks: built with LORAMIX_TESTING (pip builds)
+
+    def want(idx, x, cols):
+        i = idx.astype(np.int64)
+        ok = bool(np.all(i < cols) and np.all(np.diff(np.concatenate([[-1], i])) > 0)
+                  and np.all(x >= 0) and np.all(x < np.inf))
+        return ok, int(np.sum(x > 0))
+
+    faults = [("col", -1), ("col", -5), ("col", "cols"), ("col", "dup"), ("col", "down"),
+              ("x", np.nan), ("x", np.inf), ("x", -np.inf), ("x", -1e-300), ("x", -0.0), ("x", 0.0)]
+    for n in (0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33):
+        cols = 3 * n + 10
+        for trial in range(3):
+            idx = np.sort(rng.choice(cols, n, replace=False)).astype(np.int32)
+            x = rng.uniform(0, 5, n) * (rng.random(n) > 0.2)
+            assert _core_testing.divergence_check_row(idx, x, cols, isa) == want(idx, x, cols)
+            for pos in range(n):
+                for kind, val in faults:
+                    i2, x2 = idx.copy(), x.copy()
+                    if kind == "x":
+                        x2[pos] = val
+                    elif val == "cols":
+                        i2[pos] = cols + trial
+                    elif val == "dup":
+                        i2[pos] = i2[pos - 1] if pos else -1
+                    elif val == "down":
+                        i2[pos] = i2[pos - 1] - 1 if pos else -2
+                    else:
+                        i2[pos] = val
+                    got = _core_testing.divergence_check_row(i2, x2, cols, isa)
+                    assert got[0] == want(i2, x2, cols)[0], (n, pos, kind, val)
+                    if got[0]:
+                        assert got == want(i2, x2, cols)
+
+
+def test_invalid_sparse_rows_name_the_first_fault(isa):
+    """Sparse float64 rows are checked by a vector kernel and summed in pairs; the message is still
+    the one for the first bad row, whatever the faults' positions in the vectors."""
+    V = 40
+    for n in (5, 8, 9, 17):
+        for pos in (0, n // 2, n - 1):
+            for bad_row in (0, 1, 2, 3):
+                # (a column out of range is refused in Python, before the core)
+                for fault, msg in (("nan", "NaN"), ("neg", "negative"), ("dup", "unsorted or duplicate"),
+                                   ("zero", "all zero")):
+                    indptr = np.arange(5) * n
+                    indices = np.tile(np.arange(n, dtype=np.int32) * 2, 4)
+                    data = np.ones(4 * n)
+                    k = bad_row * n + pos
+                    if fault == "nan":
+                        data[k] = np.nan
+                    elif fault == "neg":
+                        data[k] = -1.0
+                    elif fault == "dup":
+                        indices[k] = indices[k - 1] if pos else indices[k + 1]
+                    else:
+                        data[bad_row * n:(bad_row + 1) * n] = 0.0
+                    if bad_row < 3:  # a second bad row after it: its fault must not be the one named
+                        data[3 * n] = np.inf
+                    with pytest.raises(ValueError, match=f"row {bad_row} of P .*{msg}"):
+                        divergence(CSR(indptr, indices, data, V), None, "js", threads=1)
+
+
 def test_core_refuses_silent_copies():
     X = np.ones((3, 4))
     with pytest.raises(ValueError, match="C-contiguous"):

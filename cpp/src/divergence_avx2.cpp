@@ -162,6 +162,61 @@ void js_terms_f64_avx2(const double* p, const double* wp, const double* q, const
   }
 }
 
+void js_row_f64_avx2(const double* x, std::size_t n, double sum, double eps, double* p, double* w,
+                     double* u) {
+  const __m256d vs = _mm256_set1_pd(sum), ve = _mm256_set1_pd(eps), ve2 = _mm256_set1_pd(2.0 * eps);
+  const __m256d two = _mm256_set1_pd(2.0), half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+  const bool pos = eps > 0.0;
+  for (std::size_t k = 0; k < n; k += 4) {
+    const __m256i m = n - k >= 4 ? _mm256_set1_epi64x(-1) : tail_mask(n - k);
+    // unused lanes: x = sum, a = 1
+    const __m256d xv = _mm256_blendv_pd(vs, _mm256_maskload_pd(x + k, m), _mm256_castsi256_pd(m));
+    const __m256d a = _mm256_div_pd(xv, vs);
+    const __m256d pk = _mm256_add_pd(a, ve), d = _mm256_add_pd(a, ve2);
+    const __m256d l1 = log_f64x4(_mm256_div_pd(_mm256_mul_pd(two, pk), d));
+    const __m256d l2 = log_f64x4(pos ? _mm256_div_pd(ve2, d) : one);
+    const __m256d uk = _mm256_mul_pd(half, _mm256_add_pd(_mm256_mul_pd(pk, l1), _mm256_mul_pd(ve, l2)));
+    const __m256d wk = _mm256_sub_pd(_mm256_mul_pd(_mm256_mul_pd(half, pk), log_f64x4(pk)), uk);
+    _mm256_maskstore_pd(p + k, m, pk);
+    _mm256_maskstore_pd(u + k, m, uk);
+    _mm256_maskstore_pd(w + k, m, wk);
+  }
+}
+
+bool check_row_f64_avx2(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                        int64_t* npos) {
+  // columns: signed > the previous one (the lane before, or the last of the previous vector;
+  // -1 before the first) and, as cols - 1 >= col, < cols; col >= 0 follows from col > -1 ... > prev
+  const __m128i vmax = _mm_set1_epi32(static_cast<int32_t>(cols - 1));
+  const __m256d zero = _mm256_setzero_pd(), inf = _mm256_set1_pd(__builtin_inf());
+  __m128i prev = _mm_set1_epi32(-1), badc = _mm_setzero_si128();
+  __m256d badv = _mm256_setzero_pd();
+  int64_t c = 0;
+  std::size_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const __m128i col = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + k));
+    const __m128i before = _mm_alignr_epi8(col, prev, 12);  // [prev[3], col[0..2]]
+    badc = _mm_or_si128(badc, _mm_or_si128(_mm_cmpgt_epi32(before, col), _mm_cmpeq_epi32(before, col)));
+    badc = _mm_or_si128(badc, _mm_cmpgt_epi32(col, vmax));
+    const __m256d v = _mm256_loadu_pd(x + k);
+    // not (v >= 0 and v < inf): NaN included
+    badv = _mm256_or_pd(badv, _mm256_cmp_pd(v, zero, _CMP_NGE_UQ));
+    badv = _mm256_or_pd(badv, _mm256_cmp_pd(v, inf, _CMP_NLT_UQ));
+    c += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_pd(_mm256_cmp_pd(v, zero, _CMP_GT_OQ))));
+    prev = col;
+  }
+  bool ok = _mm_movemask_epi8(badc) == 0 && _mm256_movemask_pd(badv) == 0;
+  int64_t last = k ? idx[k - 1] : -1;
+  for (; k < n; ++k) {
+    const int64_t col = idx[k];
+    ok &= (col > last) & (col < cols) & (x[k] >= 0.0) & (x[k] < __builtin_inf());
+    last = col;
+    c += x[k] > 0.0;
+  }
+  *npos = c;
+  return ok;
+}
+
 void kl_terms_f64_avx2(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   // fused, as kl_posting_f64_avx2
   for (std::size_t k = 0; k < n; ++k) val[k] = __builtin_fma(-a[k], y[k], c[k]);
@@ -280,6 +335,8 @@ const DivergenceKernels kKernels{
     js_sym_bin_f64_avx2,  // js_sym_bin_f64
     kl_posting_f64_avx2,  // kl_posting_f64
     js_terms_f64_avx2,  // js_terms_f64
+    js_row_f64_avx2,  // js_row_f64
+    check_row_f64_avx2,  // check_row_f64
     kl_terms_f64_avx2,  // kl_terms_f64
     js_dense_f64_avx2,  // js_dense_f64
     kl_dense_f64_avx2,  // kl_dense_f64

@@ -197,9 +197,19 @@ void js_sym_bin_f64_avx512(const double* h, const double* w, const int32_t* rows
       if (!(h[z] > 0.0)) continue;  // padding
       double* a = acc + (static_cast<int64_t>(z) - i0) * static_cast<int64_t>(N);  // row z
       const __m512d vh = _mm512_set1_pd(h[z]), vw = _mm512_set1_pd(w[z]);
-      for (std::size_t k = z + 1; k < n; k += 8) {
+      // Full vectors without a tail mask, then the tail (measured, 502 x 32k: -6 ms of ~180 against
+      // one masked loop: the mask arithmetic took scalar uops from the vector ports).
+      // Padding (h == 0) is left alone.
+      std::size_t k = z + 1;
+      for (; k + 8 <= n; k += 8) {
+        const __m512d hk = _mm512_loadu_pd(h + k);
+        const __mmask8 pres = _mm512_cmp_pd_mask(hk, _mm512_setzero_pd(), _CMP_GT_OQ);
+        const __m512d mid = _mm512_add_pd(vh, hk);  // > 0 in every lane
+        const __m512d val = _mm512_fnmadd_pd(mid, log_abs_f64x8(mid, t), _mm512_add_pd(vw, _mm512_loadu_pd(w + k)));
+        _mm512_mask_storeu_pd(a + k, pres, _mm512_add_pd(_mm512_maskz_loadu_pd(pres, a + k), val));
+      }
+      if (k < n) {
         const __mmask8 m = tail_mask(n - k);
-        // padding (h == 0) and the tail are left alone
         const __mmask8 pres = _mm512_mask_cmp_pd_mask(m, _mm512_maskz_loadu_pd(m, h + k), _mm512_setzero_pd(), _CMP_GT_OQ);
         const __m512d val = js_sym_terms_f64x8(vh, vw, h, w, k, m, t);
         _mm512_mask_storeu_pd(a + k, pres, _mm512_add_pd(_mm512_maskz_loadu_pd(pres, a + k), val));
@@ -234,7 +244,9 @@ void js_sym_bin_f64_avx512(const double* h, const double* w, const int32_t* rows
   if (z < ze) {
     double* a = acc + (rows[z] - i0) * static_cast<int64_t>(N);
     const __m512d vh = _mm512_set1_pd(h[z]), vw = _mm512_set1_pd(w[z]);
-    for (std::size_t k = z + 1; k < n; k += 8) {
+    std::size_t k = z + 1;
+    for (; k + 8 <= n; k += 8) scatter_add_f64x8(a, rows, k, 0xFF, js_sym_terms_f64x8(vh, vw, h, w, k, 0xFF, t));
+    if (k < n) {
       const __mmask8 m = tail_mask(n - k);
       scatter_add_f64x8(a, rows, k, m, js_sym_terms_f64x8(vh, vw, h, w, k, m, t));
     }
@@ -253,6 +265,50 @@ void js_terms_f64_avx512(const double* p, const double* wp, const double* q, con
     const __m512d w = _mm512_add_pd(_mm512_maskz_loadu_pd(m, wp + k), _mm512_maskz_loadu_pd(m, wq + k));
     _mm512_mask_storeu_pd(val + k, m, _mm512_fnmadd_pd(mid, log_abs_f64x8(mid, t), w));
   }
+}
+
+void js_row_f64_avx512(const double* x, std::size_t n, double sum, double eps, double* p, double* w,
+                       double* u) {
+  const LogTables t = load_tables();
+  const __m512d vs = _mm512_set1_pd(sum), ve = _mm512_set1_pd(eps), ve2 = _mm512_set1_pd(2.0 * eps);
+  const __m512d two = _mm512_set1_pd(2.0), half = _mm512_set1_pd(0.5), one = _mm512_set1_pd(1.0);
+  const bool pos = eps > 0.0;
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m512d a = _mm512_div_pd(_mm512_mask_loadu_pd(vs, m, x + k), vs);  // unused lanes: a = 1
+    const __m512d pk = _mm512_add_pd(a, ve), d = _mm512_add_pd(a, ve2);
+    const __m512d l1 = log_f64x8(_mm512_div_pd(_mm512_mul_pd(two, pk), d), t);
+    const __m512d l2 = log_f64x8(pos ? _mm512_div_pd(ve2, d) : one, t);
+    const __m512d uk = _mm512_mul_pd(half, _mm512_add_pd(_mm512_mul_pd(pk, l1), _mm512_mul_pd(ve, l2)));
+    const __m512d wk = _mm512_sub_pd(_mm512_mul_pd(_mm512_mul_pd(half, pk), log_f64x8(pk, t)), uk);
+    _mm512_mask_storeu_pd(p + k, m, pk);
+    _mm512_mask_storeu_pd(u + k, m, uk);
+    _mm512_mask_storeu_pd(w + k, m, wk);
+  }
+}
+
+bool check_row_f64_avx512(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                          int64_t* npos) {
+  // columns: signed > the previous one (the lane before, or the last of the previous vector;
+  // -1 before the first), unsigned < cols (negative ones fail too)
+  const __m256i vcols = _mm256_set1_epi32(static_cast<int32_t>(cols));
+  const __m512d zero = _mm512_setzero_pd(), inf = _mm512_set1_pd(__builtin_inf());
+  __m256i prev = _mm256_set1_epi32(-1);
+  __mmask8 bad = 0;
+  int64_t c = 0;
+  for (std::size_t k = 0; k < n; k += 8) {
+    const __mmask8 m = tail_mask(n - k);
+    const __m256i col = _mm256_maskz_loadu_epi32(m, idx + k);
+    const __m256i before = _mm256_alignr_epi32(col, prev, 7);  // [prev[7], col[0..6]]
+    const __m512d v = _mm512_maskz_loadu_pd(m, x + k);
+    const __mmask8 ok = _mm256_cmpgt_epi32_mask(col, before) & _mm256_cmplt_epu32_mask(col, vcols) &
+                        _mm512_cmp_pd_mask(v, zero, _CMP_GE_OQ) & _mm512_cmp_pd_mask(v, inf, _CMP_LT_OQ);
+    bad |= static_cast<__mmask8>(m & ~ok);
+    c += __builtin_popcount(_mm512_mask_cmp_pd_mask(m, v, zero, _CMP_GT_OQ));
+    prev = col;
+  }
+  *npos = c;
+  return bad == 0;
 }
 
 void kl_terms_f64_avx512(const double* c, const double* a, const double* y, std::size_t n, double* val) {
@@ -361,6 +417,8 @@ const DivergenceKernels kKernels{
     js_sym_bin_f64_avx512,  // js_sym_bin_f64
     kl_posting_f64_avx512,  // kl_posting_f64
     js_terms_f64_avx512,  // js_terms_f64
+    js_row_f64_avx512,  // js_row_f64
+    check_row_f64_avx512,  // check_row_f64
     kl_terms_f64_avx512,  // kl_terms_f64
     js_dense_f64_avx512,  // js_dense_f64
     kl_dense_f64_avx512,  // kl_dense_f64

@@ -56,6 +56,22 @@ struct CompSum {
   double value() const { return s + c; }
 };
 
+// Compensated sums of two sequences side by side: two dependency chains instead of one, each
+// sum adding its own values in its own order, as CompSum::add one at a time would.
+// Positive: only the values > 0 are added.
+template <bool Positive>
+void comp_sum2(const double* x1, int64_t n1, const double* x2, int64_t n2, CompSum* s1, CompSum* s2) {
+  const int64_t n = std::min(n1, n2);
+  for (int64_t k = 0; k < n; ++k) {
+    if (!Positive || x1[k] > 0.0) s1->add(x1[k]);
+    if (!Positive || x2[k] > 0.0) s2->add(x2[k]);
+  }
+  for (int64_t k = n; k < n1; ++k)
+    if (!Positive || x1[k] > 0.0) s1->add(x1[k]);
+  for (int64_t k = n; k < n2; ++k)
+    if (!Positive || x2[k] > 0.0) s2->add(x2[k]);
+}
+
 // Throws std::invalid_argument "divergence: row r of name what".
 [[noreturn]] void bad_row(const char* name, int64_t r, const std::string& what);
 // v as text, for messages.

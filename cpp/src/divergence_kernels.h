@@ -40,6 +40,13 @@ using KlTermsF64Fn = void (*)(const double* c, const double* a, const double* y,
 // Sparse kl: acc[rows[k]] += c - a * y[k]. Rows distinct within a call.
 using KlPostingF64Fn = void (*)(double c, double a, const double* y, const int32_t* rows,
                                 std::size_t n, double* acc);
+// Sparse js, the per-entry values of one row (build_sparse) from its n non-zero values x and
+// their sum: with a = x / sum, p = a + eps, d = a + 2 eps,
+//   p[k] = p,   u[k] = 0.5 (p log(2p / d) + eps log(2 eps / d)),   w[k] = (0.5 p) log p - u[k]
+// (2 eps / d read as 1 where eps == 0), the logs by this table's log_f64, every operation
+// rounded as written (vector divisions are IEEE divisions: all ISAs round each step the same).
+using JsRowF64Fn = void (*)(const double* x, std::size_t n, double sum, double eps, double* p,
+                            double* w, double* u);
 // Dense js over n bins, nb rows of P against one row of R:
 //   sums[b] += sum_k (hp[b][k] + hq[k] - m log m), m = (p[b][k] + q[k]) / 2, terms with m == 0
 //   contribute 0. hp = p log p / 2 with 0 log 0 = 0.
@@ -55,6 +62,12 @@ using KlDenseF64Fn = void (*)(const double* const* p, const double* const* lp, i
 using WdDenseF64Fn = void (*)(const double* const* phi, const double* const* plo, int nb,
                               const double* qhi, const double* qlo, std::size_t n, double* sums);
 
+// One CSR row of float64 values (build_sparse's first pass): true when every column index is in
+// [0, cols) and above the one before it and every value is >= 0 and finite (NaN fails);
+// *npos = the number of values > 0. (false: the caller's scalar reader names the fault.)
+using CheckRowF64Fn = bool (*)(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                               int64_t* npos);
+
 struct DivergenceKernels {
   LogF64Fn log_f64;
   LogF64Fn log_abs_f64;
@@ -62,6 +75,8 @@ struct DivergenceKernels {
   JsSymBinF64Fn js_sym_bin_f64;
   KlPostingF64Fn kl_posting_f64;
   JsTermsF64Fn js_terms_f64;
+  JsRowF64Fn js_row_f64;
+  CheckRowF64Fn check_row_f64;
   KlTermsF64Fn kl_terms_f64;
   JsDenseF64Fn js_dense_f64;
   KlDenseF64Fn kl_dense_f64;

@@ -2,6 +2,7 @@
 // normalization, and the per-row precomputation of the sparse algorithm (Sparse rows).
 #include "divergence_internal.h"
 
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 
@@ -38,19 +39,51 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
   S.cols = M.cols;
   std::vector<int64_t> count(M.rows);
   std::vector<double> sums(M.rows);
+  // The scalar reader: validates row r (throws, naming the fault) and sums it.
+  auto read_row = [&](int64_t r) {
+    int64_t c = 0;
+    sums[r] = scan_row(M, name, r, [&](int64_t, double) { ++c; });
+    count[r] = c;
+  };
+  // Sparse float64 rows: checked by a vector kernel (the reader runs only on a row that fails,
+  // to throw its message) and summed two rows at a time: each row's compensated sum adds the
+  // same values in the same order, two dependency chains run side by side. Errors come in the
+  // reader's order (row r's before row r + 1's).
+  const bool fast = M.sparse && M.dtype == DType::F64;
+  const double* data = static_cast<const double*>(M.data);
+  auto checked = [&](int64_t r) {
+    const int64_t o = M.indptr[r];
+    return K.check_row_f64(M.indices + o, data + o, static_cast<std::size_t>(M.indptr[r + 1] - o), M.cols,
+                           &count[r]);
+  };
+  auto finish = [&](int64_t r, double total) {
+    if (total == 0.0 || !(total < kInf)) read_row(r);  // throws: all zero / sums to infinity
+    sums[r] = total;
+  };
   parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int) {
-    for (std::size_t r = b; r < e; ++r) {
-      int64_t c = 0;
-      sums[r] = scan_row(M, name, static_cast<int64_t>(r), [&](int64_t, double) { ++c; });
-      count[r] = c;
+    for (int64_t r = static_cast<int64_t>(b); r < static_cast<int64_t>(e); ++r) {
+      if (!fast) {
+        read_row(r);
+        continue;
+      }
+      if (!checked(r)) read_row(r);  // throws
+      if (r + 1 == static_cast<int64_t>(e) || !checked(r + 1)) {
+        read_row(r);  // alone (if r + 1 failed, row r's own error, if any, comes first)
+        continue;
+      }
+      CompSum s1, s2;
+      comp_sum2<true>(data + M.indptr[r], M.indptr[r + 1] - M.indptr[r], data + M.indptr[r + 1],
+                      M.indptr[r + 2] - M.indptr[r + 1], &s1, &s2);
+      finish(r, s1.value());
+      finish(r + 1, s2.value());
+      ++r;
     }
   });
   S.ptr.assign(M.rows + 1, 0);
   for (int64_t r = 0; r < M.rows; ++r) S.ptr[r + 1] = S.ptr[r] + count[r];
   const int64_t nnz = S.ptr[M.rows];
   S.idx.resize(nnz);
-  const bool keep_a = metric != Metric::js;  // js needs a only to derive p, w and U
-  if (keep_a) S.a.resize(nnz);
+  if (metric != Metric::js) S.a.resize(nnz);  // js needs a only to derive p, w and U
   if (metric != Metric::wd) {
     S.v1.resize(nnz);
     S.v2.resize(nnz);
@@ -60,7 +93,45 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
   int64_t max_row = 0;
   for (int64_t r = 0; r < M.rows; ++r) max_row = std::max(max_row, count[r]);
   const int nt = std::max(1, threads);
-  std::vector<std::vector<double>> scratch(nt, std::vector<double>(metric == Metric::wd ? 0 : 5 * max_row));
+  if (metric == Metric::js) {
+    // Two rows at a time: for each, its column indices and the raw values it holds (straight
+    // from the input where that is float64 without explicit zeros), then p, w and u by the
+    // row kernel (u(a) = 1/2 [p log(2p/(a + 2eps)) + eps log(2eps/(a + 2eps))], p = a + eps,
+    // a = x / sum: divisions and logs vectorized), then the two rows' U side by side.
+    std::vector<std::vector<double>> scratch(nt, std::vector<double>(4 * max_row));
+    parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
+      double* t0 = scratch[w].data();
+      for (int64_t r = static_cast<int64_t>(b); r < static_cast<int64_t>(e); r += 2) {
+        const int64_t rn = std::min<int64_t>(r + 2, static_cast<int64_t>(e));
+        for (int64_t q = r; q < rn; ++q) {
+          const int64_t o = S.ptr[q], n = count[q];
+          int32_t* ix = S.idx.data() + o;
+          double* xr = t0 + (2 + q - r) * max_row;
+          const double* x = xr;
+          if (fast && M.indptr[q + 1] - M.indptr[q] == n) {
+            std::memcpy(ix, M.indices + M.indptr[q], static_cast<std::size_t>(n) * sizeof(int32_t));
+            x = data + M.indptr[q];
+          } else {
+            int64_t k = 0;
+            auto put = [&](int64_t col, double v) {
+              ix[k] = static_cast<int32_t>(col);
+              xr[k++] = v;
+            };
+            if (M.dtype == DType::F32) each_nonzero<float>(M, q, put);
+            else each_nonzero<double>(M, q, put);
+          }
+          K.js_row_f64(x, static_cast<std::size_t>(n), sums[q], eps, S.v1.data() + o, S.v2.data() + o,
+                       t0 + (q - r) * max_row);
+        }
+        CompSum U1, U2;
+        comp_sum2<false>(t0, count[r], t0 + max_row, rn - r == 2 ? count[r + 1] : 0, &U1, &U2);
+        S.c1[r] = U1.value();
+        if (rn - r == 2) S.c1[r + 1] = U2.value();
+      }
+    });
+    return S;
+  }
+  std::vector<std::vector<double>> scratch(nt, std::vector<double>(metric == Metric::wd ? 0 : max_row));
 
   parallel_for(M.rows, 16, threads, cancel, [&](std::size_t b, std::size_t e, int w) {
     double* t0 = scratch[w].data();
@@ -68,7 +139,7 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       const int64_t r = static_cast<int64_t>(rr);
       const int64_t o = S.ptr[r], n = count[r];
       const double sum = sums[r];
-      double* an = keep_a ? S.a.data() + o : t0 + 4 * n;
+      double* an = S.a.data() + o;
       int32_t* ix = S.idx.data() + o;
       int64_t k = 0;
       auto put = [&](int64_t col, double x) {
@@ -83,30 +154,7 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       double* v1 = S.v1.data() + o;
       double* v2 = S.v2.data() + o;
       double* x0 = t0;
-      double* x1 = t0 + n;
-      double* x2 = t0 + 2 * n;
-      double* x3 = t0 + 3 * n;
-      if (metric == Metric::js) {
-        // u(a) = 1/2 [p log(2p/(a + 2eps)) + eps log(2eps/(a + 2eps))], p = a + eps.
-        for (int64_t k2 = 0; k2 < n; ++k2) {
-          const double p = a[k2] + eps, d = a[k2] + 2.0 * eps;
-          x0[k2] = p;
-          x1[k2] = 2.0 * p / d;
-          x2[k2] = eps > 0.0 ? 2.0 * eps / d : 1.0;
-        }
-        K.log_f64(x0, x3, n);   // log p
-        K.log_f64(x1, x1, n);   // log(2p/d)
-        K.log_f64(x2, x2, n);   // log(2eps/d)
-        CompSum U;
-        for (int64_t k2 = 0; k2 < n; ++k2) {
-          const double p = x0[k2];
-          const double u = 0.5 * (p * x1[k2] + eps * x2[k2]);
-          v1[k2] = p;
-          v2[k2] = 0.5 * p * x3[k2] - u;
-          U.add(u);
-        }
-        S.c1[r] = U.value();
-      } else {  // kl
+      {  // kl
         for (int64_t k2 = 0; k2 < n; ++k2) x0[k2] = eps > 0.0 ? (a[k2] + eps) / eps : a[k2];
         K.log_f64(x0, v1, n);
         for (int64_t k2 = 0; k2 < n; ++k2)  // (a + eps)/eps overflows for eps below ~1e-308

@@ -43,6 +43,32 @@ void js_terms_f64_scalar(const double* p, const double* wp, const double* q, con
   }
 }
 
+void js_row_f64_scalar(const double* x, std::size_t n, double sum, double eps, double* p, double* w,
+                       double* u) {
+  for (std::size_t k = 0; k < n; ++k) {
+    const double a = x[k] / sum;
+    const double pk = a + eps, d = a + 2.0 * eps;
+    const double l1 = ::log(2.0 * pk / d), l2 = ::log(eps > 0.0 ? 2.0 * eps / d : 1.0);
+    const double uk = 0.5 * (pk * l1 + eps * l2);
+    p[k] = pk;
+    u[k] = uk;
+    w[k] = 0.5 * pk * ::log(pk) - uk;
+  }
+}
+
+bool check_row_f64_scalar(const int32_t* idx, const double* x, std::size_t n, int64_t cols,
+                          int64_t* npos) {
+  int64_t prev = -1, c = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    const int64_t col = idx[k];
+    if (col <= prev || col >= cols || !(x[k] >= 0.0) || !(x[k] < HUGE_VAL)) return false;
+    prev = col;
+    c += x[k] > 0.0;
+  }
+  *npos = c;
+  return true;
+}
+
 void kl_terms_f64_scalar(const double* c, const double* a, const double* y, std::size_t n, double* val) {
   for (std::size_t k = 0; k < n; ++k) val[k] = c[k] - a[k] * y[k];
 }
@@ -94,6 +120,8 @@ const DivergenceKernels kKernels{
     js_sym_bin_f64_scalar,  // js_sym_bin_f64
     kl_posting_f64_scalar,  // kl_posting_f64
     js_terms_f64_scalar,  // js_terms_f64
+    js_row_f64_scalar,  // js_row_f64
+    check_row_f64_scalar,  // check_row_f64
     kl_terms_f64_scalar,  // kl_terms_f64
     js_dense_f64_scalar,  // js_dense_f64
     kl_dense_f64_scalar,  // kl_dense_f64

@@ -53,6 +53,29 @@ PYBIND11_MODULE(_core_testing, m) {
   }, py::arg("x").noconvert(), py::arg("isa"),
      "The log of `isa`'s sparse js loop (0 < x <= 1; absolute error bound).");
 
+  // build_sparse's per-entry js values of one row: (p, w, u) from its raw values x and their sum.
+  m.def("divergence_js_row", [](const F64Array& x, double sum, double eps, const std::string& isa) {
+    if (x.ndim() != 1) throw py::value_error("x: expected a 1-D float64 array");
+    const std::size_t n = static_cast<std::size_t>(x.size());
+    py::array_t<double> p(n), w(n), u(n);
+    divergence_kernels(available(isa)).js_row_f64(x.data(), n, sum, eps, p.mutable_data(), w.mutable_data(),
+                                                  u.mutable_data());
+    return py::make_tuple(p, w, u);
+  }, py::arg("x").noconvert(), py::arg("sum"), py::arg("eps"), py::arg("isa"),
+     "js_row_f64 of `isa`: p = x/sum + eps, w and u of each entry (build_sparse, metric js).");
+
+  // build_sparse's vector check of one CSR row: (all valid, count of values > 0).
+  m.def("divergence_check_row", [](const py::array_t<int32_t, py::array::c_style>& idx, const F64Array& x,
+                                   int64_t cols, const std::string& isa) {
+    if (idx.ndim() != 1 || x.ndim() != 1 || idx.size() != x.size())
+      throw py::value_error("idx, x: expected 1-D arrays of one length");
+    int64_t npos = -1;
+    const bool ok = divergence_kernels(available(isa)).check_row_f64(idx.data(), x.data(),
+                                                                     static_cast<std::size_t>(x.size()), cols, &npos);
+    return py::make_tuple(ok, npos);
+  }, py::arg("idx").noconvert(), py::arg("x").noconvert(), py::arg("cols"), py::arg("isa"),
+     "check_row_f64 of `isa`: (indices in range and increasing, values finite and >= 0; values > 0).");
+
   // Validates a whole file image held in memory (fuzz tests); returns the keys in file order.
   m.def("parse_safetensors_bytes", [](const py::bytes& data, const std::string& name) {
     std::string buf = data;
