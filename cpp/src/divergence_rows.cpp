@@ -154,24 +154,23 @@ Sparse build_sparse(const HistMatrix& M, const char* name, Metric metric, double
       double* v1 = S.v1.data() + o;
       double* v2 = S.v2.data() + o;
       double* x0 = t0;
-      {  // kl
-        for (int64_t k2 = 0; k2 < n; ++k2) x0[k2] = eps > 0.0 ? (a[k2] + eps) / eps : a[k2];
-        K.log_f64(x0, v1, n);
-        for (int64_t k2 = 0; k2 < n; ++k2)  // (a + eps)/eps overflows for eps below ~1e-308
-          if (!(x0[k2] <= std::numeric_limits<double>::max())) v1[k2] = std::log(a[k2] + eps) - std::log(eps);
-        CompSum F, G;
-        for (int64_t k2 = 0; k2 < n; ++k2) {
-          if (eps > 0.0) {
-            v2[k2] = 0.0;
-            F.add((a[k2] + eps) * v1[k2]);
-            G.add(v1[k2]);
-          } else {
-            v2[k2] = a[k2] * v1[k2];
-          }
+      // kl (wd rows stop above)
+      for (int64_t k2 = 0; k2 < n; ++k2) x0[k2] = eps > 0.0 ? (a[k2] + eps) / eps : a[k2];
+      K.log_f64(x0, v1, n);
+      for (int64_t k2 = 0; k2 < n; ++k2)  // (a + eps)/eps overflows for eps below ~1e-308
+        if (!(x0[k2] <= std::numeric_limits<double>::max())) v1[k2] = std::log(a[k2] + eps) - std::log(eps);
+      CompSum F, G;
+      for (int64_t k2 = 0; k2 < n; ++k2) {
+        if (eps > 0.0) {
+          v2[k2] = 0.0;
+          F.add((a[k2] + eps) * v1[k2]);
+          G.add(v1[k2]);
+        } else {
+          v2[k2] = a[k2] * v1[k2];
         }
-        S.c1[r] = F.value();
-        S.c2[r] = -eps * G.value();
       }
+      S.c1[r] = F.value();
+      S.c2[r] = -eps * G.value();
     }
   });
   return S;

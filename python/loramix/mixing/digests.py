@@ -14,13 +14,13 @@ fsyncs, and a write-back error still reaches its fsync.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 
 from loramix.bank.integrity import SafetensorsDigest, read_safetensors_header
 
-_ITEM = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def _start_writeback():
@@ -42,32 +42,29 @@ def _start_writeback():
 class HashBehind:
     """SHA-256 and finiteness of safetensors files being written, computed behind the writer.
 
-    ``paths``: the files (their headers written, their sizes set); ``entries[q]``: output q's
-    ``(key, dtype, shape)`` in file order; ``module_of``: the module a key belongs to. Call
+    ``paths``: the files (their headers written, their sizes set: each tensor's place and dtype
+    are read from the header); ``module_of``: the module a key belongs to. Call
     :meth:`written` after each module, then :meth:`finish` for ``[(sha256, finite) or None]``
     (None: that file could not be followed; hash it afresh). :meth:`close` stops at once.
     """
 
-    def __init__(self, paths, entries, module_of, chunk: int = 1 << 20) -> None:
+    def __init__(self, paths, module_of, chunk: int = 1 << 20) -> None:
         self._fds, self._digests, self._pos, self._ends, self._safe = [], [], [], [], []
         try:
-            for p, ents in zip(paths, entries):
+            for p in paths:
                 fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
                 self._fds.append(fd)
                 with os.fdopen(os.dup(fd), "rb") as fh:
                     header, whole = read_safetensors_header(fh)
-                dtypes = {d for _, d, _ in ents}
-                dtype = dtypes.pop() if whole and len(dtypes) == 1 else None
-                self._digests.append(SafetensorsDigest(header, dtype))
+                tensors = _header_tensors(header) if whole else {}
+                dtypes = {t["dtype"] for t in tensors.values()}
+                self._digests.append(SafetensorsDigest(header, dtypes.pop() if len(dtypes) == 1 else None))
                 self._pos.append(len(header))
                 self._safe.append(len(header))
-                ends, off = {}, len(header)
-                for key, d, shape in ents:
-                    n = _ITEM.get(d, 0)
-                    for s in shape:
-                        n *= int(s)
-                    off += n
-                    ends[module_of(key)] = off
+                ends: dict = {}   # per module: where its last tensor's data ends in the file
+                for key, t in tensors.items():
+                    m, end = module_of(key), len(header) + int(t["data_offsets"][1])
+                    ends[m] = max(ends.get(m, 0), end)
                 self._ends.append(ends)
         except BaseException:
             self._close_fds()
@@ -141,3 +138,15 @@ class HashBehind:
             except OSError:
                 pass
         self._fds = []
+
+
+def _header_tensors(header: bytes) -> dict:
+    """``{key: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's first bytes (its 8
+    length bytes and JSON header); {} where they do not parse (then nothing is hashed before
+    :meth:`HashBehind.finish`, which hashes the whole file)."""
+    try:
+        meta = json.loads(header[8:])
+        return {k: v for k, v in meta.items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2}
+    except (ValueError, AttributeError):
+        return {}

@@ -109,7 +109,7 @@ from loramix.mixing import modes as mixmod
 from loramix.bank import peft_io
 from loramix.bank.bank import Bank, BankError, file_sha256
 from loramix.mixing.output import (GenerateResult, OutputError, check_output, finish_stage,  # noqa: F401
-                                   content_key, is_complete, seal, stage_folder, swap_in, target_key, weight_matrix,
+                                   content_key, is_complete, stage_folder, swap_in, target_key, weight_matrix,
                                    weights_metadata)
 from loramix.mixing.scheduler import connect as connect_scheduler
 from loramix.version import version
@@ -275,10 +275,12 @@ def _own_stages(out: Path, run: str) -> list[Path]:
 
 
 def _finish(spec, bank, q, info, stage, out, extra) -> str:
-    """Config, provenance (sealed with the checksums) and card, then the rename into place."""
+    """Config, provenance (sealed with the checksums, in its one write) and card, then the rename
+    into place."""
     (stage / BATCH_MARK).unlink(missing_ok=True)
-    finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra)
-    sha = seal(stage, spec["keys"][q], spec["split"])
+    sha = info.sha256 = file_sha256(stage / peft_io.WEIGHTS_NAME)
+    finish_stage(bank, spec["W"][q], info, stage, out, spec["mode"], spec["dtype"], extra,
+                 key=spec["keys"][q], split=spec["split"])
     if out.exists() and not spec["overwrite"]:
         raise OutputError(f"output {out} appeared during the batch; not replaced")
     swap_in(stage, out)

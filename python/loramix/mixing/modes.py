@@ -163,7 +163,7 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
 
             key_module = {peft_io.tensor_key(n, ab): n for n in modules for ab in "AB"}
             try:
-                behind = HashBehind([w.temp_path for w in writers], entries, key_module.get)
+                behind = HashBehind([w.temp_path for w in writers], key_module.get)
             except OSError:   # e.g. out of descriptors: the outputs are hashed after the mix instead
                 behind = None
         written = behind.written if behind is not None else (lambda name: None)

@@ -182,7 +182,7 @@ def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dty
     ``key``: the provenance is sealed in the same write (what :func:`seal` adds, the same bytes),
     with the weights' SHA-256 from ``info.sha256`` when the mix took it. The weights are checked
     for NaN/inf here unless the mix found them all finite (``info.finite``) as it hashed them."""
-    bad = None if getattr(info, "finite", None) is True else guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
+    bad = None if info.finite is True else guard.nonfinite_tensor(stage / peft_io.WEIGHTS_NAME)
     if bad:
         raise OutputError(f"output {out}: tensor {bad[0]} would hold a non-finite value (flat index {bad[1]}): "
                           "a member used holds NaN/inf (rebuild the bank to find it) or the sum overflows; "
@@ -202,7 +202,7 @@ def finish_stage(bank: Bank, w_row, info, stage: Path, out: Path, mode: str, dty
     prov = _provenance(res, bank, dtype_name, extra)
     card = _card(prov)
     if key is not None:
-        prov["batch"] = _batch(stage, key, split, getattr(info, "sha256", "") or None)
+        prov["batch"] = _batch(stage, key, split, info.sha256 or None)
     (stage / PROVENANCE_NAME).write_text(json.dumps(prov, indent=1) + "\n")
     (stage / "README.md").write_text(card)
     return res
