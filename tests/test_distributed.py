@@ -146,7 +146,7 @@ def test_batch_equals_local_run(w, queries, client, tmp_path, tmp_path_factory, 
 def _install_block(marker: str):
     """In a worker: the first call of ``factors_inputs`` in the cluster records its pid and
     blocks (until the test kills this process); every other call runs normally."""
-    import loramix.mixing.modes as m
+    import loramix.mixing.factors as m
 
     orig = m.__dict__.setdefault("_orig_factors_inputs", m.factors_inputs)
 
@@ -166,7 +166,7 @@ def _install_block(marker: str):
 
 
 def _uninstall_block():
-    import loramix.mixing.modes as m
+    import loramix.mixing.factors as m
 
     if "_orig_factors_inputs" in m.__dict__:
         m.factors_inputs = m.__dict__.pop("_orig_factors_inputs")

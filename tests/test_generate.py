@@ -408,14 +408,14 @@ def test_the_version_is_looked_up_when_needed_and_ahead_of_the_mix(w, tmp_path):
 
 
 def test_factors_inputs_gathered_ahead_fail_at_their_module(w, tmp_path, monkeypatch):
-    """The next module's core inputs are gathered by a helper thread while the core mixes: an
-    error there is raised at that module's turn (the modules before it mixed, none after), and
-    nothing is written; with a progress bar the mix is the same."""
-    from loramix.mixing import modes as mix
+    """The modules' core inputs are gathered by a helper thread while the core's pass mixes: an
+    error there is raised once the modules before it are mixed (none after is added to the
+    pass), and nothing is written; with a progress bar the mix is the same."""
+    from loramix.mixing import factors as mix
 
     ref = generate(w.queries["animals_q"], w.bank, tmp_path / "ref")
     real, seen, mixed = mix.factors_inputs, [], []
-    real_run = mix._run_factors_jobs
+    real_add = mix.add_factors_jobs
 
     def failing(bank, W, name, *a, **k):
         seen.append(name)
@@ -424,7 +424,7 @@ def test_factors_inputs_gathered_ahead_fail_at_their_module(w, tmp_path, monkeyp
         return real(bank, W, name, *a, **k)
 
     monkeypatch.setattr(mix, "factors_inputs", failing)
-    monkeypatch.setattr(mix, "_run_factors_jobs", lambda name, *a: mixed.append(name) or real_run(name, *a))
+    monkeypatch.setattr(mix, "add_factors_jobs", lambda mp, name, *a: mixed.append(name) or real_add(mp, name, *a))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError) as e:
         generate(w.queries["animals_q"], w.bank, out)

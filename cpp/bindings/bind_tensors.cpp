@@ -240,35 +240,78 @@ void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
   w.write_entry(idx, data, from);
 }
 
+// Where row q of a mix goes: entry `name` of writer q, checked to hold n elements.
+struct MixTargets {
+  std::vector<OutTarget> out;
+  std::vector<int> idx;
+};
+
+MixTargets mix_targets(const std::vector<SafetensorsWriter*>& ws, const std::string& name, uint64_t n) {
+  MixTargets t;
+  t.out.resize(ws.size());
+  t.idx.resize(ws.size());
+  for (std::size_t q = 0; q < ws.size(); ++q) {
+    t.idx[q] = writer_entry(*ws[q], name);
+    if (ws[q]->numel(t.idx[q]) != n)
+      throw py::value_error("tensor '" + name + "' of the writer for '" + ws[q]->path() + "' has " +
+                            std::to_string(ws[q]->numel(t.idx[q])) + " elements but the sources have " +
+                            std::to_string(n));
+    t.out[q].fd = ws[q]->fd();
+    t.out[q].offset = ws[q]->offset(t.idx[q]);
+    t.out[q].dtype = ws[q]->entries()[t.idx[q]].dtype;
+    t.out[q].path = &ws[q]->temp_path();
+  }
+  return t;
+}
+
+// Weights of `sources` for `Q` writers: a Q x K float32 array (1-D means Q = 1).
+py::array_t<float, py::array::c_style> mix_weights(const py::handle& weights, const Sources& s, std::size_t Q) {
+  std::size_t rows = 0;
+  auto w = weights_2d(weights, s.views.size(), &rows);
+  if (rows != Q)
+    throw py::value_error("weights has " + std::to_string(rows) + " rows for " + std::to_string(Q) + " writers");
+  return w;
+}
+
 void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string& name,
                    const py::handle& sources, const py::handle& weights, int threads) {
   Sources s = collect_sources(sources);
-  std::size_t Q = 0;
-  auto w = weights_2d(weights, s.views.size(), &Q);
-  if (Q != ws.size())
-    throw py::value_error("weights has " + std::to_string(Q) + " rows for " + std::to_string(ws.size()) + " writers");
-  std::vector<OutTarget> out(Q);
-  std::vector<int> idx(Q);
-  for (std::size_t q = 0; q < Q; ++q) {
-    idx[q] = writer_entry(*ws[q], name);
-    if (ws[q]->numel(idx[q]) != s.n)
-      throw py::value_error("tensor '" + name + "' of the writer for '" + ws[q]->path() + "' has " +
-                            std::to_string(ws[q]->numel(idx[q])) + " elements but the sources have " +
-                            std::to_string(s.n));
-    out[q].fd = ws[q]->fd();
-    out[q].offset = ws[q]->offset(idx[q]);
-    out[q].dtype = ws[q]->entries()[idx[q]].dtype;
-    out[q].path = &ws[q]->temp_path();
-  }
+  const std::size_t Q = ws.size();
+  auto w = mix_weights(weights, s, Q);
+  MixTargets t = mix_targets(ws, name, s.n);
   const float* W = w.data();
   const std::size_t K = s.views.size();
   Pins pins;
   for (auto* x : ws) pins.add(x);
   run_interruptible([&](Cancel& c) {
-    weighted_sum(s.views.data(), K, W, Q, s.n, out.data(), threads, &c);
+    weighted_sum(s.views.data(), K, W, Q, s.n, t.out.data(), threads, &c);
     return 0;
   });
-  for (std::size_t q = 0; q < Q; ++q) ws[q]->mark_written(idx[q]);
+  for (std::size_t q = 0; q < Q; ++q) ws[q]->mark_written(t.idx[q]);
+}
+
+// A pass of mix_into calls run as one (WsumPass): added one by one (from any Python thread),
+// run once. Each call's sources stay referenced until the call is done; the writers are
+// pinned open until run() returns.
+struct PyPass {
+  std::unique_ptr<WsumPass> pass;
+  std::vector<Sources> sources;                           // per call, dropped once it is done
+  std::vector<py::object> writers;                        // alive until run() returns
+  std::vector<std::pair<SafetensorsWriter*, int>> marks;  // entries marked written after run()
+  std::unique_ptr<Pins> pins = std::make_unique<Pins>();
+  std::size_t dropped = 0;  // calls [0, dropped) have released their sources
+
+  // Under the GIL: release the sources of the calls done so far.
+  void drop_done(std::size_t done) {
+    for (; dropped < done; ++dropped) sources[dropped] = Sources();
+  }
+};
+
+std::vector<SafetensorsWriter*> writer_list(const py::sequence& writers) {
+  std::vector<SafetensorsWriter*> ws;
+  for (py::handle h : writers) ws.push_back(&open_writer(h.cast<PyWriter&>()));
+  if (ws.empty()) throw py::value_error("mix_into: no writers");
+  return ws;
 }
 
 template <class In, class Out>
@@ -443,10 +486,61 @@ void register_tensors(py::module_& m) {
 
   m.def("mix_into", [](const py::sequence& writers, const std::string& name, const py::object& sources,
                        const py::object& weights, int threads) {
-    std::vector<SafetensorsWriter*> ws;
-    for (py::handle h : writers) ws.push_back(&open_writer(h.cast<PyWriter&>()));
-    mix_into_impl(ws, name, sources, weights, threads);
+    mix_into_impl(writer_list(writers), name, sources, weights, threads);
   }, py::arg("writers"), py::arg("name"), py::arg("sources"), py::arg("weights"), py::arg("threads") = 0);
+
+  py::class_<PyPass>(m, "MixPass",
+                     "mix_into calls run as one pass on one set of threads (see wsum.h, WsumPass).")
+      .def(py::init([](int threads) {
+             PyPass p;
+             p.pass = std::make_unique<WsumPass>(threads);
+             return p;
+           }), py::arg("threads") = 0)
+      .def("add", [](PyPass& p, const py::sequence& writers, const std::string& name, const py::object& sources,
+                     const py::object& weights) {
+        std::vector<SafetensorsWriter*> ws = writer_list(writers);
+        Sources s = collect_sources(sources);
+        auto w = mix_weights(weights, s, ws.size());
+        MixTargets t = mix_targets(ws, name, s.n);
+        const std::size_t i = p.pass->add(s.views.data(), s.views.size(), w.data(), ws.size(), s.n, t.out.data());
+        for (std::size_t q = 0; q < ws.size(); ++q) {
+          p.pins->add(ws[q]);
+          p.marks.emplace_back(ws[q], t.idx[q]);
+          p.writers.push_back(py::reinterpret_borrow<py::object>(writers[q]));
+        }
+        p.sources.push_back(std::move(s));
+        return i;
+      }, py::arg("writers"), py::arg("name"), py::arg("sources"), py::arg("weights"),
+         "Adds the call mix_into(writers, name, sources, weights); returns its index.")
+      .def("close", [](PyPass& p) { p.pass->close(); }, "No more calls: run() returns once all are done.")
+      .def("done", [](const PyPass& p) { return p.pass->done(); },
+           "Calls finished in order: calls [0, done()) are written.")
+      .def("__len__", [](const PyPass& p) { return p.pass->size(); })
+      .def_property_readonly("threads", [](const PyPass& p) { return p.pass->threads(); })
+      .def("run", [](PyPass& p, const py::object& progress) {
+        std::size_t seen = 0;
+        auto tick = [&] {
+          const std::size_t d = p.pass->done();
+          p.drop_done(d);
+          if (d > seen && !progress.is_none()) progress(d);
+          seen = std::max(seen, d);
+        };
+        try {
+          run_interruptible([&](Cancel& c) {
+            p.pass->run(&c);
+            return 0;
+          }, tick, std::chrono::milliseconds(5));
+        } catch (...) {
+          p.pins.reset();
+          throw;
+        }
+        p.pins.reset();
+        for (auto& [w, idx] : p.marks) w->mark_written(idx);
+        p.drop_done(p.pass->done());
+        p.writers.clear();
+      }, py::arg("progress") = py::none(),
+         "Runs the calls until close() and all are done. progress(done) is called from this thread "
+         "(with the GIL) as calls finish, every 5 ms at most; not after the last call.");
 
   m.def("weighted_sum", [](const py::object& sources, const py::object& weights, const std::string& out_dtype,
                            int threads) {

@@ -16,24 +16,33 @@
 namespace loramix::bind {
 namespace py = pybind11;
 
-// Runs f(Cancel&) on a helper thread with the GIL released. Every 50 ms the calling thread
-// re-takes the GIL and runs PyErr_CheckSignals(); if a handler raised (KeyboardInterrupt),
-// the kernel is asked to cancel, joined, and the Python error propagates. The kernel must
-// poll cancel.requested() (parallel_for does between blocks).
-template <class F>
-auto run_interruptible(F&& f) -> decltype(f(std::declval<Cancel&>())) {
+// Runs f(Cancel&) on a helper thread with the GIL released. Every `period` the calling thread
+// re-takes the GIL, runs PyErr_CheckSignals() and then tick(); if a handler raised
+// (KeyboardInterrupt) or tick() threw, the kernel is asked to cancel, joined, and that error
+// propagates. The kernel must poll cancel.requested() (parallel_for does between blocks).
+template <class F, class Tick>
+auto run_interruptible(F&& f, Tick&& tick, std::chrono::milliseconds period) -> decltype(f(std::declval<Cancel&>())) {
   using R = decltype(f(std::declval<Cancel&>()));
   Cancel cancel;
   std::packaged_task<R()> task([&] { return f(cancel); });
   std::future<R> fut = task.get_future();
   bool interrupted = false;
+  std::exception_ptr tick_error;
   {
     py::gil_scoped_release release;
     std::thread th(std::move(task));
-    while (fut.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
+    while (fut.wait_for(period) != std::future_status::ready) {
       py::gil_scoped_acquire acquire;
       if (PyErr_CheckSignals() != 0) {
         interrupted = true;
+      } else {
+        try {
+          tick();
+        } catch (...) {
+          tick_error = std::current_exception();
+        }
+      }
+      if (interrupted || tick_error) {
         cancel.request();
         // Keep the Python error set; wait for the kernel to stop.
         {
@@ -45,14 +54,20 @@ auto run_interruptible(F&& f) -> decltype(f(std::declval<Cancel&>())) {
     }
     th.join();
   }
-  if (interrupted) {
+  if (interrupted || tick_error) {
     try {
       fut.get();
     } catch (...) {
     }
+    if (tick_error) std::rethrow_exception(tick_error);
     throw py::error_already_set();
   }
   return fut.get();
+}
+
+template <class F>
+auto run_interruptible(F&& f) -> decltype(f(std::declval<Cancel&>())) {
+  return run_interruptible(std::forward<F>(f), [] {}, std::chrono::milliseconds(50));
 }
 
 // A C-contiguous view of `arr` with dtype T, or a TypeError/ValueError that names `what`

@@ -47,6 +47,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "loramix/dtype.h"
@@ -77,6 +78,39 @@ struct OutTarget {
 // W is Q x K row-major (float32). out has Q entries.
 void weighted_sum(const SrcView* src, std::size_t K, const float* W, std::size_t Q, std::size_t n,
                   const OutTarget* out, int threads, Cancel* cancel);
+
+// Many weighted_sum calls run as one pass on one set of threads. The calls' chunks are handed
+// out in call order, one at a time, so a thread that has finished its share of one call goes on
+// with the next instead of waiting for the other threads at the end of each call (a mix of 192
+// tensors paid that wait 192 times: half of its threads' sleeps). Each call's outputs are the
+// bytes weighted_sum writes for the same arguments (every element's chain of terms is the
+// same). Calls may be added from another thread while run() goes on, until close().
+//  - add() copies the views, the weights and the targets; the sources' bytes (or files), the
+//    output memory and the output files must stay valid until run() returns.
+//  - done(): the number of calls finished in call order (calls [0, done()) are written).
+//  - Errors: a chunk that throws stops the pass (no chunk is handed out after it; chunks already
+//    running finish); run() rethrows the first error, or throws Cancelled once `cancel` is
+//    requested. add() after close() or after run() has returned throws std::logic_error.
+//  - Memory: one set of weighted_sum's per-thread scratch for the whole pass (sized by its
+//    largest call), plus each call's plan (O(K Q)).
+class WsumPass {
+ public:
+  explicit WsumPass(int threads);
+  ~WsumPass();
+  WsumPass(const WsumPass&) = delete;
+  WsumPass& operator=(const WsumPass&) = delete;
+  std::size_t add(const SrcView* src, std::size_t K, const float* W, std::size_t Q, std::size_t n,
+                  const OutTarget* out);
+  void close();
+  void run(Cancel* cancel);
+  std::size_t done() const;
+  std::size_t size() const;  // calls added so far
+  int threads() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
 
 // G is K x K row-major (float64), overwritten.
 void gram(const SrcView* src, std::size_t K, std::size_t n, double* G, int threads, Cancel* cancel);

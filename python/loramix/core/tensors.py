@@ -2,7 +2,7 @@
 
 - :class:`SafetensorsFile`: memory-mapped, validated like the reference reader; zero-copy
   read-only views; :meth:`SafetensorsFile.tensor` gives a :class:`TensorRef` for the kernels.
-- :func:`weighted_sum`, :func:`gram`, :func:`mix_into`: streamed over the sources in chunks,
+- :func:`weighted_sum`, :func:`gram`, :func:`mix_into` (:class:`MixPass`: many at once): streamed over the sources in chunks,
   f32 accumulation (Gram: f64), threads in C++, GIL released, Ctrl-C works.
 - :class:`SafetensorsWriter`: header fixed up front, data streamed into a temporary file in
   the destination folder, fsync + atomic rename on commit.
@@ -149,6 +149,57 @@ def mix_into(writers: Sequence[SafetensorsWriter], name: str, sources: Sequence,
     if w.ndim == 1:
         w = w[None, :]
     _core.mix_into(writers, name, sources, w, _threads(threads))
+
+
+class MixPass:
+    """Many :func:`mix_into` calls run as one pass over one set of threads.
+
+    The calls' chunks are handed out in call order, so a thread that has finished its share of
+    one tensor goes on with the next instead of waiting at the end of each call; each output is
+    the bytes :func:`mix_into` writes. Calls may be :meth:`add`-ed from another Python thread
+    while :meth:`run` goes on (it releases the GIL), until :meth:`close`::
+
+        p = MixPass(threads=2)
+        p.add(writers, "m.lora_A.weight", refs_a, W)   # -> 0
+        p.add(writers, "m.lora_B.weight", refs_b, W)   # -> 1
+        p.close()
+        p.run(progress=lambda done: ...)                # calls [0, done) are written
+
+    ``progress(done)`` is called on :meth:`run`'s thread as calls finish (at most every 5 ms)
+    and once more after the last; Ctrl-C (or an error raised by ``progress``) stops the pass.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self._p = _core.MixPass(_threads(threads))
+
+    @property
+    def threads(self) -> int:
+        return self._p.threads
+
+    def add(self, writers: Sequence[SafetensorsWriter], name: str, sources: Sequence, weights) -> int:
+        """Add ``mix_into(writers, name, sources, weights)``; returns its index in the pass."""
+        sources = list(sources)
+        if not sources:
+            raise ValueError("mix_into: no sources")
+        w = _weights(weights, len(sources))
+        return self._p.add(list(writers), name, sources, w[None, :] if w.ndim == 1 else w)
+
+    def close(self) -> None:
+        """No more calls: :meth:`run` returns once every call added is done."""
+        self._p.close()
+
+    def done(self) -> int:
+        """Calls finished in order: calls ``[0, done())`` are written."""
+        return self._p.done()
+
+    def __len__(self) -> int:
+        return len(self._p)
+
+    def run(self, progress=None) -> None:
+        """Run the calls until :meth:`close` has been called and all are done."""
+        self._p.run(progress)
+        if progress is not None:
+            progress(self._p.done())
 
 
 def tensor_refs(files: Sequence[SafetensorsFile], names: Sequence[str]) -> list:

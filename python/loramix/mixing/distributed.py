@@ -105,6 +105,7 @@ from typing import Sequence
 
 import numpy as np
 
+from loramix.mixing import factors
 from loramix.mixing import modes as mixmod
 from loramix.bank import peft_io
 from loramix.bank.bank import Bank, BankError, file_sha256
@@ -318,7 +319,7 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
 
 
 def _factors_rows(bank, W, name, holders, infos, writers, spec):
-    """``mix._factors_jobs`` + ``mix._run_factors_jobs`` for all targets of the batch, in memory;
+    """``factors.factors_jobs`` + ``factors.add_factors_jobs`` (one weighted sum per tensor) for all targets of the batch, in memory;
     owned rows are written."""
     from loramix.core import tensors
 
@@ -329,7 +330,7 @@ def _factors_rows(bank, W, name, holders, infos, writers, spec):
     for r_out, targets in groups.items():
         if not any(q in writers for q in targets):
             continue
-        a_src, b_src, wa, wb = mixmod.factors_inputs(bank, W, name, holders, targets, r_out)
+        a_src, b_src, wa, wb = factors.factors_inputs(bank, W, name, holders, targets, r_out)
         for ab, src, w in (("A", a_src, wa), ("B", b_src, wb)):
             rows = tensors.weighted_sum(src, w, spec["dtype"], threads=spec["threads"])
             for j, q in enumerate(targets):

@@ -17,7 +17,8 @@ Modes:
     PEFT's ``add_weighted_adapter(combination_type="linear")`` differs: it puts
     ``sqrt(w_i s_i)`` on *each* factor, so a single adapter with weight ``w`` gives ``w s B A``
     there and ``w² s B A`` here (and in the paper). Streamed: one pass over the bank for all
-    targets (``tensors.mix_into`` with a Q × K weight matrix); zero weights are never read.
+    targets and tensors (:mod:`loramix.mixing.factors`: a ``tensors.MixPass`` of one Q × K
+    weighted sum per tensor); zero weights are never read.
 
 ``concat`` (exact)
     ``Σ w_i s_i B_i A_i`` as one adapter of rank ``Σ r_i`` over the members used:
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loramix.bank import peft_io
+from loramix.mixing import factors
 
 MODES = ("factors", "concat", "svd")
 _DTYPES = {"f32": "F32", "float32": "F32", "fp32": "F32", "f16": "F16", "float16": "F16",
@@ -146,7 +148,7 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
     out_dtype = normalize_dtype(dtype, bank.dtype)
     infos = plan(bank, W, mode, rank)
     modules = bank.module_index()
-    writers, behind = [], None
+    writers, behind, bar = [], None, None
     try:
         entries = [entries_for(bank, infos[q], out_dtype, modules) for q in range(len(paths))]
         for q, path in enumerate(paths):
@@ -155,9 +157,9 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
         items = list(modules.items())
         if progress:
             from tqdm import tqdm
-            items = tqdm(items, desc=f"mix ({mode})", unit="module", file=sys.stderr, leave=False)
+            bar = tqdm(total=len(items), desc=f"mix ({mode})", unit="module", file=sys.stderr, leave=False)
         if mode == "svd":
-            _mix_exact_parallel(bank, W, items, infos, writers, mode, threads)
+            _mix_exact_parallel(bank, W, items, infos, writers, mode, threads, bar)
         elif digest:   # the outputs are hashed behind the mix, module by module
             from loramix.mixing.digests import HashBehind
 
@@ -168,13 +170,19 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
                 behind = None
         written = behind.written if behind is not None else (lambda name: None)
         if mode == "factors":
-            _mix_all_factors(bank, W, list(modules.items()), items, infos, writers, threads, written)
+            factors.mix_factors(bank, W, items, infos, writers, threads, written, bar)
         for name, holders in (items if mode == "concat" else ()):
             mix_exact(bank, W, name, holders, infos, writers, mode)
             written(name)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         known, behind = (behind.finish() if behind is not None else None), None
         commit_all(writers, infos if digest else None, out_dtype, known)
     except BaseException:
+        if bar is not None:
+            bar.close()
         if behind is not None:
             behind.close()
         for w in writers:
@@ -233,71 +241,6 @@ def entries_for(bank, info: MixInfo, out_dtype: str, modules: dict) -> list[tupl
         entries.append((peft_io.tensor_key(name, "A"), out_dtype, (r, inn)))
         entries.append((peft_io.tensor_key(name, "B"), out_dtype, (out, r)))
     return entries
-
-
-def _mix_all_factors(bank, W, modules: list, items, infos, writers, threads, written) -> None:
-    """``factors`` over every module (``items``: ``modules``, maybe behind a progress bar), with
-    ``written(name)`` after each. The next module's core inputs (a TensorRef per member and
-    factor: ~0.25 s at N = 502 in all) are gathered by a helper thread while the core mixes this
-    module (it releases the GIL); an error there is raised when its module's turn comes, as before."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as helper:
-        nxt = helper.submit(_factors_jobs, bank, W, *modules[0], infos) if modules else None
-        for i, (name, _) in enumerate(items):
-            jobs = nxt.result()
-            if i + 1 < len(modules):
-                nxt = helper.submit(_factors_jobs, bank, W, *modules[i + 1], infos)
-            _run_factors_jobs(name, jobs, writers, threads)
-            written(name)
-
-
-def _factors_jobs(bank, W, name, holders, infos) -> list:
-    """Module ``name``'s ``factors`` core calls: ``[(targets, a_src, b_src, wa, wb)]``, the targets
-    grouped by their output rank (usually one group)."""
-    groups: dict[int, list[int]] = {}
-    for q in range(W.shape[0]):
-        if name in infos[q].ranks:
-            groups.setdefault(infos[q].ranks[name], []).append(q)
-    return [(targets, *factors_inputs(bank, W, name, holders, targets, r_out)) for r_out, targets in groups.items()]
-
-
-def _run_factors_jobs(name, jobs, writers, threads) -> None:
-    from loramix.core import tensors
-
-    for targets, a_src, b_src, wa, wb in jobs:
-        ws = [writers[q] for q in targets]
-        tensors.mix_into(ws, peft_io.tensor_key(name, "A"), a_src, wa, threads=threads)
-        tensors.mix_into(ws, peft_io.tensor_key(name, "B"), b_src, wb, threads=threads)
-        # sources read through the mapping (beyond the descriptor budget) leave the process once read
-        tensors.release_pages([r for r in a_src + b_src if not getattr(r, "pread", False)])
-
-
-def factors_inputs(bank, W, name, holders, targets, r_out):
-    """The sources and weights of one ``factors`` core call: ``(a_src, b_src, wa, wb)``."""
-    from loramix.core import tensors
-
-    h = np.asarray(holders)
-    used = h[(W[np.ix_(targets, h)] != 0).any(axis=0)].tolist()   # one numpy call, not one per member
-    mem = [bank.members[i] for i in used]
-    specs = [m.modules[name] for m in mem]
-    scale = [ms.scaling for ms in specs]
-    if all(ms.rank == r_out for ms in specs):   # the usual case: one core call per factor
-        files = [m.file for m in mem]
-        a_src = tensors.tensor_refs(files, [ms.a_key for ms in specs])
-        b_src = tensors.tensor_refs(files, [ms.b_key for ms in specs])
-    else:
-        a_src, b_src = [], []
-        for m, ms in zip(mem, specs):
-            if ms.rank == r_out:
-                a_src.append(m.file.tensor(ms.a_key))
-                b_src.append(m.file.tensor(ms.b_key))
-            else:   # zero-pad a lower-rank member: extra rows of A / columns of B are zero
-                a_src.append(m.padded(ms.a_key, r_out, 0))
-                b_src.append(m.padded(ms.b_key, r_out, 1))
-    wa = W[np.ix_(targets, used)]
-    wb = wa * np.asarray(scale)[None, :]
-    return a_src, b_src, wa, wb
 
 
 def mix_exact(bank, W, name, holders, infos, writers, mode):
@@ -362,7 +305,7 @@ def exact_factors(bank, W, name, holders, infos, mode) -> dict[int, tuple[np.nda
     return out
 
 
-def _mix_exact_parallel(bank, W, items, infos, writers, mode, threads):
+def _mix_exact_parallel(bank, W, items, infos, writers, mode, threads, bar=None):
     """``svd`` over all modules: modules run in a pool of ``threads`` workers, each with
     single-threaded BLAS (small LAPACK calls on a loaded machine are 10-30x slower with
     OpenBLAS's own threads), and are written in module order by this thread. At most two
@@ -380,9 +323,13 @@ def _mix_exact_parallel(bank, W, items, infos, writers, mode, threads):
             while len(pending) > 2 * n:
                 done, fut = pending.popleft()
                 _write_exact(writers, done, fut.result())
+                if bar is not None:
+                    bar.update(1)
         while pending:
             done, fut = pending.popleft()
             _write_exact(writers, done, fut.result())
+            if bar is not None:
+                bar.update(1)
 
 
 class _blas_single_thread:
