@@ -3,7 +3,7 @@
 # loramix._core_testing) into build/asan, then the safetensors reader and kernel tests against it.
 #
 #   tools/sanitize.sh [PYTEST ARGS...]
-#     default: tests/test_safetensors.py tests/test_divergence.py tests/test_wsum.py tests/test_pread.py
+#     default: tests/test_safetensors.py tests/test_divergence.py tests/test_wsum.py tests/test_mixpass.py tests/test_pread.py
 #              tests/test_core_module.py
 #
 # The Python interpreter is not instrumented, so the ASan runtime is preloaded (LD_PRELOAD) and
@@ -40,6 +40,6 @@ export PYTHONPATH=$pkg
 cd "$root"
 python3 -c 'import loramix._core as c, loramix._core_testing as t; print("sanitized modules:", c.__file__, t.__file__, "ISAs:", c.available_isas())'
 if [[ $# -eq 0 ]]; then
-  set -- tests/test_safetensors.py tests/test_divergence.py tests/test_wsum.py tests/test_core_module.py tests/test_pread.py
+  set -- tests/test_safetensors.py tests/test_divergence.py tests/test_wsum.py tests/test_mixpass.py tests/test_core_module.py tests/test_pread.py
 fi
 exec python3 -m pytest -q -p no:cacheprovider "$@"
