@@ -215,3 +215,34 @@ def test_progress_error_stops_the_pass(tmp_path, rng):
         p.run(progress)
     for w in ws:
         w.abort()
+
+
+def test_a_signal_stops_the_pass(tmp_path):
+    """A signal handler that raises (Ctrl-C) stops a long pass: its error propagates, the
+    threads stop within a few chunks, and the writers can be aborted (nothing left behind)."""
+    import signal
+
+    x = np.ones(2_000_000, np.float32)
+    srcs = [x] * 500
+    ws = [SafetensorsWriter(str(tmp_path / f"s{q}.safetensors"), [(f"m{i}", "F32", (x.size,)) for i in range(40)])
+          for q in range(8)]
+    p = MixPass(threads=2)
+    for i in range(40):   # 40 calls of 8 rows x 500 sources x 2M elements: minutes if not stopped
+        p.add(ws, f"m{i}", srcs, np.ones((8, 500), np.float32))
+    p.close()
+
+    def handler(signum, frame):
+        raise _Stop()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(_Stop):
+            p.run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert p.done() < 40
+    for w in ws:
+        w.abort()
+    assert not list(tmp_path.iterdir())
