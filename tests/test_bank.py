@@ -45,6 +45,32 @@ def _rewrite(path, fn):
     save_file(fn(t), str(path))
 
 
+def test_module_ranks_are_each_members_rank(w, tmp_path):
+    """``Bank.module_ranks`` (what ``plan`` reads) against each member's own module spec, for a
+    bank opened from its index (members share module tables) and one opened member by member."""
+    from loramix.bank import index as bank_index
+
+    for b in (Bank.open(w.bank), _open_without_index(w, tmp_path, bank_index)):
+        got = b.module_ranks()
+        assert list(got) == list(b.module_index())
+        ranks = set()
+        for name, holders in b.module_index().items():
+            want = [b.members[i].modules[name].rank for i in holders]
+            assert got[name].dtype == np.int64 and got[name].tolist() == want
+            ranks.update(want)
+        assert len(ranks) > 1   # the tiny world's members have different ranks
+        assert b.module_ranks() is got
+
+
+def _open_without_index(w, tmp_path, bank_index):
+    root = tmp_path / "noindex"
+    shutil.copytree(w.bank, root)
+    (root / bank_index.INDEX_NAME).unlink()
+    b = Bank.open(root)
+    assert b._index is None
+    return b
+
+
 @pytest.mark.parametrize("problem,match", [
     ("base", "base model 'other/base-model'"),
     ("shape", "module model.layers.0.self_attn.q_proj is 32x40"),

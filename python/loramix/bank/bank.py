@@ -373,6 +373,7 @@ class Bank:
         self.skipped = skipped
         self._profiles = None
         self._module_index = None
+        self._module_ranks = None
         self._index = None      # the bank.index this bank was opened from, while it is current
 
     def module_index(self) -> dict[str, list[int]]:
@@ -390,6 +391,23 @@ class Bank:
                 v.sort()
             self._module_index = dict(sorted(out.items(), key=lambda kv: peft_io.natural_key(kv[0])))
         return self._module_index
+
+    def module_ranks(self) -> dict[str, np.ndarray]:
+        """Module name → the rank of each member of ``module_index()[name]``, in that order (int64).
+        Computed once, a module table at a time (members opened from a bank.index share theirs):
+        a plan over N = 502 members asked each member for each module's rank, ~30 ms a call."""
+        if self._module_ranks is None:
+            index = self.module_index()
+            full = {name: np.zeros(len(self.members), dtype=np.int64) for name in index}
+            groups: dict[int, tuple] = {}
+            for i, m in enumerate(self.members):
+                groups.setdefault(id(m.modules), (m.modules, []))[1].append(i)
+            for mods, idx in groups.values():
+                rows = np.asarray(idx)
+                for name, ms in mods.items():
+                    full[name][rows] = ms.rank
+            self._module_ranks = {name: full[name][np.asarray(h)] for name, h in index.items()}
+        return self._module_ranks
 
     def module_shape(self, name: str) -> tuple[int, int]:
         """``(in_features, out_features)`` of module ``name`` (the same in every member holding

@@ -84,13 +84,11 @@ def plan(bank, W: np.ndarray, mode: str, rank: int | None = None) -> list[MixInf
     W = np.atleast_2d(W)
     mem = bank.members
     modules = bank.module_index()
+    module_ranks = bank.module_ranks()
     infos = [MixInfo(members=[int(i) for i in np.flatnonzero(W[q])]) for q in range(W.shape[0])]
     for name, holders in modules.items():
-        h = np.asarray(holders)
-        nz = W[:, h] != 0                                    # (Q, holders)
-        used_any = nz.any(axis=0)
-        ranks = np.zeros(len(holders), dtype=np.int64)       # only members with a weight are looked at
-        ranks[used_any] = [mem[i].modules[name].rank for i in h[used_any]]
+        nz = W[:, np.asarray(holders)] != 0                  # (Q, holders)
+        ranks = module_ranks[name]
         ms = mem[holders[0]].modules[name]
         for q in np.flatnonzero(nz.any(axis=1)):
             used = ranks[nz[q]]
