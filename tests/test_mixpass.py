@@ -246,3 +246,48 @@ def test_a_signal_stops_the_pass(tmp_path):
     for w in ws:
         w.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_rows_discarded_or_renamed_are_the_full_calls_bytes(isa, tmp_path, rng):
+    """A writer None discards its row, and rows may go to differently named entries of one
+    file (what the distributed batch's workers do): the rows written are the bytes of the call
+    with every row wanted, on the per-row path and the GEMM panel alike."""
+    calls = _calls(tmp_path, rng)
+    ref = _writers(tmp_path, "ref", calls)
+    for targets, name, srcs, W, _ in calls:
+        mix_into([ref[q] for q in targets], name, srcs, W)
+    _commit(ref)
+    want = {(q, name): SafetensorsFile(ref[q].path).numpy(name) for targets, name, *_ in calls for q in targets}
+
+    kept = {t: [q for j, q in enumerate(targets) if (j + t) % 2 == 0] for t, (targets, *_) in enumerate(calls)}
+    ws = []
+    for q, dt in enumerate(OUT_DTYPES):
+        entries = [(name, dt, (X.shape[1],)) for t, (targets, name, _, _, X) in enumerate(calls) if q in kept[t]]
+        ws.append(SafetensorsWriter(str(tmp_path / f"part{q}.safetensors"), entries) if entries else None)
+    one = SafetensorsWriter(str(tmp_path / "one.safetensors"),
+                            [(f"t{q}/{name}", OUT_DTYPES[q], (X.shape[1],)) for targets, name, _, _, X in calls
+                             for q in targets])
+    p = MixPass(threads=2)
+    for t, (targets, name, srcs, W, _) in enumerate(calls):
+        p.add([ws[q] if q in kept[t] else None for q in targets], name, srcs, W)
+        p.add([one] * len(targets), [f"t{q}/{name}" for q in targets], srcs, W)
+    p.close()
+    p.run()
+    for w in ws + [one]:
+        if w is not None:
+            w.commit()
+    f = SafetensorsFile(one.path)
+    for (q, name), arr in want.items():
+        assert f.numpy(f"t{q}/{name}").tobytes() == arr.tobytes()
+    for t, (targets, name, *_) in enumerate(calls):
+        for q in kept[t]:
+            assert SafetensorsFile(ws[q].path).numpy(name).tobytes() == want[q, name].tobytes()
+
+    targets, name, srcs, W, _ = calls[0]
+    p = MixPass()
+    with pytest.raises(ValueError, match="every writer is None"):
+        p.add([None] * len(targets), name, srcs, W)
+    w0 = SafetensorsWriter(str(tmp_path / "x.safetensors"), [(name, "F32", (10_007,))])
+    with pytest.raises(ValueError, match="3 names for 5 writers"):
+        p.add([w0] + [None] * 4, ["a", "b", "c"], srcs, W)
+    w0.abort()

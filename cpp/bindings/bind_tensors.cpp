@@ -240,17 +240,23 @@ void write_array(PyWriter& pw, const std::string& name, const py::array& arr) {
   w.write_entry(idx, data, from);
 }
 
-// Where row q of a mix goes: entry `name` of writer q, checked to hold n elements.
+// Where row q of a mix goes: entry names[q] of writer q, checked to hold n elements; a null
+// writer discards its row (OutTarget::discard).
 struct MixTargets {
   std::vector<OutTarget> out;
   std::vector<int> idx;
 };
 
-MixTargets mix_targets(const std::vector<SafetensorsWriter*>& ws, const std::string& name, uint64_t n) {
+MixTargets mix_targets(const std::vector<SafetensorsWriter*>& ws, const std::vector<std::string>& names, uint64_t n) {
   MixTargets t;
   t.out.resize(ws.size());
-  t.idx.resize(ws.size());
+  t.idx.assign(ws.size(), -1);
   for (std::size_t q = 0; q < ws.size(); ++q) {
+    if (!ws[q]) {
+      t.out[q].discard = true;
+      continue;
+    }
+    const std::string& name = names[q];
     t.idx[q] = writer_entry(*ws[q], name);
     if (ws[q]->numel(t.idx[q]) != n)
       throw py::value_error("tensor '" + name + "' of the writer for '" + ws[q]->path() + "' has " +
@@ -278,7 +284,7 @@ void mix_into_impl(const std::vector<SafetensorsWriter*>& ws, const std::string&
   Sources s = collect_sources(sources);
   const std::size_t Q = ws.size();
   auto w = mix_weights(weights, s, Q);
-  MixTargets t = mix_targets(ws, name, s.n);
+  MixTargets t = mix_targets(ws, std::vector<std::string>(Q, name), s.n);
   const float* W = w.data();
   const std::size_t K = s.views.size();
   Pins pins;
@@ -496,22 +502,39 @@ void register_tensors(py::module_& m) {
              p.pass = std::make_unique<WsumPass>(threads);
              return p;
            }), py::arg("threads") = 0)
-      .def("add", [](PyPass& p, const py::sequence& writers, const std::string& name, const py::object& sources,
+      .def("add", [](PyPass& p, const py::sequence& writers, const py::object& names, const py::object& sources,
                      const py::object& weights) {
-        std::vector<SafetensorsWriter*> ws = writer_list(writers);
+        const std::size_t Q = writers.size();
+        if (Q == 0) throw py::value_error("mix_into: no writers");
+        std::vector<SafetensorsWriter*> ws(Q, nullptr);
+        for (std::size_t q = 0; q < Q; ++q)
+          if (!writers[q].is_none()) ws[q] = &open_writer(writers[q].cast<PyWriter&>());
+        if (std::all_of(ws.begin(), ws.end(), [](SafetensorsWriter* x) { return x == nullptr; }))
+          throw py::value_error("MixPass.add: every writer is None (nothing would be written)");
+        std::vector<std::string> nm(Q);
+        if (py::isinstance<py::str>(names)) {
+          std::fill(nm.begin(), nm.end(), names.cast<std::string>());
+        } else {
+          const auto ns = names.cast<py::sequence>();
+          if (ns.size() != Q)
+            throw py::value_error("names: " + std::to_string(ns.size()) + " names for " + std::to_string(Q) + " writers");
+          for (std::size_t q = 0; q < Q; ++q) nm[q] = ns[q].cast<std::string>();
+        }
         Sources s = collect_sources(sources);
-        auto w = mix_weights(weights, s, ws.size());
-        MixTargets t = mix_targets(ws, name, s.n);
-        const std::size_t i = p.pass->add(s.views.data(), s.views.size(), w.data(), ws.size(), s.n, t.out.data());
-        for (std::size_t q = 0; q < ws.size(); ++q) {
+        auto w = mix_weights(weights, s, Q);
+        MixTargets t = mix_targets(ws, nm, s.n);
+        const std::size_t i = p.pass->add(s.views.data(), s.views.size(), w.data(), Q, s.n, t.out.data());
+        for (std::size_t q = 0; q < Q; ++q) {
+          if (!ws[q]) continue;
           p.pins->add(ws[q]);
           p.marks.emplace_back(ws[q], t.idx[q]);
           p.writers.push_back(py::reinterpret_borrow<py::object>(writers[q]));
         }
         p.sources.push_back(std::move(s));
         return i;
-      }, py::arg("writers"), py::arg("name"), py::arg("sources"), py::arg("weights"),
-         "Adds the call mix_into(writers, name, sources, weights); returns its index.")
+      }, py::arg("writers"), py::arg("names"), py::arg("sources"), py::arg("weights"),
+         "Adds the call mix_into(writers, name, sources, weights); `names`: one name for every "
+         "writer, or one per writer; a writer None discards its row. Returns the call's index.")
       .def("close", [](PyPass& p) { p.pass->close(); }, "No more calls: run() returns once all are done.")
       .def("done", [](const PyPass& p) { return p.pass->done(); },
            "Calls finished in order: calls [0, done()) are written.")

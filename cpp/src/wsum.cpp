@@ -295,6 +295,7 @@ void run_chunk(const WsumPlan& p, std::size_t ci, WsumWorker& w, const WsumKerne
     for (std::size_t j = 0; j < nb; ++j) w.slot[j] = fetch(src[act[a0 + j]], c0, cnt, stage + j * C);
     const std::size_t last = act[a0 + nb - 1];
     for (std::size_t q = 0; q < Q; ++q) {
+      if (out[q].discard) continue;  // rows are independent here: nothing else depends on it
       const auto& ks = row_k[q];
       const std::size_t p0 = w.pos[q];
       std::size_t p = p0, j = 0;
@@ -309,6 +310,7 @@ void run_chunk(const WsumPlan& p, std::size_t ci, WsumWorker& w, const WsumKerne
   }
   for (std::size_t q = 0; q < Q; ++q) {
     const OutTarget& o = out[q];
+    if (o.discard) continue;
     const std::size_t es = dtype_size(o.dtype);
     if (o.mem) {
       kr.from_f32(acc + q * C, cnt, static_cast<char*>(o.mem) + c0 * es, o.dtype);

@@ -66,13 +66,17 @@ struct SrcView {
 };
 
 // Where row q of a weighted sum goes: memory (mem != nullptr) or a file at byte `offset`
-// through pwrite (fd >= 0; `path` for messages).
+// through pwrite (fd >= 0; `path` for messages). `discard`: the row is not wanted (a worker of
+// a distributed batch that owns other rows): it is not written, and not computed where rows
+// are independent (the per-row path); it still counts in how the call's sources are
+// classified, so the other rows are the bytes of the call with every row wanted.
 struct OutTarget {
   void* mem = nullptr;
   int fd = -1;
   uint64_t offset = 0;
   DType dtype = DType::F32;
   const std::string* path = nullptr;
+  bool discard = false;
 };
 
 // W is Q x K row-major (float32). out has Q entries.

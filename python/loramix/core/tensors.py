@@ -176,13 +176,20 @@ class MixPass:
     def threads(self) -> int:
         return self._p.threads
 
-    def add(self, writers: Sequence[SafetensorsWriter], name: str, sources: Sequence, weights) -> int:
-        """Add ``mix_into(writers, name, sources, weights)``; returns its index in the pass."""
+    def add(self, writers: Sequence[SafetensorsWriter | None], name: str | Sequence[str], sources: Sequence,
+            weights) -> int:
+        """Add ``mix_into(writers, name, sources, weights)``; returns its index in the pass.
+
+        ``name`` may also be one name per writer (rows of one call into differently named
+        entries, e.g. of one file), and a writer may be None: its row is not written (a worker
+        that owns only some rows of a batch). Either way the rows written are the bytes of the
+        call with every row wanted."""
         sources = list(sources)
         if not sources:
             raise ValueError("mix_into: no sources")
         w = _weights(weights, len(sources))
-        return self._p.add(list(writers), name, sources, w[None, :] if w.ndim == 1 else w)
+        names = name if isinstance(name, str) else list(name)
+        return self._p.add(list(writers), names, sources, w[None, :] if w.ndim == 1 else w)
 
     def close(self) -> None:
         """No more calls: :meth:`run` returns once every call added is done."""

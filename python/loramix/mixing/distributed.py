@@ -18,9 +18,10 @@ How the work is split (``split=``)
 
     ``"targets"``: the targets are cut into ``G`` groups; a group's task reads the whole bank
     and writes its targets' adapters directly. No part files and no second pass, but the bank
-    is read ``G`` times. For bit-identity with a local run (see below) each task computes every
-    target's rows of each core call in memory and keeps its own: extra FMAs, no extra reads;
-    cheap exactly where this split is meant to be used (few targets, bound by reading the bank).
+    is read ``G`` times. For bit-identity with a local run (see below) every target of the batch
+    enters each core call, and the rows of other groups' targets are discarded (not written, and
+    not computed where the rows are independent): no extra reads; cheap exactly where this split
+    is meant to be used (few targets, bound by reading the bank).
 
     ``"auto"`` (the default) compares the two with the model below (:func:`choose_split`):
     by target, every machine reads the used bank ``B``; by module slices the cluster reads it
@@ -30,9 +31,11 @@ How the work is split (``split=``)
     extra tasks are pure overhead (measured: ``benches/bench_distributed.py``).
 
 Memory
-    A task holds one core call's result for every target in memory (so that each target sees
-    the local run's arithmetic): about ``Q × (largest LoRA factor) × 4`` bytes, e.g. 26 MB for
-    Q = 100 and a 4096 × 16 factor, plus the mapped pages of the bank it reads.
+    In ``factors`` mode a task runs its modules as one pass of the core
+    (:func:`loramix.mixing.factors.mix_factors`, as the local run does): the rows go straight
+    into the part or output files, so it holds the pass's per-thread chunks (a few MB) and the
+    inputs of at most 16 calls ahead. In ``concat``/``svd`` mode it holds one module's result per
+    target in memory.
 
 Results are identical to the bit to a local run of the same batch
     The core's weighted sum is deterministic per element for any thread count: chunk size and
@@ -40,7 +43,7 @@ Results are identical to the bit to a local run of the same batch
     threads. But they do depend on the batch (Q, and which members every target uses), so a
     target mixed alone may differ in the last bit from the same target mixed in a batch. Both
     splits therefore make exactly the local run's core calls (module slices: the same calls,
-    fewer modules per task; target groups: the full batch's rows, in memory). Workers use the
+    fewer modules per task; target groups: the full batch's rows, the others' discarded). Workers use the
     client's ISA (``isa="client"``), because SIMD kernels sum in another order; a worker whose
     CPU lacks it fails with a clear error (``isa=None`` lets each worker use its own, and gives
     up bit-identity across CPUs). The ``svd`` mode's QR/SVD run in numpy's LAPACK: identical for
@@ -186,14 +189,20 @@ class _Prefixed:
 def _mix_modules(bank: Bank, spec: dict, infos, index: dict, writers: dict) -> None:
     """The modules of ``index`` for the targets in ``writers`` (a dict q -> writer), with the
     local run's core calls: every target of the batch enters each call, the rows of the
-    targets in ``writers`` are written."""
+    targets in ``writers`` are written (factors: one pass of the core over all the modules, as
+    the local run mixes them)."""
     W, mode = spec["W"], spec["mode"]
-    for name, holders in index.items():
-        if mode == "factors":
-            _factors_rows(bank, W, name, holders, infos, writers, spec)
-        else:   # per target already: no other target enters its arithmetic
-            masked = [info if q in writers else mixmod.MixInfo() for q, info in enumerate(infos)]
-            mixmod.mix_exact(bank, W, name, holders, masked, writers, mode)
+    if mode == "factors":
+        def route(q, key):
+            w = writers.get(q)
+            return (w.writer, _part_key(q, key)) if isinstance(w, _Prefixed) else (w, key)
+
+        factors.mix_factors(bank, W, list(index.items()), infos, None, spec["threads"], lambda name: None,
+                            route=route)
+        return
+    for name, holders in index.items():   # per target already: no other target enters its arithmetic
+        masked = [info if q in writers else mixmod.MixInfo() for q, info in enumerate(infos)]
+        mixmod.mix_exact(bank, W, name, holders, masked, writers, mode)
 
 
 def _mix_slice(spec: dict, s: int) -> int:
@@ -316,26 +325,6 @@ def _mix_targets(spec: dict, owned: list, outs: list, extras: dict) -> list:
             w.abort()
         for st in stages.values():
             shutil.rmtree(st, ignore_errors=True)
-
-
-def _factors_rows(bank, W, name, holders, infos, writers, spec):
-    """``factors.factors_jobs`` + ``factors.add_factors_jobs`` (one weighted sum per tensor) for all targets of the batch, in memory;
-    owned rows are written."""
-    from loramix.core import tensors
-
-    groups: dict[int, list[int]] = {}
-    for q in range(W.shape[0]):
-        if name in infos[q].ranks:
-            groups.setdefault(infos[q].ranks[name], []).append(q)
-    for r_out, targets in groups.items():
-        if not any(q in writers for q in targets):
-            continue
-        a_src, b_src, wa, wb = factors.factors_inputs(bank, W, name, holders, targets, r_out)
-        for ab, src, w in (("A", a_src, wa), ("B", b_src, wb)):
-            rows = tensors.weighted_sum(src, w, spec["dtype"], threads=spec["threads"])
-            for j, q in enumerate(targets):
-                if q in writers:
-                    writers[q].write(peft_io.tensor_key(name, ab), np.ascontiguousarray(rows[j]))
 
 
 # ------------------------------------------------------------------ client side
