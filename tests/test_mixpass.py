@@ -168,6 +168,8 @@ def test_pass_errors(tmp_path, rng):
     p.run()
     with pytest.raises(RuntimeError, match="run\\(\\) called twice"):
         p.run()
+    with pytest.raises(RuntimeError, match="after run\\(\\) returned"):
+        p.add([ws[q] for q in targets], name, srcs, W)
     for w in ws:
         w.abort()
 

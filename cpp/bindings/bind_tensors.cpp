@@ -523,10 +523,16 @@ void register_tensors(py::module_& m) {
         Sources s = collect_sources(sources);
         auto w = mix_weights(weights, s, Q);
         MixTargets t = mix_targets(ws, nm, s.n);
+        if (!p.pins) p.pins = std::make_unique<Pins>();  // run() has returned: the add below throws
+        Pins pinned;  // pinned before the pass can start the call; handed to the pass once it is in
+        for (auto* x : ws)
+          if (x) pinned.add(x);
+        p.pins->ws.reserve(p.pins->ws.size() + pinned.ws.size());  // the hand-over below cannot throw
         const std::size_t i = p.pass->add(s.views.data(), s.views.size(), w.data(), Q, s.n, t.out.data());
+        p.pins->ws.insert(p.pins->ws.end(), pinned.ws.begin(), pinned.ws.end());
+        pinned.ws.clear();
         for (std::size_t q = 0; q < Q; ++q) {
           if (!ws[q]) continue;
-          p.pins->add(ws[q]);
           p.marks.emplace_back(ws[q], t.idx[q]);
           p.writers.push_back(py::reinterpret_borrow<py::object>(writers[q]));
         }

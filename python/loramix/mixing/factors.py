@@ -60,8 +60,8 @@ def mix_factors(bank, W, modules: list, infos, writers, threads, written, bar=No
                 finished.append(ends[reported])
                 reported += 1
         for _, name, mapped in finished:
-            # sources read through the mapping (beyond the descriptor budget) leave the process once read
-            tensors.release_pages(mapped)
+            if mapped:   # sources read through the mapping (beyond the descriptor budget) leave once read
+                tensors.release_pages(mapped)
             written(name)
             if bar is not None:
                 bar.update(1)
