@@ -61,6 +61,33 @@ def test_mix_case_reads_the_members_it_weights(small_bank, tmp_path):
     assert res["out_bytes"] > per_member   # f32 header + tensors of the bank's dtype
 
 
+def test_timed_runs_mix_into_fresh_outputs_never_skip(small_bank, tmp_path):
+    """loramix skips an output already complete for the same inputs (a checksum check, not a
+    mix); a bench that times the same call into the same folder twice times that check (the
+    laptop bench's mix and end-to-end rows did until 2026-12-02). Every timed run now writes a
+    fresh folder, and a run that says it skipped is an error."""
+    from loramix.bank.bank import Bank
+    from loramix.mixing.local import mix_adapters
+    from loramix_bench import _common as C
+
+    b = Bank.open(small_bank)
+    w = cases.target_weights(b, len(b.members), 2)
+    first = mix_adapters(b, w, tmp_path / "same")
+    again = mix_adapters(b, w, tmp_path / "same")
+    assert [r.status for r in first + again] == ["generated", "skipped"]
+    with pytest.raises(RuntimeError, match="skipped instead of mixing"):
+        C.FreshOutputs.check(again)
+    fresh = C.FreshOutputs(tmp_path, "run")
+    for _ in range(3):
+        fresh.check(mix_adapters(b, w, fresh.next()))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run-2"]
+    res = cases.loramix_mix(str(small_bank), mode="factors", top_k=2, repeat=2, warmup=1, out=str(tmp_path / "mix"))
+    assert res["members_read"] == 2
+    ds = synth.make_dataset(tmp_path / "d.jsonl", seed=3)
+    res = cases.e2e_breakdown(str(small_bank), str(ds), repeat=2, out=str(tmp_path / "e2e"))
+    assert set(res["stages_median_s"]) >= {"open", "profile", "distances", "mix_write"}
+
+
 def test_loo_weights_exclude_each_member(small_bank):
     from loramix.bank.bank import Bank
 

@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,19 +21,49 @@ from pathlib import Path
 GB = 1e9
 
 
-def times(fn, repeat: int = 3, warmup: int = 1, first: list | None = None) -> list[float]:
-    """``repeat`` timings of ``fn`` after ``warmup`` untimed calls (their times go to ``first``)."""
+def times(fn, repeat: int = 3, warmup: int = 1, first: list | None = None, setup=None) -> list[float]:
+    """``repeat`` timings of ``fn`` after ``warmup`` untimed calls (their times go to ``first``);
+    ``setup()``, if given, runs untimed before every call (e.g. a fresh output folder)."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
         if first is not None:
             first.append(time.perf_counter() - t0)
     out = []
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+class FreshOutputs:
+    """A new output folder for every run of a mix (``next()``, the previous one removed): loramix
+    skips an output already complete for the same inputs (``status == "skipped"``: a checksum
+    check, not a mix), so timing the same call into the same folder twice would time the skip.
+    :meth:`check` raises if a run's results say it skipped."""
+
+    def __init__(self, root: Path, stem: str) -> None:
+        self.root, self.stem, self.n, self.path = Path(root), stem, 0, None
+
+    def next(self) -> Path:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path = self.root / f"{self.stem}-{self.n}"
+        self.n += 1
+        return self.path
+
+    @staticmethod
+    def check(results) -> None:
+        results = results if isinstance(results, (list, tuple)) else [results]
+        bad = [str(r.out) for r in results if getattr(r, "status", "generated") != "generated"]
+        if bad:
+            raise RuntimeError(f"bench: a timed run skipped instead of mixing ({', '.join(bad)}); "
+                               "every run needs a fresh output folder")
 
 
 def run_threads(fns) -> None:

@@ -202,16 +202,21 @@ def loramix_mix(bank: str, mode: str = "factors", top_k: int | None = None, repe
         import resource
 
         first: list = []
+        fresh = C.FreshOutputs(outdir, "adapter")   # a skipped (already complete) output is not a mix
+
+        def mix():
+            fresh.check(mix_adapters(b, w, fresh.path, mode=mode, dtype=dtype))
+
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        ts = C.times(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype, overwrite=True), repeat,
-                     warmup, first)
+        ts = C.times(mix, repeat, warmup, first, setup=fresh.next)
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         faults = (ru1.ru_minflt - ru0.ru_minflt) / max(1, repeat + warmup)
         sys_s = (ru1.ru_stime - ru0.ru_stime) / max(1, repeat + warmup)
-        prof_top = _profile(lambda: mix_adapters(b, w, outdir / "adapter", mode=mode, dtype=dtype,
-                                                 overwrite=True)) if profile else None
+        outsize = (fresh.path / "adapter_model.safetensors").stat().st_size
+        if profile:
+            fresh.next()
+        prof_top = _profile(mix) if profile else None
         nread = tensor_bytes(b, used)
-        outsize = (outdir / "adapter" / "adapter_model.safetensors").stat().st_size
         shutil.rmtree(outdir, ignore_errors=True)
     return _finish({**C.summary(ts), "first_s": first[0] if first else None,
                     "profile": prof_top, "minor_faults_per_run": faults, "sys_s_per_run": sys_s,
@@ -421,6 +426,7 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
 
     base = C.proc_status()
     outdir = Path(out or tempfile.mkdtemp(prefix="lmx-e2e-"))
+    fresh = C.FreshOutputs(outdir, "adapter")   # a skipped (already complete) output is not a mix
     stages: dict[str, list] = {}
     with C.PeakSampler() as s:
         for r in range(repeat + 1):
@@ -440,9 +446,11 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
             t0 = time.perf_counter()
             W = wts.mixing_weights(D, "normalized")
             t["weights"] = time.perf_counter() - t0
+            dest = fresh.next()
             t0 = time.perf_counter()
-            mix_adapters(b, W, [outdir / "adapter"], overwrite=True)
+            res = mix_adapters(b, W, [dest])
             t["mix_write"] = time.perf_counter() - t0
+            fresh.check(res)
             del b   # unmap this iteration's files: VmHWM is then one generate's, not the sum of all
             gc.collect()
             if r:
@@ -450,8 +458,8 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
                     stages.setdefault(k, []).append(v)
     from loramix.pipeline import generate
 
-    prof_top = _profile(lambda: generate(dataset, bank, outdir / "adapter-g", overwrite=True, metric="js",
-                                         temperature=1.0), top=16)   # the paper's pipeline, as before
+    prof_top = _profile(lambda: fresh.check(generate(dataset, bank, fresh.next(), metric="js", temperature=1.0)),
+                        top=16)   # the paper's pipeline, as before
     shutil.rmtree(outdir, ignore_errors=True)
     med = {k: float(np.median(v)) for k, v in stages.items()}
     total = sum(v for k, v in med.items() if not k.startswith("("))

@@ -516,22 +516,42 @@ def suite_e2e(run: Run, bank: Path, dataset: Path) -> None:
     rep = run.args.get("repeat", 3)
     tmp = run.out / "tmp"
     base = [sys.executable, "-m", "loramix.cli", "generate"]
-    one = base + [str(dataset), "--bank", str(bank), "-o", str(tmp / "e2e-adapter"), "--overwrite", "--quiet"]
-    top = one[:-3] + [str(tmp / "e2e-top16"), "--overwrite", "--quiet", "--top-k", "16"]
     sixteen = [synth.make_dataset(run.root / "targets16" / f"t{i:02d}.jsonl", seed=100 + i) for i in range(16)]
-    batch = base + [str(p) for p in sixteen] + ["--bank", str(bank), "-o", str(tmp / "e2e-batch16"),
-                                                 "--overwrite", "--quiet"]
-    run.note("e2e", "command", " ".join(["loramix"] + one[3:]))
+    # Every run writes a new output folder (the previous one removed first, untimed): loramix
+    # skips an output already complete for the same inputs, which would time a checksum check
+    # instead of a mix (until 2026-12-02 the warm rows did exactly that).
+    fresh = {k: C.FreshOutputs(tmp, f"e2e-{k}") for k in ("one", "top16", "batch16", "cold")}
+
+    def one(k: str = "one") -> list[str]:
+        return base + [str(dataset), "--bank", str(bank), "-o", str(fresh[k].next()), "--quiet"]
+
+    def top() -> list[str]:
+        return base + [str(dataset), "--bank", str(bank), "-o", str(fresh["top16"].next()), "--quiet",
+                       "--top-k", "16"]
+
+    def batch() -> list[str]:
+        return base + [str(p) for p in sixteen] + ["--bank", str(bank), "-o", str(fresh["batch16"].next()),
+                                                   "--quiet"]
+
+    def generated(res: dict, k: str, n: int = 1) -> dict:
+        made = [p for p in fresh[k].path.rglob("adapter_model.safetensors")]
+        if len(made) != n:
+            raise RuntimeError(f"bench: the e2e {k} run (exit code {res['rc']}) left {len(made)} adapters in "
+                               f"{fresh[k].path}, expected {n}: {res['stderr'][-500:]}")
+        return res
+
+    run.note("e2e", "command", " ".join(["loramix", "generate", str(dataset), "--bank", str(bank), "-o",
+                                         str(tmp / "e2e-one-<run>"), "--quiet"]))
     run.loadavg("e2e start")
-    for c in (one, top, batch):   # warm the page cache and the kernel caches: not counted
+    for c in (one(), top(), batch()):   # warm the page cache and the kernel caches: not counted
         C.run_command(c)
     runs = {"warm": [], "top16": [], "batch16": []}
     probes = []
     for _ in range(rep):
         probes.append(run.probe("read"))
-        runs["warm"].append(C.run_command(one))
-        runs["top16"].append(C.run_command(top))
-        runs["batch16"].append(C.run_command(batch))
+        runs["warm"].append(generated(C.run_command(one()), "one"))
+        runs["top16"].append(generated(C.run_command(top()), "top16"))
+        runs["batch16"].append(generated(C.run_command(batch()), "batch16", 16))
         run._seq += 1
     probes.append(run.probe("read"))
     bank_bytes = sum(p.stat().st_size for p in Path(bank).glob("*/adapter_model.safetensors"))
@@ -547,8 +567,9 @@ def suite_e2e(run: Run, bank: Path, dataset: Path) -> None:
     colds, reads = [], []
     for _ in range(1 if run.scale == "paper" else 2):
         reads.append(cold_read(files))
+        cmd = one("cold")
         C.evict(files)
-        colds.append(C.run_command(one))
+        colds.append(generated(C.run_command(cmd), "cold"))
     run.note("e2e", "cold", {**_summ(colds), "cold_read_s": float(np.median(reads)), "cold_reads_s": reads,
                              "how": "posix_fadvise(DONTNEED) on every bank file and the dataset, alternating "
                                     "with a cold sequential read of the same files (16 MiB reads)",
