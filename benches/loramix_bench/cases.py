@@ -437,11 +437,11 @@ def e2e_breakdown(bank: str, dataset: str, repeat: int = 3, out: str = "", **_):
             t0 = time.perf_counter()
             q = prof.build_profile(dataset, b.tokenizer_path, fields=b.fields)
             t["profile"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            bm = b.profiles()
+            t0 = time.perf_counter()   # as generate does: the core's CSR, the bank's stored js index
+            qm, bm = prof.stack_against([q], b, core=True)
             t["bank_profiles"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            D = wts.distances(prof.stack([q], b.vocab_size), bm, "js")
+            D = wts.bank_distances(qm, b, bm, "js")
             t["distances"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             W = wts.mixing_weights(D, "normalized")
