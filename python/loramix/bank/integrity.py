@@ -100,21 +100,22 @@ def duplicate_names(members) -> list[str]:
     return dup
 
 
+#: per safetensors dtype: the unsigned view of its bits and its exponent mask (all ones: inf or NaN)
+_EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
+
+
 def first_nonfinite(a: np.ndarray, dtype: str) -> int | None:
     """Flat index of the first NaN or infinite value of ``a`` (safetensors dtype ``dtype``; BF16
     as raw uint16 bits), or None."""
     flat = a.reshape(-1)
     if dtype == "BF16":   # raw bits: exponent all ones is inf or NaN
-        bad = (flat & 0x7F80) == 0x7F80
+        mask = _EXPONENT["BF16"][1]
+        bad = (flat & mask) == mask
     else:
         bad = ~np.isfinite(flat)
     if not bad.any():
         return None
     return int(np.flatnonzero(bad)[0])
-
-
-#: per safetensors dtype: the unsigned view of its bits and its exponent mask (all ones: inf or NaN)
-_EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
 
 
 class SafetensorsDigest:

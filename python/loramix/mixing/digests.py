@@ -22,7 +22,6 @@ import threading
 from loramix.bank.integrity import SafetensorsDigest, read_safetensors_header
 
 
-
 def _start_writeback():
     """``f(fd, offset, nbytes)`` that starts writing a file range back to disk without waiting
     (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), or None where there is none."""

@@ -197,8 +197,7 @@ def _mix_modules(bank: Bank, spec: dict, infos, index: dict, writers: dict) -> N
             w = writers.get(q)
             return (w.writer, _part_key(q, key)) if isinstance(w, _Prefixed) else (w, key)
 
-        factors.mix_factors(bank, W, list(index.items()), infos, None, spec["threads"], lambda name: None,
-                            route=route)
+        factors.mix_factors(bank, W, list(index.items()), infos, route, spec["threads"])
         return
     for name, holders in index.items():   # per target already: no other target enters its arithmetic
         masked = [info if q in writers else mixmod.MixInfo() for q, info in enumerate(infos)]

@@ -13,7 +13,7 @@ from loramix.bank import peft_io
 PASS_AHEAD = 16
 
 
-def mix_factors(bank, W, modules: list, infos, writers, threads, written, bar=None, route=None) -> None:
+def mix_factors(bank, W, modules: list, infos, route, threads, written=None, bar=None) -> None:
     """``factors`` over every module of ``modules`` as one pass of the core
     (:class:`loramix.core.tensors.MixPass`): its threads go from one tensor to the next without
     waiting for each other at the end of each tensor (192 such waits were half of the mix
@@ -21,7 +21,8 @@ def mix_factors(bank, W, modules: list, infos, writers, threads, written, bar=No
     per member and factor: ~0.25 s at N = 502 in all) and adds them while the pass runs, at most
     ``PASS_AHEAD`` calls ahead of it. ``written(name)`` and the progress bar follow the pass in
     module order. An error while gathering a module's inputs is raised once the modules before
-    it are mixed; nothing after it is mixed. ``route``: see :func:`add_factors_jobs`."""
+    it are mixed; nothing after it is mixed. ``route``: where each row goes, see
+    :func:`add_factors_jobs`."""
     import threading
 
     from loramix.core import tensors
@@ -39,7 +40,7 @@ def mix_factors(bank, W, modules: list, infos, writers, threads, written, bar=No
                     cond.wait_for(lambda: state["stop"] or len(mp) - state["done"] <= PASS_AHEAD)
                     if state["stop"]:
                         return
-                add_factors_jobs(mp, name, jobs, writers, route)
+                add_factors_jobs(mp, name, jobs, route)
                 mapped = [r for job in jobs for r in job[1] + job[2] if not getattr(r, "pread", False)]
                 with cond:
                     ends.append((len(mp), name, mapped))
@@ -62,7 +63,8 @@ def mix_factors(bank, W, modules: list, infos, writers, threads, written, bar=No
         for _, name, mapped in finished:
             if mapped:   # sources read through the mapping (beyond the descriptor budget) leave once read
                 tensors.release_pages(mapped)
-            written(name)
+            if written is not None:
+                written(name)
             if bar is not None:
                 bar.update(1)
 
@@ -89,19 +91,15 @@ def factors_jobs(bank, W, name, holders, infos) -> list:
     return [(targets, *factors_inputs(bank, W, name, holders, targets, r_out)) for r_out, targets in groups.items()]
 
 
-def add_factors_jobs(mp, name, jobs, writers, route=None) -> None:
+def add_factors_jobs(mp, name, jobs, route) -> None:
     """Add module ``name``'s jobs (:func:`factors_jobs`) to the pass ``mp``: its A, then its B.
-    Row q goes to ``writers[q]`` as the PEFT key, or with ``route`` to ``route(q, key)`` =
-    ``(writer or None, entry name)`` (None: not written here; a job with no row written is
-    skipped). Every target of a job enters its call either way, so the rows written are the
-    bytes of the local run."""
+    Row q goes to ``route(q, key)`` = ``(writer or None, entry name)`` for the PEFT key ``key``
+    (None: not written here, e.g. a distributed worker's rows of other targets; a call with no
+    row written is skipped). Every target of a job enters its call either way, so the rows
+    written are the bytes of the local run."""
     for targets, a_src, b_src, wa, wb in jobs:
         for ab, src, w in (("A", a_src, wa), ("B", b_src, wb)):
-            key = peft_io.tensor_key(name, ab)
-            if route is None:
-                mp.add([writers[q] for q in targets], key, src, w)
-                continue
-            outs = [route(q, key) for q in targets]
+            outs = [route(q, peft_io.tensor_key(name, ab)) for q in targets]
             if any(o[0] is not None for o in outs):
                 mp.add([o[0] for o in outs], [o[1] for o in outs], src, w)
 

@@ -136,7 +136,9 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
 
     Each file is written by the core's :class:`SafetensorsWriter` (temp file, atomic rename);
     on any error every writer is aborted and nothing is left at ``paths``. ``digest``: also
-    the SHA-256 of each file, into ``MixInfo.sha256`` (taken while the files are committed).
+    each file's SHA-256 and whether all its values are finite, into ``MixInfo.sha256`` and
+    ``MixInfo.finite`` (taken behind the mix, :class:`loramix.mixing.digests.HashBehind`, or
+    while the files are committed).
     """
     from loramix.core import tensors
 
@@ -168,7 +170,7 @@ def mix_to_files(bank, W, paths, mode: str = "factors", *, rank: int | None = No
                 behind = None
         written = behind.written if behind is not None else (lambda name: None)
         if mode == "factors":
-            factors.mix_factors(bank, W, items, infos, writers, threads, written, bar)
+            factors.mix_factors(bank, W, items, infos, lambda q, key: (writers[q], key), threads, written, bar)
         for name, holders in (items if mode == "concat" else ()):
             mix_exact(bank, W, name, holders, infos, writers, mode)
             written(name)
@@ -467,8 +469,8 @@ def _gram_factors(b_stack, a_stack, r):
         d = np.abs(np.diag(c))
         if d.min() <= 0 or (d.max() / d.min()) ** 2 * eps > _GRAM_MAX_ERR:
             continue
-        c *= dg[:, None]
         L = c
+        L *= dg[:, None]
         other = "a" if side == "b" else "b"
         y = a_stack if side == "b" else b_stack.T           # R × (other rows)
         go = grams.pop(other, None)
@@ -478,11 +480,8 @@ def _gram_factors(b_stack, a_stack, r):
         del go
         m = t @ L
         del t
-        mt = m + m.T
-        del m
-        mt *= 0.5
-        m = mt
-        del mt
+        m = m + m.T   # the old m is freed as m is rebound: one R × R temporary at a time
+        m *= 0.5
         if r < R and eigh is not None:
             # m is exactly symmetric, so m.T (Fortran order) is the same matrix that LAPACK
             # can overwrite without a copy
